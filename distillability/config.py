@@ -1,0 +1,227 @@
+"""Typed configs: dataclasses with documented defaults, loaded from YAML and `key=value` overrides.
+
+Every field is declared with `opt(default, "meaning", ...)`; the CLI's `--help` lists them all. Loading
+checks unknown keys (with a suggestion), types and ranges, and raises a one-line ConfigError naming
+the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+        max: float | None = None, min_exclusive: bool = False) -> Any:
+    """A config field with its meaning and allowed values."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda d=default: dataclasses.replace(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def sub(cls: type, help: str) -> Any:
+    """A nested config section."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help, "section": True})
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _type_name(args[0]) + " or null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    return value
+
+
+def _check_range(value: Any, meta: dict, key: str) -> None:
+    if value is None:
+        return
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if meta.get("choices") and v not in meta["choices"]:
+            raise ConfigError(f"config key '{key}': {v!r} is not one of {', '.join(map(str, meta['choices']))}")
+        if meta.get("min") is not None and isinstance(v, (int, float)):
+            if v < meta["min"] or (meta.get("min_exclusive") and v == meta["min"]):
+                op = ">" if meta.get("min_exclusive") else ">="
+                raise ConfigError(f"config key '{key}': {v} is out of range (must be {op} {meta['min']})")
+        if meta.get("max") is not None and isinstance(v, (int, float)) and v > meta["max"]:
+            raise ConfigError(f"config key '{key}': {v} is out of range (must be <= {meta['max']})")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
+    """Build a config of type `cls` from a (possibly partial) dict, on top of `base` or the defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}': expected a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    obj = base if base is not None else cls()
+    values = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        f = fields[key]
+        if f.metadata.get("section"):
+            values[key] = from_dict(hints[key], value or {}, prefix=f"{full}.", base=getattr(obj, key))
+        else:
+            v = _coerce(value, hints[key], full)
+            _check_range(v, f.metadata, full)
+            values[key] = v
+    obj = dataclasses.replace(obj, **values)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`a.b=1`, `--a.b 1`, `--a-b=1` and bare `--flag` (true) into a nested dict. Values are YAML."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            body = arg[2:]
+            if "=" in body:
+                key, raw = body.split("=", 1)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--") and "=" not in args[i + 1]:
+                key, raw = body, args[i + 1]
+                i += 1
+            else:
+                key, raw = body, "true"
+        elif "=" in arg:
+            key, raw = arg.split("=", 1)
+        else:
+            raise ConfigError(f"cannot parse argument '{arg}' (expected key=value or --key value)")
+        key = key.replace("-", "_")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+        i += 1
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type, path: str | None = None, overrides: list[str] | dict | None = None) -> Any:
+    """Defaults, then the YAML file, then overrides."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+    if overrides:
+        ov = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        data = _merge(data, ov)
+    return from_dict(cls, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) for every field, sections flattened with dotted keys."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("section"):
+            rows.extend(describe(hints[f.name], prefix=f"{prefix}{f.name}."))
+            continue
+        meaning = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            meaning += f" One of: {', '.join(map(str, f.metadata['choices']))}."
+        rows.append((f"{prefix}{f.name}", _type_name(hints[f.name]), repr(getattr(default, f.name)), meaning))
+    return rows
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    from .io import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,129 @@
+"""Token-level divergences between a teacher and a student next-token distribution.
+
+Conventions (p_T teacher, p_S student, both softmax(logits / temperature) over the vocabulary V):
+
+- ``fkl``  forward KL    KL(p_T || p_S) = sum_v p_T(v) log(p_T(v) / p_S(v))
+- ``rkl``  reverse KL    KL(p_S || p_T)
+- ``jsd``  generalized JSD_beta with mixture m = beta p_T + (1 - beta) p_S:
+           beta KL(p_T || m) + (1 - beta) KL(p_S || m).
+           TRL's GKD convention: beta = 0 is *forward* KL and beta = 1 is *reverse* KL (those two
+           limits are special-cased exactly as TRL does, since the mixture formula degenerates to 0).
+- ``tvd``  total variation 0.5 sum_v |p_T(v) - p_S(v)|
+- ``skl``  skew forward KL  KL(p_T || alpha p_T + (1 - alpha) p_S)
+- ``srkl`` skew reverse KL  KL(p_S || alpha p_S + (1 - alpha) p_T)
+
+Everything is computed in float32 **chunked over positions**: logits of shape [..., V] are flattened
+to [N, V] and processed `chunk_size` rows at a time; with gradients on, each chunk runs under
+activation checkpointing so the backward pass also holds only one chunk of [chunk, V] intermediates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+KINDS = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")
+
+
+def _kl_from_logprobs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """sum_v p (log p - log q) per row, with 0 log 0 = 0."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "fkl",
+                    beta: float = 0.5, alpha: float = 0.1, temperature: float = 1.0) -> torch.Tensor:
+    """Per-row divergence for 2-D logits [N, V] (no chunking). See the module docstring."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if kind == "fkl" or (kind == "jsd" and beta == 0.0):
+        return _kl_from_logprobs(t, s)
+    if kind == "rkl" or (kind == "jsd" and beta == 1.0):
+        return _kl_from_logprobs(s, t)
+    if kind == "jsd":
+        m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), dim=0)
+        return beta * _kl_from_logprobs(t, m) + (1 - beta) * _kl_from_logprobs(s, m)
+    if kind == "tvd":
+        return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
+    if kind == "skl":
+        m = torch.logsumexp(torch.stack([t + math.log(alpha), s + math.log(1 - alpha)]), dim=0) if alpha < 1 else t
+        return _kl_from_logprobs(t, m)
+    if kind == "srkl":
+        m = torch.logsumexp(torch.stack([s + math.log(alpha), t + math.log(1 - alpha)]), dim=0) if alpha < 1 else s
+        return _kl_from_logprobs(s, m)
+    raise ValueError(f"unknown divergence {kind!r}; one of {KINDS}")
+
+
+def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "fkl",
+                     mask: torch.Tensor | None = None, beta: float = 0.5, alpha: float = 0.1,
+                     temperature: float = 1.0, chunk_size: int = 1024, reduction: str = "mean") -> torch.Tensor:
+    """Divergence per position of logits [..., V], chunked over positions.
+
+    mask: bool/0-1 tensor of the leading shape; masked-out positions (padding, prompt) contribute 0
+    and are not counted. reduction: "none" (a tensor of the leading shape, 0 where masked), "sum", or
+    "mean" (over unmasked positions).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"logit shapes differ: student {tuple(student_logits.shape)} vs teacher {tuple(teacher_logits.shape)}")
+    lead = student_logits.shape[:-1]
+    V = student_logits.shape[-1]
+    s2 = student_logits.reshape(-1, V)
+    t2 = teacher_logits.reshape(-1, V)
+    m = torch.ones(s2.shape[0], dtype=torch.bool, device=s2.device) if mask is None else mask.reshape(-1).bool()
+    fn = lambda s, t: divergence_rows(s, t, kind, beta, alpha, temperature)  # noqa: E731
+    needs_grad = torch.is_grad_enabled() and (s2.requires_grad or t2.requires_grad)
+    pieces = []
+    for start in range(0, s2.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        idx = m[sl].nonzero().squeeze(-1) + start
+        if idx.numel() == 0:
+            pieces.append(torch.zeros(min(chunk_size, s2.shape[0] - start), device=s2.device))
+            continue
+        s_c, t_c = s2[idx], t2[idx]
+        vals = checkpoint(fn, s_c, t_c, use_reentrant=False) if needs_grad else fn(s_c, t_c)
+        row = torch.zeros(min(chunk_size, s2.shape[0] - start), device=s2.device, dtype=vals.dtype)
+        pieces.append(row.index_put((idx - start,), vals))
+    per_pos = torch.cat(pieces) if pieces else torch.zeros(0, device=s2.device)
+    if reduction == "none":
+        return per_pos.reshape(lead)
+    if reduction == "sum":
+        return per_pos.sum()
+    return per_pos.sum() / m.sum().clamp(min=1)
+
+
+def topk_accumulated_kl(ref_logits: torch.Tensor, other_logits: torch.Tensor, ks: Sequence[int],
+                        temperature: float = 1.0, chunk_size: int = 512) -> torch.Tensor:
+    """Top-k accumulated KL(p_ref || p_other) for each k in `ks`.
+
+    The summands p_ref(v) log(p_ref(v)/p_other(v)) are sorted by p_ref(v), descending, and the first k
+    are summed (k >= |V| gives the full KL). For forward KL pass (teacher, student); for reverse KL pass
+    (student, teacher). Returns [N, len(ks)] for logits [N, V] (leading dims are flattened).
+    """
+    V = ref_logits.shape[-1]
+    r2 = ref_logits.reshape(-1, V)
+    o2 = other_logits.reshape(-1, V)
+    kk = torch.tensor([min(k, V) for k in ks], device=r2.device) - 1
+    out = []
+    with torch.no_grad():
+        for start in range(0, r2.shape[0], chunk_size):
+            lr = F.log_softmax(r2[start:start + chunk_size].float() / temperature, -1)
+            lo = F.log_softmax(o2[start:start + chunk_size].float() / temperature, -1)
+            p = lr.exp()
+            summand = torch.where(p > 0, p * (lr - lo), torch.zeros_like(p))
+            order = p.argsort(dim=-1, descending=True)
+            cum = summand.gather(-1, order).cumsum(-1)
+            out.append(cum[:, kk])
+    return torch.cat(out) if out else torch.zeros(0, len(ks))
+
+
+def response_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """Bool mask [B, T] of positions whose *next-token* prediction is a response token, for right-padded
+    sequences: position t predicts token t+1, so the mask covers t in [prompt_len - 1, len - 2]."""
+    B, T = attention_mask.shape
+    pos = torch.arange(T, device=attention_mask.device).expand(B, T)
+    lengths = attention_mask.sum(-1, keepdim=True)
+    return (pos >= prompt_lengths.unsqueeze(-1) - 1) & (pos <= lengths - 2)

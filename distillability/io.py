@@ -1,0 +1,142 @@
+"""Files in and out: JSON/JSONL loading with file:line errors, atomic writes, run metadata."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, expected a data file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise DataError(f"{path}: data file is empty")
+    return text
+
+
+def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Load a JSONL file (one object per line) or a JSON file (a list, or an object with a list under
+    `examples`/`data`/`rows`). A bad row raises DataError naming the file and line."""
+    path = Path(path)
+    text = _read_text(path)
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if isinstance(data, dict):
+            for key in ("examples", "data", "rows"):
+                if isinstance(data.get(key), list):
+                    data = data[key]
+                    break
+            else:
+                raise DataError(f"{path}: expected a list of rows or an object with 'examples'")
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DataError(f"{path}: expected a list of JSON objects")
+        return data
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        row["__line__"] = lineno
+        rows.append(row)
+    return rows
+
+
+def require_field(row: dict, field: str, path: str | os.PathLike, kind: type | tuple = str) -> Any:
+    """Return row[field], or raise DataError naming file, line and field."""
+    where = f"{path}:{row.get('__line__', '?')}"
+    if field not in row:
+        raise DataError(f"{where}: missing field '{field}'")
+    value = row[field]
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise DataError(f"{where}: field '{field}' should be {names}, got {type(value).__name__}")
+    return value
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success rename it over `path` (file or folder).
+    A crash inside the block leaves the old `path` untouched and no half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.exists() and path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(target, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, default=_json_default) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "distillability": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }

@@ -1,0 +1,140 @@
+"""Sequence log-probabilities of responses, within one tokenizer or across tokenizers.
+
+**The boundary rule** [our definition]: a prompt and its response are tokenized *separately* (the
+prompt with the tokenizer's special tokens and chat template where asked, the response without) and
+the ids are concatenated. The prompt/response boundary therefore always falls between two tokens, for
+every tokenizer, and log pi(y | x) is the sum of the log-probabilities of exactly the response's
+tokens given the prompt's. A token can never straddle the boundary, so no model is credited with
+probability for characters of the prompt. When the response ended (the model emitted EOS) the EOS
+token's log-probability is included (`add_eos`), since stopping is part of the sequence.
+
+Across tokenizers: the response is decoded to text once; each model re-encodes prompt and response
+text with its own tokenizer by the rule above. Both numbers are then log-probabilities of the same
+string, so no token alignment is needed (method.md §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def format_prompt(tokenizer, prompt: str, use_chat_template: bool = False) -> str:
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+def encode_prompt(tokenizer, prompt: str, use_chat_template: bool = False) -> list[int]:
+    text = format_prompt(tokenizer, prompt, use_chat_template)
+    # a chat template already holds the special tokens it wants
+    return tokenizer(text, add_special_tokens=not (use_chat_template and tokenizer.chat_template))["input_ids"]
+
+
+def encode_pair(tokenizer, prompt: str, response: str, add_eos: bool = False,
+                use_chat_template: bool = False) -> tuple[list[int], int]:
+    """(ids, prompt_length): prompt ids + response ids (+ eos) by the boundary rule above."""
+    p_ids = encode_prompt(tokenizer, prompt, use_chat_template)
+    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if add_eos:
+        r_ids = r_ids + [tokenizer.eos_token_id]
+    return p_ids + r_ids, len(p_ids)
+
+
+def pad_batch(seqs: Sequence[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists into (input_ids, attention_mask)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 4) -> torch.Tensor:
+    """log softmax(logits)[target] in float32, [B, T] -> [B, T], a few rows at a time so a large
+    vocabulary never materialises a full float32 [B, T, V] copy."""
+    out = []
+    for start in range(0, logits.shape[0], chunk_rows):
+        lg = logits[start:start + chunk_rows].float()
+        tgt = targets[start:start + chunk_rows]
+        out.append(lg.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
+    return torch.cat(out)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T-1]: log-prob of token t+1 given tokens <= t (right-padded input)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    return gather_logprobs(logits, input_ids[:, 1:])
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def sequence_logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                      add_eos: bool | Sequence[bool] = False, use_chat_template: bool = False,
+                      batch_size: int = 32, autocast: bool = False) -> dict[str, torch.Tensor]:
+    """Sum (and count) of the response tokens' log-probs for each (prompt, response) pair, each
+    re-encoded with this model's own tokenizer (the boundary rule of this module).
+
+    Returns {"logprob": [N] float64, "num_tokens": [N] long, "token_logprobs": list of [n_i] tensors}.
+    """
+    if isinstance(add_eos, bool):
+        add_eos = [add_eos] * len(prompts)
+    device = _device_of(model)
+    sums, counts, per_token = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        pairs = [encode_pair(tokenizer, p, r, e, use_chat_template)
+                 for p, r, e in zip(prompts[start:start + batch_size], responses[start:start + batch_size],
+                                    add_eos[start:start + batch_size])]
+        ids, mask = pad_batch([p[0] for p in pairs], tokenizer.pad_token_id, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            lp = token_logprobs(model, ids, mask)
+        for i, (seq, plen) in enumerate(pairs):
+            resp = lp[i, plen - 1: len(seq) - 1].double().cpu()
+            per_token.append(resp)
+            sums.append(resp.sum())
+            counts.append(resp.numel())
+    return {"logprob": torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64),
+            "num_tokens": torch.tensor(counts, dtype=torch.long), "token_logprobs": per_token}
+
+
+@torch.no_grad()
+def sequence_logprobs_from_ids(model, prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]],
+                               pad_id: int, batch_size: int = 32, autocast: bool = False) -> torch.Tensor:
+    """The same-tokenizer path: sum of response-token log-probs for given token ids."""
+    device = _device_of(model)
+    out = []
+    for start in range(0, len(prompt_ids), batch_size):
+        seqs = [p + r for p, r in zip(prompt_ids[start:start + batch_size], response_ids[start:start + batch_size])]
+        plens = [len(p) for p in prompt_ids[start:start + batch_size]]
+        ids, mask = pad_batch(seqs, pad_id, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            lp = token_logprobs(model, ids, mask)
+        for i, (seq, plen) in enumerate(zip(seqs, plens)):
+            out.append(lp[i, plen - 1: len(seq) - 1].double().sum().cpu())
+    return torch.stack(out)
+
+
+def normalise(logprob_diff: torch.Tensor, responses: Sequence[str], num_tokens: torch.Tensor, how: str) -> torch.Tensor:
+    """Length normalisation of a summed log-ratio: 'none', 'token' (per policy token) or 'char'
+    (per character of the response text) [our definition]."""
+    if how == "none":
+        return logprob_diff
+    if how == "token":
+        return logprob_diff / num_tokens.clamp(min=1).to(logprob_diff.dtype)
+    if how == "char":
+        chars = torch.tensor([max(len(r), 1) for r in responses], dtype=logprob_diff.dtype)
+        return logprob_diff / chars
+    raise ValueError(f"unknown normalisation {how!r}")
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    lp = F.log_softmax(logits.float(), -1)
+    return -(lp.exp() * lp).sum(-1)

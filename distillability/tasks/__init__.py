@@ -1,0 +1,7 @@
+"""Tasks: prompts with references and verifiers."""
+
+from .base import Example, Task
+from .loaders import load_task
+from .world import STYLES, WorldSpec, generate_world, world_splits
+
+__all__ = ["Example", "Task", "load_task", "STYLES", "WorldSpec", "generate_world", "world_splits"]

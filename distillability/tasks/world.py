@@ -1,0 +1,93 @@
+"""The tiny world: synthetic verifiable tasks that a model of a few million parameters learns in
+minutes on 2 CPU cores.
+
+Two families:
+- `math`: a chain of 2-4 single-digit additions/subtractions ("Q: 7+5-3=?"), running total kept
+  in 0..99;
+- `mc`: pick the largest of 3-4 two-digit numbers, answer a letter.
+
+Each example comes with reference solutions in several *styles*; the teacher's SFT data mixes them
+(method.md §7, lesson 4: an undistillable teacher needs correct modes a weak student cannot imitate):
+- `worked`: every step spelled out ("7+5=12, 12-3=9. #### 9") - easy to imitate;
+- `running`: only the running totals ("12, 9. #### 9") - needs mental arithmetic per step;
+- `direct`: the answer alone ("#### 9") - needs the whole chain in one forward pass.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .base import Example
+
+STYLES = ("worked", "running", "direct")
+
+
+@dataclass
+class WorldSpec:
+    min_terms: int = 2
+    max_terms: int = 4
+    mc_share: float = 0.25  # fraction of multiple-choice examples
+
+
+def _math_example(rng: random.Random, spec: WorldSpec) -> Example:
+    n = rng.randint(spec.min_terms, spec.max_terms)
+    total = rng.randint(1, 9)
+    expr, steps, running = str(total), [], []
+    for _ in range(n - 1):
+        b = rng.randint(1, 9)
+        op = "-" if (b <= total and rng.random() < 0.5) else "+"
+        new = total + b if op == "+" else total - b
+        expr += f"{op}{b}"
+        steps.append(f"{total}{op}{b}={new}")
+        running.append(str(new))
+        total = new
+    prompt = f"Q: {expr}=?\nA:"
+    styles = {
+        "worked": f" {', '.join(steps)}. #### {total}",
+        "running": f" {', '.join(running)}. #### {total}",
+        "direct": f" #### {total}",
+    }
+    return Example(prompt=prompt, reference=str(total), family="math", solutions=styles)
+
+
+def _mc_example(rng: random.Random) -> Example:
+    k = rng.randint(3, 4)
+    nums = rng.sample(range(10, 100), k)
+    letters = "ABCD"[:k]
+    options = " ".join(f"({c}) {v}" for c, v in zip(letters, nums))
+    best = max(range(k), key=lambda i: nums[i])
+    prompt = f"Q: largest? {options}\nA:"
+    order = sorted(range(k), key=lambda i: -nums[i])
+    styles = {
+        "worked": " " + " > ".join(str(nums[i]) for i in order) + f", so {letters[best]}. #### {letters[best]}",
+        "running": f" {nums[best]} is ({letters[best]}). #### {letters[best]}",
+        "direct": f" #### {letters[best]}",
+    }
+    return Example(prompt=prompt, reference=letters[best], family="mc", solutions=styles)
+
+
+def generate_world(n: int, seed: int, spec: WorldSpec | None = None, exclude: set[str] | None = None) -> list[Example]:
+    """n distinct examples (distinct prompts), none of whose prompts is in `exclude`."""
+    spec = spec or WorldSpec()
+    rng = random.Random(seed)
+    seen = set(exclude or ())
+    out: list[Example] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:
+            raise ValueError(f"tiny world: cannot draw {n} distinct prompts (space too small)")
+        ex = _mc_example(rng) if rng.random() < spec.mc_share else _math_example(rng, spec)
+        if ex.prompt in seen:
+            continue
+        seen.add(ex.prompt)
+        out.append(ex)
+    return out
+
+
+def world_splits(num_train: int, num_eval: int, seed: int, spec: WorldSpec | None = None):
+    """Held-out eval prompts are drawn first and excluded from training, so no training stage sees them."""
+    eval_set = generate_world(num_eval, seed=10_000 + seed, spec=spec)
+    train = generate_world(num_train, seed=seed, spec=spec, exclude={e.prompt for e in eval_set})
+    return train, eval_set

@@ -1,0 +1,204 @@
+"""Shared pieces of the training recipes: NLL on (prompt, response) text, optimisers, atomic
+checkpoints with everything needed for a bit-exact resume, per-step seeds, logs, a NaN guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import TrainingDiverged
+from .io import append_jsonl, atomic_path
+from .scoring import encode_pair, gather_logprobs, pad_batch
+
+
+def set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A seed for one step: the data order and sampling of step s depend only on (seed, s), so a run
+    resumed at step s draws exactly what the uninterrupted run drew."""
+    return (seed * 1_000_003 + step * 7_919 + salt * 104_729) % (2**31 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def autocast_ctx(device: torch.device | str, enabled: bool):
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def encode_sft_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], device=None,
+                     use_chat_template: bool = False, max_length: int | None = None):
+    """(input_ids, attention_mask, loss_mask) for next-token NLL on the response (+ EOS) only."""
+    pairs = [encode_pair(tokenizer, p, r, True, use_chat_template) for p, r in zip(prompts, responses)]
+    if max_length:
+        pairs = [(ids[:max_length], min(pl, max_length)) for ids, pl in pairs]
+    ids, mask = pad_batch([p[0] for p in pairs], tokenizer.pad_token_id, device)
+    T = ids.shape[1]
+    pos = torch.arange(T - 1, device=ids.device).expand(len(pairs), T - 1)
+    plen = torch.tensor([p[1] for p in pairs], device=ids.device).unsqueeze(1)
+    lens = torch.tensor([len(p[0]) for p in pairs], device=ids.device).unsqueeze(1)
+    loss_mask = (pos >= plen - 1) & (pos < lens - 1)
+    return ids, mask, loss_mask
+
+
+def nll_loss(model, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the masked next-token targets."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    lp = gather_logprobs(logits, ids[:, 1:])
+    return -(lp * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+
+
+def make_optimizer(params, lr: float, weight_decay: float = 0.0):
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay,
+                             betas=(0.9, 0.95))
+
+
+def make_scheduler(optimizer, total_steps: int, warmup_steps: int = 0, kind: str = "constant"):
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "cosine":
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_finite(loss: torch.Tensor, step: int, ckpt_dir: Path | None = None) -> None:
+    if not torch.isfinite(loss).all():
+        where = f"; last good checkpoint kept in {ckpt_dir}" if ckpt_dir and ckpt_dir.exists() else ""
+        raise TrainingDiverged(f"loss is {loss.item()} at step {step}: training stopped{where}")
+
+
+class StepLog:
+    """Append-only JSONL log of training steps; on resume, rows after the checkpoint are dropped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.t0 = time.time()
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+    def write(self, row: dict) -> None:
+        append_jsonl(self.path, row)
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, extra: dict | None = None) -> Path:
+    """Write `ckpt_root/last` atomically: weights (safetensors), optimizer + scheduler state, RNG states,
+    the step and any recipe state in `extra`. A kill during the write leaves the previous one intact."""
+    target = ckpt_root / "last"
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        state = _trainable_state(model)
+        # tied weights share storage; safetensors wants each tensor once
+        seen, dedup = {}, {}
+        for k, v in state.items():
+            key = (v.data_ptr(), tuple(v.shape))
+            if key in seen:
+                continue
+            seen[key] = k
+            dedup[k] = v
+        save_file(dedup, str(tmp / "model.safetensors"))
+        torch.save({
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+        }, tmp / "trainer_state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}))
+    return target
+
+
+def load_checkpoint(ckpt_root: Path, model, optimizer, scheduler) -> dict | None:
+    """Restore the last checkpoint into model/optimizer/scheduler; returns its state dict or None."""
+    target = ckpt_root / "last"
+    if not (target / "state.json").exists():
+        return None
+    weights = load_file(str(target / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    really_missing = [m for m in missing if m not in tied and "lm_head" not in m]
+    if really_missing or unexpected:
+        raise RuntimeError(f"checkpoint {target} does not match the model: missing {really_missing[:3]}, unexpected {unexpected[:3]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    trainer = torch.load(target / "trainer_state.pt", weights_only=False)  # our own file, written above
+    optimizer.load_state_dict(trainer["optimizer"])
+    if scheduler is not None and trainer["scheduler"] is not None:
+        scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"]["torch"])
+    random.setstate(trainer["rng"]["python"])
+    np.random.set_state(trainer["rng"]["numpy"])
+    return json.loads((target / "state.json").read_text())
+
+
+def clear_checkpoints(ckpt_root: Path) -> None:
+    shutil.rmtree(ckpt_root, ignore_errors=True)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def fit_lm(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], steps: int, batch_size: int = 32,
+           lr: float = 1e-3, seed: int = 0, autocast: bool = True, warmup_steps: int = 20, desc: str = "sft",
+           progress: bool = True) -> list[float]:
+    """Plain next-token NLL training on (prompt, response) pairs with a cosine schedule; returns losses.
+    Used to build the tiny world's models; the distill recipe has its own resumable loop."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    model.train()
+    opt = make_optimizer(model.parameters(), lr, weight_decay=0.01)
+    sched = make_scheduler(opt, steps, warmup_steps, "cosine")
+    rng = np.random.default_rng(seed)
+    losses = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        idx = rng.integers(0, len(prompts), size=batch_size)
+        ids, mask, lmask = encode_sft_batch(tokenizer, [prompts[i] for i in idx], [responses[i] for i in idx], device)
+        with autocast_ctx(device, autocast):
+            loss = nll_loss(model, ids, mask, lmask)
+        check_finite(loss, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
