@@ -225,3 +225,28 @@ def save_config(cfg: Any, path: str | Path) -> None:
     from .io import write_text
 
     write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- shared sections
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    name: str = opt("tiny-world", "Task: tiny-world, gsm8k, bigbench, mc, open, or gym:<reasoning-gym generator>.")
+    path: str | None = opt(None, "Data file (JSONL/JSON) or BIG-bench task folder, for file-based tasks.")
+    num_train: int = opt(2000, "Training prompts drawn from the task.", min=0)
+    num_eval: int = opt(100, "Held-out prompts, never used for training.", min=1)
+    seed: int = opt(0, "Seed of the task's split (and of the tiny world's generator).")
+    use_chat_template: bool = opt(False, "Wrap prompts in each tokenizer's chat template where it has one.")
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    device: str = opt("auto", "Device for the trained model: auto, cpu, cuda, cuda:1, ...")
+    frozen_device: str = opt("auto", "Device for frozen models (reference, proxy, teacher).")
+    bf16: bool = opt(True, "bf16 autocast (fast on CPUs with AMX and on GPUs); weights stay float32.")
+    threads: int = opt(2, "torch CPU threads (0 = torch's default).", min=0)
+    seed: int = opt(0, "Random seed.")
+    trust_remote_code: bool = opt(False, "Allow model code from the model folder (off: only transformers' own code).")
+    allow_pickle: bool = opt(False, "Allow loading pickle (.bin) weights; off: safetensors only.")
+    progress: bool = opt(True, "Show progress bars.")

@@ -127,3 +127,20 @@ def response_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) ->
     pos = torch.arange(T, device=attention_mask.device).expand(B, T)
     lengths = attention_mask.sum(-1, keepdim=True)
     return (pos >= prompt_lengths.unsqueeze(-1) - 1) & (pos <= lengths - 2)
+
+
+def topk_bucket_logprobs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduce both distributions to the teacher's top-k tokens plus one tail bucket (the rest of the
+    mass): returns log-probabilities [..., k+1] for (student, teacher). Feed them to
+    `token_divergence` with temperature 1 (log_softmax of normalised log-probs is the identity)."""
+    t_lp = F.log_softmax(teacher_logits.float() / temperature, -1)
+    s_lp = F.log_softmax(student_logits.float() / temperature, -1)
+    top = t_lp.topk(min(k, t_lp.shape[-1]), dim=-1).indices
+    t_top, s_top = t_lp.gather(-1, top), s_lp.gather(-1, top)
+
+    def with_tail(lp_top):
+        tail = torch.log1p(-lp_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-7))
+        return torch.cat([lp_top, tail], -1)
+
+    return with_tail(s_top), with_tail(t_top)

@@ -229,9 +229,17 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tok
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load_model(spec: str, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False,
                allow_pickle: bool = False):
     """(model, tokenizer) from a spec; weights through safetensors only unless allow_pickle."""
+    _quiet_transformers()
     path = resolve_model_path(spec)
     check_model_folder(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     tok = load_tokenizer(spec, trust_remote_code=trust_remote_code)

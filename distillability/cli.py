@@ -1,0 +1,132 @@
+"""`distillability <recipe> [--config FILE.yaml] [key=value | --key value ...]`
+
+A thin layer: parse a config, call the recipe. Errors a user can cause print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .config import ConfigError, _merge, describe, from_dict, load_config, parse_overrides
+from .errors import UserError
+
+RECIPES = {
+    "diagnose": ("distillability.recipes.diagnose", "DiagnoseConfig", "Measure the distillation traps between a teacher and a student."),
+    "calibrate": ("distillability.recipes.calibrate", "CalibrateConfig", "RL-calibrate a teacher's distillability with the knob eta."),
+    "distill": ("distillability.recipes.distill", "DistillConfig", "Distill a student from a teacher by SFT, KD or GKD."),
+    "evaluate": ("distillability.recipes.evaluate", "EvaluateConfig", "Accuracy, pass@k, failure modes and causal metrics of a model."),
+    "pipeline": ("distillability.recipes.pipeline", "PipelineConfig", "Run the whole chain end to end and write the report."),
+}
+
+
+def _load(name: str):
+    import importlib
+
+    module_name, cls_name, _ = RECIPES[name]
+    module = importlib.import_module(module_name)
+    return module, getattr(module, cls_name)
+
+
+def _help_text(name: str) -> str:
+    _, cls = _load(name)
+    rows = describe(cls)
+    width = max(len(r[0]) for r in rows)
+    lines = [f"  {key.ljust(width)}  {meaning} [{typ}, default {default}]" for key, typ, default, meaning in rows]
+    return "Options (as key=value or --key value; sections with dots, e.g. task.name=gsm8k):\n\n" + "\n".join(lines)
+
+
+class RecipeCommand(click.Command):
+    def format_help(self, ctx, formatter):
+        super().format_help(ctx, formatter)
+        formatter.write("\n" + _help_text(self.recipe) + "\n")
+
+
+def _run(recipe: str, config_path: str | None, extra: list[str], preset_quick: bool | None = None) -> None:
+    module, cls = _load(recipe)
+    overrides = parse_overrides(extra)
+    if recipe == "pipeline":
+        import yaml
+
+        from .recipes.pipeline import apply_preset
+
+        data = {}
+        if config_path:
+            if not os.path.isfile(config_path):
+                raise ConfigError(f"{config_path}: config file not found")
+            data = yaml.safe_load(open(config_path, encoding="utf-8")) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"{config_path}: expected a mapping of config keys")
+        data = _merge(data, overrides)
+        quick = preset_quick if preset_quick is not None else bool(data.get("quick", False))
+        if preset_quick:
+            data["quick"] = True
+        cfg = from_dict(cls, apply_preset(data, quick))
+    else:
+        cfg = load_config(cls, config_path, overrides)
+    result = module.run(cfg)
+    if recipe == "pipeline":
+        from .report.protection import markdown_table
+
+        click.echo("\nHeadline (greedy accuracy on held-out prompts):\n" + markdown_table(result))
+        click.echo(f"\nReport: {cfg.output_dir}/report.html")
+    elif isinstance(result, dict):
+        keys = [k for k in result if isinstance(result[k], (int, float)) and not isinstance(result[k], bool)]
+        click.echo(" ".join(f"{k}={result[k]:.4g}" for k in keys[:12]))
+
+
+def _guarded(fn, *args, **kwargs) -> None:
+    try:
+        fn(*args, **kwargs)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="distillability")
+def main() -> None:
+    """distillability: measure and control how well a teacher LLM can be distilled."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _make(name: str) -> None:
+    @main.command(name=name, cls=RecipeCommand, help=RECIPES[name][2],
+                  context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    @click.option("--config", "config_path", type=str, default=None, help="YAML config file.")
+    @click.pass_context
+    def cmd(ctx, config_path):
+        _guarded(_run, name, config_path, list(ctx.args))
+
+    cmd.recipe = name
+
+
+for _name in RECIPES:
+    _make(_name)
+
+
+@main.command(name="demo", cls=RecipeCommand, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              help="The pipeline on the embedded default (tiny world, offline). Same options as `pipeline`.")
+@click.option("--config", "config_path", type=str, default=None, help="YAML config file.")
+@click.option("--quick", is_flag=True, help="Tiny settings: the whole chain in a few minutes.")
+@click.option("--output-dir", type=str, default=None, help="Run folder (default runs/demo).")
+@click.option("--seed", type=int, default=None, help="Seed of the run.")
+@click.pass_context
+def demo(ctx, config_path, quick, output_dir, seed):
+    extra = list(ctx.args)
+    if output_dir:
+        extra.append(f"output_dir={output_dir}")
+    if seed is not None:
+        extra.append(f"seed={seed}")
+    _guarded(_run, "pipeline", config_path, extra, preset_quick=quick)
+
+
+demo.recipe = "pipeline"
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Recipes: the user-facing jobs, one readable loop each."""

@@ -1,0 +1,298 @@
+"""Calibrate a teacher's distillability with reinforcement fine-tuning (method.md §3).
+
+For each batch of prompts, sample G responses from the current teacher pi_theta and score
+  r_task = the task's verifier (in [0, 1]),
+  r_cal  = log pi_theta(y|x) - log pi_C(y|x)   (a single-sample estimate of D(pi_theta || pi_C),
+           each model scoring the response *text* with its own tokenizer; normalised per character
+           by default, clipped, optionally gated on well-formedness).
+The two rewards are standardised separately within each group (running EMA statistics stand in when
+a group has no spread) and combined as A = A_task + eta * A_cal:
+  eta < 0 pulls the teacher toward what the proxy finds likely (distillable),
+  eta > 0 pushes it away (undistillable), eta = 0 is plain GRPO on the task.
+Loss: GRPO clipped surrogate with ratio pi_theta/pi_old, plus beta * k3 KL to the frozen original
+teacher pi_0, k3 = exp(log pi_0 - log pi_theta) - (log pi_0 - log pi_theta) - 1 per token.
+Loss types (TRL's names): `grpo` (default: mean over each sequence's tokens, then over sequences),
+`dr_grpo` (sum over tokens / (num sequences * max_completion_length)), `dapo` (mean over all tokens).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import RuntimeConfig, TaskConfig, opt, save_config, sub, to_dict
+from ..errors import ConfigError
+from ..evaluation import greedy_accuracy, mean_calibration_divergence
+from ..io import versions, write_json
+from ..models import load_model, pick_device, save_model
+from ..sampling import generate
+from ..scoring import encode_prompt, gather_logprobs, pad_batch, sequence_logprobs
+from ..tasks import load_task
+from ..training import (StepLog, autocast_ctx, check_finite, load_checkpoint, make_optimizer, make_scheduler,
+                        save_checkpoint, seed_everything, set_threads, step_seed)
+
+
+@dataclasses.dataclass
+class CalibrateConfig:
+    model: str = opt("", "The teacher to calibrate (folder, packaged:NAME or hub id); also the frozen pi_0.")
+    proxy: str = opt("", "The calibration proxy pi_C (any tokenizer).")
+    output_dir: str = opt("runs/calibrate", "Where the calibrated model, card, logs and checkpoints go.")
+    eta: float = opt(0.0, "The knob: < 0 distillable, > 0 undistillable, 0 plain GRPO.")
+    beta: float = opt(0.04, "Weight of the k3 KL anchor to the original teacher.", min=0)
+    num_generations: int = opt(8, "G: responses per prompt (group size).", min=2)
+    prompts_per_step: int = opt(8, "Prompts per optimizer step (batch = prompts_per_step * G).", min=1)
+    max_steps: int = opt(50, "Optimizer steps (one generation round each).", min=1)
+    num_iterations: int = opt(1, "Optimisation passes over each generation round (TRL's num_iterations).", min=1)
+    learning_rate: float = opt(1e-4, "AdamW learning rate.", min=0, min_exclusive=True)
+    warmup_steps: int = opt(0, "Linear warm-up steps.", min=0)
+    temperature: float = opt(1.0, "Sampling temperature of the teacher's responses.", min=0, min_exclusive=True)
+    max_completion_length: int = opt(48, "Max new tokens per response.", min=1)
+    epsilon: float = opt(0.2, "PPO/GRPO clip range of the ratio.", min=0)
+    loss_type: str = opt("grpo", "Loss aggregation.", choices=("grpo", "dr_grpo", "dapo"))
+    cal_normalization: str = opt("char", "Length normalisation of r_cal: none (summed), token, char.",
+                                 choices=("none", "token", "char"))
+    cal_clip: float = opt(5.0, "Clip r_cal to [-cal_clip, cal_clip] (0 = no clipping).", min=0)
+    wellformed_gate: str = opt("min", "r_cal of a response the task cannot parse: off, zero, min (of the group).",
+                               choices=("off", "zero", "min"))
+    ema_decay: float = opt(0.9, "Decay of the running reward statistics used when a group has no spread.", min=0, max=1)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm.", min=0)
+    use_peft: bool = opt(False, "Train LoRA adapters (peft) instead of all weights.")
+    lora_r: int = opt(16, "LoRA rank.", min=1)
+    lora_alpha: int = opt(32, "LoRA alpha.", min=1)
+    eval_prompts: int = opt(64, "Held-out prompts for the before/after accuracy and D in the card.", min=1)
+    eval_samples: int = opt(2, "Samples per held-out prompt for the mean D.", min=1)
+    save_steps: int = opt(10, "Checkpoint every N steps (0 = only at the end).", min=0)
+    resume: bool = opt(False, "Continue from the last checkpoint in output_dir.")
+    task: TaskConfig = sub(TaskConfig, "The task (prompts and verifier).")
+    runtime: RuntimeConfig = sub(RuntimeConfig, "Devices, precision, threads, seed.")
+
+    def validate(self) -> None:
+        if self.num_generations < 2:
+            raise ConfigError("config key 'num_generations': must be >= 2 (a group needs spread)")
+
+
+def _group_normalise(r: torch.Tensor, G: int, ema: dict, key: str, decay: float) -> torch.Tensor:
+    """(r - mean_group) / (std_group + eps); groups with zero spread use the running EMA statistics."""
+    groups = r.view(-1, G)
+    mean, std = groups.mean(1, keepdim=True), groups.std(1, keepdim=True)
+    m_b, s_b = r.mean().item(), r.std().item() if r.numel() > 1 else 0.0
+    if key in ema:
+        ema[key] = [decay * ema[key][0] + (1 - decay) * m_b, decay * ema[key][1] + (1 - decay) * s_b]
+    else:
+        ema[key] = [m_b, s_b]
+    flat = std < 1e-6
+    run_mean = torch.full_like(mean, ema[key][0])
+    run_std = torch.full_like(std, max(ema[key][1], 1e-6))
+    out_mean = torch.where(flat, run_mean, mean)
+    out_std = torch.where(flat, run_std, std)
+    adv = (groups - out_mean) / (out_std + 1e-4)
+    # a flat group whose running spread is ~0 carries no signal at all
+    adv = torch.where(flat & (run_std <= 1e-6), torch.zeros_like(adv), adv)
+    return adv.view(-1)
+
+
+def compute_advantages(r_task: torch.Tensor, r_cal: torch.Tensor, eta: float, G: int, ema: dict,
+                       decay: float = 0.9) -> torch.Tensor:
+    """A_i = Ahat_task,i + eta * Ahat_cal,i with the two rewards standardised separately per group."""
+    a_task = _group_normalise(r_task.double(), G, ema, "task", decay)
+    if eta == 0:
+        return a_task
+    return a_task + eta * _group_normalise(r_cal.double(), G, ema, "cal", decay)
+
+
+def k3(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(log pi_0 - log pi) - (log pi_0 - log pi) - 1 (per token, >= 0)."""
+    d = logp_ref - logp
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor | None, adv: torch.Tensor,
+              mask: torch.Tensor, epsilon: float, beta: float, loss_type: str, max_len: int):
+    """Clipped surrogate + beta * k3 per token, aggregated by `loss_type`. Returns (loss, clip_fraction, kl)."""
+    ratio = torch.exp(logp - logp_old)
+    a = adv.unsqueeze(1).to(logp.dtype)
+    per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * a)
+    kl = k3(logp_ref, logp) if logp_ref is not None else torch.zeros_like(logp)
+    if beta:
+        per_token = per_token + beta * kl
+    m = mask.to(logp.dtype)
+    if loss_type == "grpo":
+        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    elif loss_type == "dr_grpo":
+        loss = (per_token * m).sum() / (logp.shape[0] * max_len)
+    else:  # dapo
+        loss = (per_token * m).sum() / m.sum().clamp(min=1)
+    clipped = ((ratio - 1).abs() > epsilon).to(logp.dtype)
+    return loss, ((clipped * m).sum() / m.sum().clamp(min=1)).item(), ((kl * m).sum() / m.sum().clamp(min=1)).item()
+
+
+def _completion_batch(tokenizer, prompt_ids: list[list[int]], gens, device):
+    """Right-padded prompt+response(+EOS) ids and a mask of response positions in the shifted frame."""
+    seqs, plens = [], []
+    for g in gens:
+        p = prompt_ids[g.prompt_index]
+        r = g.token_ids + ([tokenizer.eos_token_id] if g.finished else [])
+        seqs.append(p + r)
+        plens.append(len(p))
+    ids, attn = pad_batch(seqs, tokenizer.pad_token_id, device)
+    T = ids.shape[1]
+    pos = torch.arange(T - 1, device=device).expand(len(seqs), T - 1)
+    pl = torch.tensor(plens, device=device).unsqueeze(1)
+    ln = torch.tensor([len(s) for s in seqs], device=device).unsqueeze(1)
+    return ids, attn, (pos >= pl - 1) & (pos < ln - 1)
+
+
+def _per_token_logprobs(model, ids, attn, autocast: bool):
+    with autocast_ctx(ids.device, autocast):
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    return gather_logprobs(logits, ids[:, 1:])
+
+
+def calibration_reward(policy_seq_logprob: torch.Tensor, proxy_seq_logprob: torch.Tensor, texts: list[str],
+                       num_tokens: torch.Tensor, how: str, clip: float) -> torch.Tensor:
+    """r_cal = (log pi_theta(y|x) - log pi_C(y|x)) normalised by `how` and clipped to [-clip, clip]."""
+    from ..scoring import normalise
+
+    r = normalise((policy_seq_logprob - proxy_seq_logprob).double(), texts, num_tokens, how)
+    return r.clamp(-clip, clip) if clip > 0 else r
+
+
+def run(cfg: CalibrateConfig) -> dict:
+    """Calibrate `cfg.model` against `cfg.proxy`; returns the calibration card."""
+    if not cfg.model or not cfg.proxy:
+        raise ConfigError("config keys 'model' and 'proxy' are required")
+    rt = cfg.runtime
+    set_threads(rt.threads)
+    seed_everything(rt.seed)
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    t_start = time.time()
+
+    policy, tok = load_model(cfg.model, device=rt.device, trust_remote_code=rt.trust_remote_code,
+                             allow_pickle=rt.allow_pickle)
+    proxy, ptok = load_model(cfg.proxy, device=rt.frozen_device, trust_remote_code=rt.trust_remote_code,
+                             allow_pickle=rt.allow_pickle)
+    proxy.requires_grad_(False).eval()
+    if cfg.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
+                                                   task_type="CAUSAL_LM"))
+        reference = None  # pi_0 = the base weights, reached by disabling the adapter
+    else:
+        reference = copy.deepcopy(policy).to(pick_device(rt.frozen_device)).requires_grad_(False).eval()
+    task = load_task(cfg.task.name, cfg.task.path, cfg.task.num_train, cfg.task.num_eval, cfg.task.seed)
+    held_out = task.eval[: cfg.eval_prompts]
+    device = next(policy.parameters()).device
+    G, B = cfg.num_generations, cfg.prompts_per_step
+    chat = cfg.task.use_chat_template
+
+    def card_metrics(model, tag: str) -> dict:
+        acc, _ = greedy_accuracy(model, tok, task, held_out, cfg.max_completion_length, rt.bf16, chat)
+        d = mean_calibration_divergence(model, tok, proxy, ptok, held_out, cfg.max_completion_length,
+                                        cfg.temperature, cfg.eval_samples, seed=rt.seed + 99, autocast=rt.bf16,
+                                        use_chat_template=chat)
+        return {f"{tag}_accuracy": acc, f"{tag}_D_per_char": d["per_char"], f"{tag}_D_summed": d["summed"],
+                f"{tag}_mean_chars": d["mean_chars"]}
+
+    optimizer = make_optimizer(policy.parameters(), cfg.learning_rate)
+    scheduler = make_scheduler(optimizer, cfg.max_steps, cfg.warmup_steps)
+    log = StepLog(out / "log.jsonl")
+    ema: dict = {}
+    start_step, before = 0, None
+    if cfg.resume:
+        state = load_checkpoint(ckpt_root, policy, optimizer, scheduler)
+        if state is not None:
+            start_step, ema, before = state["step"], state["ema"], state["before"]
+            log.truncate_after(start_step)
+    else:
+        log.path.unlink(missing_ok=True) if log.path.exists() else None
+    if before is None:
+        before = card_metrics(policy, "before")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    def ref_logprobs(ids, attn):
+        with torch.no_grad():
+            if reference is not None:
+                return _per_token_logprobs(reference, ids.to(next(reference.parameters()).device),
+                                           attn.to(next(reference.parameters()).device), rt.bf16).to(device)
+            with policy.disable_adapter():
+                return _per_token_logprobs(policy, ids, attn, rt.bf16)
+
+    bar = tqdm(range(start_step, cfg.max_steps), desc=f"calibrate eta={cfg.eta:+g}", disable=not rt.progress,
+               initial=start_step, total=cfg.max_steps)
+    for step in bar:
+        t0 = time.time()
+        rng = np.random.default_rng(step_seed(rt.seed, step))
+        batch = [task.train[i] for i in rng.choice(len(task.train), size=min(B, len(task.train)), replace=False)]
+        prompts = [e.prompt for e in batch]
+        prompt_ids = [encode_prompt(tok, p, chat) for p in prompts]
+
+        # 1. sample G responses per prompt from the current policy (KV-cached batched generation)
+        gens = generate(policy, tok, prompts, cfg.max_completion_length, cfg.temperature, num_return_sequences=G,
+                        seed=step_seed(rt.seed, step, 1), autocast=rt.bf16, use_chat_template=chat)
+        texts = [g.text for g in gens]
+        gen_prompts = [prompts[g.prompt_index] for g in gens]
+        ids, attn, mask = _completion_batch(tok, prompt_ids, gens, device)
+        t_gen = time.time() - t0
+
+        # 2. rewards: task verifier, and r_cal from the policy's own log-probs minus the proxy's (text level)
+        r_task = torch.tensor([task.score(batch[g.prompt_index], g.text) for g in gens], dtype=torch.float64)
+        policy.eval()
+        with torch.no_grad():
+            logp_old = _per_token_logprobs(policy, ids, attn, rt.bf16)
+        logp_ref = ref_logprobs(ids, attn) if cfg.beta else None
+        r_cal = torch.zeros(len(gens), dtype=torch.float64)
+        if cfg.eta != 0:
+            own = (logp_old.double() * mask).sum(1).cpu()
+            prox = sequence_logprobs(proxy, ptok, gen_prompts, texts, [g.finished for g in gens], chat,
+                                     autocast=rt.bf16)["logprob"]
+            r_cal = calibration_reward(own, prox, texts, mask.sum(1).cpu(), cfg.cal_normalization, cfg.cal_clip)
+            if cfg.wellformed_gate != "off":
+                bad = torch.tensor([not task.well_formed(batch[g.prompt_index], g.text) for g in gens])
+                fill = r_cal.view(-1, G).min(1, keepdim=True).values.expand(-1, G).reshape(-1) \
+                    if cfg.wellformed_gate == "min" else torch.zeros_like(r_cal)
+                r_cal = torch.where(bad, fill, r_cal)
+        adv = compute_advantages(r_task, r_cal, cfg.eta, G, ema, cfg.ema_decay).to(device)
+        t_score = time.time() - t0 - t_gen
+
+        # 3. policy-gradient update(s)
+        policy.train()
+        for _ in range(cfg.num_iterations):
+            logp = _per_token_logprobs(policy, ids, attn, rt.bf16)
+            loss, clip_frac, kl = grpo_loss(logp, logp_old, logp_ref, adv, mask, cfg.epsilon, cfg.beta,
+                                            cfg.loss_type, cfg.max_completion_length)
+            check_finite(loss, step + 1, ckpt_root / "last")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+        scheduler.step()
+        dt = time.time() - t0
+        n_tokens = int(attn.sum())
+        row = {"step": step + 1, "loss": loss.item(), "task_reward": r_task.mean().item(),
+               "r_cal": r_cal.mean().item(), "kl_ref": kl, "response_chars": float(np.mean([len(t) for t in texts])),
+               "response_tokens": mask.sum(1).float().mean().item(), "adv_std": adv.std().item(),
+               "clip_frac": clip_frac, "tokens_per_s": n_tokens / dt, "s_generate": t_gen, "s_score": t_score,
+               "s_step": dt}
+        log.write(row)
+        bar.set_postfix(reward=f"{row['task_reward']:.2f}", r_cal=f"{row['r_cal']:.3f}", kl=f"{kl:.3f}")
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
+            save_checkpoint(ckpt_root, step + 1, policy, optimizer, scheduler, {"ema": ema, "before": before})
+
+    policy.eval()
+    after = card_metrics(policy, "after")
+    card = {"eta": cfg.eta, "beta": cfg.beta, "model": cfg.model, "proxy": cfg.proxy, "task": to_dict(cfg.task),
+            "steps": cfg.max_steps, "seed": rt.seed, "loss_type": cfg.loss_type,
+            "cal_normalization": cfg.cal_normalization, "num_generations": G, "learning_rate": cfg.learning_rate,
+            **before, **after, "wall_seconds": time.time() - t_start, "versions": versions()}
+    save_model(policy, tok, out / "model")
+    write_json(out / "calibration_card.json", card)
+    return card

@@ -1,0 +1,264 @@
+"""Diagnose the distillation traps between a teacher and a student/proxy (method.md §2).
+
+Writes `diagnose.json` (every figure), PNG plots and `summary.md`:
+1. token vs sequence KL, forward vs reverse KL, on-policy (student samples) vs off-policy (teacher samples);
+2. tail noise: per token type, count and mean KL contribution at small k and at |V| (top-k accumulated);
+3. task-driven sparsity: mean token KL per task family, share of tokens carrying 80% of the KL;
+4. off-policy instability: importance-weight variance and ESS of off-policy reverse-KL estimates;
+5. wrong-trace preference rate of the teacher and of the student on the same traces.
+
+Token-level distributions: with a shared vocabulary, the full next-token distributions; with different
+tokenizers, the next-*character* distributions at positions where both tokenizations start a token
+(crosstok.py) [our definition]. Either way a "token type" is the teacher's next token text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import RuntimeConfig, TaskConfig, opt, sub, to_dict
+from ..crosstok import FirstCharProjector, align_pair
+from ..divergences import divergence_rows, topk_accumulated_kl
+from ..errors import ConfigError
+from ..estimators import kl_estimators, off_policy_reverse_kl
+from ..io import versions, write_json, write_text
+from ..metrics import wrong_trace_preference
+from ..models import load_model, same_vocabulary
+from ..sampling import generate
+from ..scoring import encode_pair, pad_batch, sequence_logprobs
+from ..tasks import load_task
+from ..training import seed_everything, set_threads
+
+
+@dataclasses.dataclass
+class DiagnoseConfig:
+    teacher: str = opt("", "The teacher.")
+    student: str = opt("", "The student or calibration proxy.")
+    output_dir: str = opt("runs/diagnose", "Where diagnose.json, plots and summary.md go.")
+    num_prompts: int = opt(64, "Held-out prompts to analyse.", min=1)
+    num_samples: int = opt(4, "Samples per prompt from each model (also the traces for wrong-trace preference).", min=2)
+    temperature: float = opt(1.0, "Sampling temperature.", min=0, min_exclusive=True)
+    max_new_tokens: int = opt(48, "Max new tokens per sample.", min=1)
+    top_k: list[int] = opt([1, 5, 10, 50, 100, 1000], "k values of the top-k accumulated KL (|V| is always added).")
+    task: TaskConfig = sub(TaskConfig, "The task.")
+    runtime: RuntimeConfig = sub(RuntimeConfig, "Devices, precision, threads, seed.")
+
+
+def _aligned_rows(teacher, ttok, student, stok, prompts, responses, projector, chat):
+    """Per response position: (teacher log-probs, student log-probs, teacher token text, sample index)."""
+    t_rows, s_rows, types, owner = [], [], [], []
+    dev_t, dev_s = next(teacher.parameters()).device, next(student.parameters()).device
+    for start in range(0, len(prompts), 16):
+        P, R = prompts[start:start + 16], responses[start:start + 16]
+        if projector is None:
+            enc = [encode_pair(ttok, p, r, True, chat) for p, r in zip(P, R)]
+            ids, attn = pad_batch([e[0] for e in enc], ttok.pad_token_id)
+            with torch.no_grad():
+                tl = teacher(input_ids=ids.to(dev_t), attention_mask=attn.to(dev_t)).logits.float().cpu()
+                sl = student(input_ids=ids.to(dev_s), attention_mask=attn.to(dev_s)).logits.float().cpu()
+            for i, (seq, plen) in enumerate(enc):
+                pos = list(range(plen - 1, len(seq) - 1))
+                t_rows.append(torch.log_softmax(tl[i, pos], -1))
+                s_rows.append(torch.log_softmax(sl[i, pos], -1))
+                types += [ttok.decode([seq[p + 1]]) or "<eos>" for p in pos]
+                owner += [start + i] * len(pos)
+        else:
+            pairs = [align_pair(ttok, stok, p, r, True, chat) for p, r in zip(P, R)]
+            t_ids, t_attn = pad_batch([a.ids for a, _ in pairs], ttok.pad_token_id)
+            s_ids, s_attn = pad_batch([b.ids for _, b in pairs], stok.pad_token_id)
+            with torch.no_grad():
+                tl = teacher(input_ids=t_ids.to(dev_t), attention_mask=t_attn.to(dev_t)).logits.float().cpu()
+                sl = student(input_ids=s_ids.to(dev_s), attention_mask=s_attn.to(dev_s)).logits.float().cpu()
+            for i, (a, b) in enumerate(pairs):
+                t_rows.append(projector.project(tl[i, a.positions], 0))
+                s_rows.append(projector.project(sl[i, b.positions], 1))
+                types += [ttok.decode([a.ids[p + 1]]) or "<eos>" for p in a.positions]
+                owner += [start + i] * len(a.positions)
+    return torch.cat(t_rows), torch.cat(s_rows), types, np.array(owner)
+
+
+def _plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    # 1. tail noise: accumulated KL per token type vs frequency, one curve per k
+    tn = report["tail_noise"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    counts = np.array([t["count"] for t in tn["per_type"]])
+    order = np.argsort(counts)
+    for j, k in enumerate(tn["ks"]):
+        ax.plot(counts[order], np.array([t["mean_topk_kl"][j] for t in tn["per_type"]])[order], marker="o", ms=3,
+                label=f"k={k}")
+    ax.set_xscale("log")
+    ax.set_xlabel("token-type frequency (occurrences)")
+    ax.set_ylabel("mean accumulated FKL")
+    ax.set_title("Tail noise: top-k accumulated KL by token frequency")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "tail_noise.png", dpi=110)
+    files.append("tail_noise.png")
+    plt.close(fig)
+    # 2. token vs sequence, forward vs reverse, on vs off policy
+    kl = report["kl"]
+    names = ["token FKL\n(off-policy)", "seq FKL\n(off-policy)", "token RKL\n(on-policy)", "seq RKL\n(on-policy)",
+             "seq RKL\n(off-policy IS)"]
+    vals = [kl["token_fkl_per_seq"], kl["seq_fkl_off_policy"]["k1"], kl["token_rkl_per_seq_on_policy"],
+            kl["seq_rkl_on_policy"]["k1"], kl["seq_rkl_off_policy"]["estimate"]]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.bar(names, vals, color=["#4c72b0", "#4c72b0", "#dd8452", "#dd8452", "#c44e52"])
+    ax.set_ylabel("nats per sequence")
+    ax.set_title(f"KL estimates (off-policy ESS {kl['seq_rkl_off_policy']['ess']:.1f} of {kl['seq_rkl_off_policy']['n']})")
+    fig.tight_layout()
+    fig.savefig(out / "kl_estimates.png", dpi=110)
+    files.append("kl_estimates.png")
+    plt.close(fig)
+    # 3. sparsity: cumulative share of KL carried by the top tokens
+    sp = report["sparsity"]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for fam, d in sp["per_family"].items():
+        ax.plot(np.linspace(0, 1, len(d["cumulative_share"])), d["cumulative_share"], label=f"{fam} (mean {d['mean_token_kl']:.3f})")
+    ax.axhline(0.8, ls="--", c="gray")
+    ax.set_xlabel("fraction of tokens (largest KL first)")
+    ax.set_ylabel("share of total KL")
+    ax.set_title("Signal sparsity by task family")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "sparsity.png", dpi=110)
+    files.append("sparsity.png")
+    plt.close(fig)
+    return files
+
+
+def run(cfg: DiagnoseConfig) -> dict:
+    if not cfg.teacher or not cfg.student:
+        raise ConfigError("config keys 'teacher' and 'student' are required")
+    rt = cfg.runtime
+    set_threads(rt.threads)
+    seed_everything(rt.seed)
+    t0 = time.time()
+    chat = cfg.task.use_chat_template
+    teacher, ttok = load_model(cfg.teacher, device=rt.frozen_device, trust_remote_code=rt.trust_remote_code,
+                               allow_pickle=rt.allow_pickle)
+    student, stok = load_model(cfg.student, device=rt.device, trust_remote_code=rt.trust_remote_code,
+                               allow_pickle=rt.allow_pickle)
+    teacher.eval()
+    student.eval()
+    task = load_task(cfg.task.name, cfg.task.path, cfg.task.num_train, cfg.task.num_eval, cfg.task.seed)
+    examples = task.eval[: cfg.num_prompts]
+    prompts = [e.prompt for e in examples]
+    shared_vocab = same_vocabulary(ttok, stok)
+    projector = None if shared_vocab else FirstCharProjector([ttok, stok])
+
+    def sample(model, tok, salt):
+        g = generate(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, num_return_sequences=cfg.num_samples,
+                     seed=rt.seed + salt, autocast=rt.bf16, use_chat_template=chat)
+        return [prompts[x.prompt_index] for x in g], [x.text for x in g], [x.finished for x in g], [x.prompt_index for x in g]
+
+    tP, tR, tF, tI = sample(teacher, ttok, 1)
+    sP, sR, sF, sI = sample(student, stok, 2)
+
+    # token level, off-policy (teacher samples): FKL, RKL, top-k accumulated FKL
+    t_lp, s_lp, types, owner = _aligned_rows(teacher, ttok, student, stok, tP, tR, projector, chat)
+    fkl = divergence_rows(s_lp, t_lp, "fkl").numpy()
+    rkl = divergence_rows(s_lp, t_lp, "rkl").numpy()
+    V = t_lp.shape[-1]
+    ks = sorted({k for k in cfg.top_k if k < V} | {V})
+    topk = topk_accumulated_kl(t_lp, s_lp, ks).numpy()
+    # token level, on-policy (student samples): RKL
+    t_lp2, s_lp2, _, owner2 = _aligned_rows(teacher, ttok, student, stok, sP, sR, projector, chat)
+    rkl_on = divergence_rows(s_lp2, t_lp2, "rkl").numpy()
+
+    # sequence level
+    lt_t = sequence_logprobs(teacher, ttok, tP, tR, tF, chat)["logprob"]
+    ls_t = sequence_logprobs(student, stok, tP, tR, tF, chat)["logprob"]
+    lt_s = sequence_logprobs(teacher, ttok, sP, sR, sF, chat)["logprob"]
+    ls_s = sequence_logprobs(student, stok, sP, sR, sF, chat)["logprob"]
+    n_seq = len(tR)
+    kl = {
+        "token_fkl_mean": float(fkl.mean()), "token_rkl_mean": float(rkl.mean()),
+        "token_rkl_on_policy_mean": float(rkl_on.mean()),
+        "token_fkl_per_seq": float(fkl.sum() / n_seq), "token_rkl_per_seq_on_policy": float(rkl_on.sum() / len(sR)),
+        "seq_fkl_off_policy": kl_estimators(lt_t, ls_t),  # y ~ teacher: KL(T||S)
+        "seq_rkl_on_policy": kl_estimators(ls_s, lt_s),  # y ~ student: KL(S||T)
+        "seq_rkl_off_policy": off_policy_reverse_kl(ls_t, lt_t),  # y ~ teacher, importance-weighted
+        "support": "vocabulary" if shared_vocab else "next-character (different tokenizers)",
+    }
+
+    # tail noise per token type
+    per_type = defaultdict(list)
+    for i, ty in enumerate(types):
+        per_type[ty].append(i)
+    small = 0 if ks[0] <= 1 else 0
+    rows = []
+    for ty, idx in per_type.items():
+        full = topk[idx, -1]
+        rows.append({"token": ty, "count": len(idx), "mean_topk_kl": topk[idx].mean(0).tolist(),
+                     "mean_kl_small_k": float(topk[idx, small].mean()), "mean_kl_full": float(full.mean()),
+                     "tail_share": float(((full - topk[idx, small]).clip(min=0)).sum() / max(full.sum(), 1e-12))})
+    rows.sort(key=lambda r: -r["count"])
+    cnt = np.array([r["count"] for r in rows], dtype=float)
+    tail = np.array([r["tail_share"] for r in rows])
+    corr = float(np.corrcoef(np.log(cnt), tail)[0, 1]) if len(rows) > 2 and cnt.std() > 0 and tail.std() > 0 else float("nan")
+    tail_noise = {"ks": ks, "per_type": rows[:60], "freq_tail_share_correlation": corr,
+                  "full_minus_small_k_per_token": float((topk[:, -1] - topk[:, small]).mean())}
+
+    # sparsity per family
+    fam_of_sample = [examples[i].family for i in tI]
+    per_family = {}
+    for fam in sorted(set(fam_of_sample)):
+        vals = np.sort(fkl[[fam_of_sample[o] == fam for o in owner]])[::-1]
+        cum = np.cumsum(vals) / max(vals.sum(), 1e-12)
+        share80 = float((np.searchsorted(cum, 0.8) + 1) / max(1, len(vals)))
+        per_family[fam] = {"mean_token_kl": float(vals.mean()) if len(vals) else 0.0, "tokens": int(len(vals)),
+                           "share_of_tokens_for_80pct": share80, "cumulative_share": cum[:: max(1, len(cum) // 50)].tolist()}
+
+    # wrong-trace preference on the teacher's traces
+    correct = [task.score(examples[i], r) >= 1.0 for i, r in zip(tI, tR)]
+    chars = torch.tensor([max(1, len(r)) for r in tR], dtype=torch.float64)
+    wtp = {}
+    for who, lp in (("teacher", lt_t / chars), ("student", ls_t / chars)):
+        groups = [[] for _ in examples]
+        for i, ok, s in zip(tI, correct, lp.tolist()):
+            groups[i].append((ok, s))
+        wtp[who] = wrong_trace_preference(groups)
+
+    report = {"teacher": cfg.teacher, "student": cfg.student, "task": to_dict(cfg.task), "kl": kl,
+              "tail_noise": tail_noise, "sparsity": {"per_family": per_family}, "off_policy": kl["seq_rkl_off_policy"],
+              "wrong_trace_preference": wtp, "teacher_sample_accuracy": float(np.mean(correct)),
+              "wall_seconds": time.time() - t0, "versions": versions()}
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report["plots"] = _plots(report, out)
+    write_json(out / "diagnose.json", report)
+    write_text(out / "summary.md", summary_markdown(report))
+    return report
+
+
+def summary_markdown(r: dict) -> str:
+    kl, tn, op = r["kl"], r["tail_noise"], r["off_policy"]
+    lines = [f"# Distillation traps: {r['teacher']} → {r['student']}", "",
+             f"Token distributions compared over: {kl['support']}.", "",
+             "| measure | value |", "|---|---|",
+             f"| token FKL per sequence (teacher samples) | {kl['token_fkl_per_seq']:.3f} |",
+             f"| sequence FKL estimate k1 / k3 (teacher samples) | {kl['seq_fkl_off_policy']['k1']:.3f} / {kl['seq_fkl_off_policy']['k3']:.3f} |",
+             f"| token RKL per sequence (student samples, on-policy) | {kl['token_rkl_per_seq_on_policy']:.3f} |",
+             f"| sequence RKL on-policy k1 / k3 | {kl['seq_rkl_on_policy']['k1']:.3f} / {kl['seq_rkl_on_policy']['k3']:.3f} |",
+             f"| sequence RKL off-policy (importance weighted) | {op['estimate']:.3f} (variance {op['variance']:.3g}) |",
+             f"| off-policy effective sample size | {op['ess']:.1f} of {op['n']} |",
+             f"| tail: mean KL added beyond k={tn['ks'][0]} per token | {tn['full_minus_small_k_per_token']:.4f} |",
+             f"| corr(log frequency, tail share) | {tn['freq_tail_share_correlation']:.3f} |"]
+    for fam, d in r["sparsity"]["per_family"].items():
+        lines.append(f"| {fam}: mean token KL / tokens carrying 80% | {d['mean_token_kl']:.3f} / {d['share_of_tokens_for_80pct']:.2%} |")
+    for who, w in r["wrong_trace_preference"].items():
+        lines.append(f"| wrong-trace preference ({who}) | {w['rate']:.3f} ({w['pairs']} pairs) |")
+    lines += ["", *[f"![{p}]({p})" for p in r.get("plots", [])]]
+    return "\n".join(lines) + "\n"

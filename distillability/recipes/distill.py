@@ -1,0 +1,242 @@
+"""Distill a student from any teacher (method.md §4): SFT on teacher samples, token-level KD, or
+on-policy GKD.
+
+- `sft`: sample responses from the teacher (greedy, or n per prompt at a temperature; optionally only
+  verified-correct ones) and train the student by next-token NLL. Text level, so any tokenizers.
+- `kd`: off-policy token-level KD on the teacher's samples: minimise `loss` (fkl default, rkl, jsd,
+  tvd, skl, srkl) between teacher and student next-token distributions, full vocabulary or teacher
+  top-k with a tail bucket.
+- `gkd`: on-policy (Agarwal et al.; TRL's GKDTrainer): with probability `lmbda` a batch's responses are
+  sampled from the current student, else taken from the teacher's samples (or freshly sampled from
+  the teacher when `seq_kd`); loss JSD_beta per token (beta=0 forward KL, beta=1 reverse KL).
+
+Token-level losses need a shared vocabulary. With different tokenizers the run refuses, naming both
+vocabularies, unless `cross_tokenizer` picks a cross-tokenizer loss (`char` or `uld`, see crosstok.py).
+All token losses are chunked over positions (divergences.token_divergence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import RuntimeConfig, TaskConfig, opt, save_config, sub, to_dict
+from ..crosstok import FirstCharProjector, align_pair, uld_distance
+from ..divergences import divergence_rows, token_divergence, topk_bucket_logprobs
+from ..errors import ConfigError, DataError, ModelError
+from ..evaluation import greedy_accuracy
+from ..io import load_records, versions, write_json, write_jsonl
+from ..models import load_model, same_vocabulary, save_model
+from ..sampling import generate
+from ..scoring import pad_batch
+from ..tasks import load_task
+from ..training import (StepLog, autocast_ctx, check_finite, encode_sft_batch, load_checkpoint, make_optimizer,
+                        make_scheduler, nll_loss, save_checkpoint, seed_everything, set_threads, step_seed)
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    teacher: str = opt("", "The teacher (folder, packaged:NAME or hub id).")
+    student: str = opt("", "The student to train (its starting weights).")
+    output_dir: str = opt("runs/distill", "Where the student, card, samples, logs and checkpoints go.")
+    method: str = opt("sft", "How to distill.", choices=("sft", "kd", "gkd"))
+    loss: str = opt("fkl", "Token divergence for kd (gkd always uses jsd with beta).",
+                    choices=("fkl", "rkl", "jsd", "tvd", "skl", "srkl"))
+    beta: float = opt(0.5, "JSD beta (TRL convention: 0 = forward KL, 1 = reverse KL).", min=0, max=1)
+    alpha: float = opt(0.1, "Skew of skl/srkl.", min=0, max=1)
+    lmbda: float = opt(0.5, "GKD: probability that a batch is sampled from the student (on-policy).", min=0, max=1)
+    seq_kd: bool = opt(False, "GKD: off-policy batches are sampled fresh from the teacher (sequence-level KD).")
+    temperature: float = opt(1.0, "Temperature of the distillation distributions and of student sampling.",
+                             min=0, min_exclusive=True)
+    teacher_top_k: int = opt(0, "kd/gkd: keep the teacher's top-k tokens plus one tail bucket (0 = full vocabulary).", min=0)
+    cross_tokenizer: str = opt("refuse", "kd/gkd with different tokenizers: refuse, char (next-character "
+                               "distributions) or uld (sorted-probability distance).", choices=("refuse", "char", "uld"))
+    ce_weight: float = opt(1.0, "Cross-tokenizer losses: weight of the NLL on teacher text added to them.", min=0)
+    num_prompts: int = opt(512, "Training prompts the teacher answers.", min=1)
+    samples_per_prompt: int = opt(1, "Teacher samples per prompt.", min=1)
+    sample_temperature: float = opt(1.0, "Temperature of the teacher's samples (0 = greedy).", min=0)
+    keep_correct_only: bool = opt(False, "Keep only teacher samples the verifier marks correct.")
+    max_new_tokens: int = opt(48, "Max tokens per sampled response (TRL: max_new_tokens).", min=1)
+    max_steps: int = opt(100, "Optimizer steps.", min=1)
+    per_device_train_batch_size: int = opt(16, "Sequences per step.", min=1)
+    learning_rate: float = opt(1e-3, "AdamW learning rate.", min=0, min_exclusive=True)
+    warmup_steps: int = opt(10, "Linear warm-up steps.", min=0)
+    chunk_size: int = opt(1024, "Positions per chunk of the token losses.", min=1)
+    eval_prompts: int = opt(100, "Held-out prompts for the student's before/after accuracy.", min=1)
+    save_steps: int = opt(25, "Checkpoint every N steps (0 = never).", min=0)
+    resume: bool = opt(False, "Continue from the last checkpoint in output_dir.")
+    task: TaskConfig = sub(TaskConfig, "The task (prompts and verifier).")
+    runtime: RuntimeConfig = sub(RuntimeConfig, "Devices, precision, threads, seed.")
+
+
+def sample_teacher(teacher, ttok, task, cfg: DistillConfig, path: Path) -> list[dict]:
+    """The teacher's responses to the training prompts, saved as JSONL (prompt, response, ...)."""
+    if path.exists() and cfg.resume:
+        return load_records(path)
+    prompts = task.train[: cfg.num_prompts]
+    greedy = cfg.sample_temperature == 0
+    gens = generate(teacher, ttok, [e.prompt for e in prompts], cfg.max_new_tokens, cfg.sample_temperature or 1.0,
+                    num_return_sequences=1 if greedy else cfg.samples_per_prompt, greedy=greedy,
+                    seed=step_seed(cfg.runtime.seed, 0, 7), autocast=cfg.runtime.bf16,
+                    use_chat_template=cfg.task.use_chat_template)
+    rows = [{"prompt": prompts[g.prompt_index].prompt, "response": g.text, "finished": g.finished,
+             "correct": task.score(prompts[g.prompt_index], g.text)} for g in gens]
+    if cfg.keep_correct_only:
+        rows = [r for r in rows if r["correct"] >= 1.0]
+    if not rows:
+        raise DataError("distill: no teacher samples left after keep_correct_only (the teacher solved none)")
+    write_jsonl(path, rows)
+    return rows
+
+
+class TokenLoss:
+    """Teacher-student token loss on (prompt, response) text, same vocabulary or across tokenizers."""
+
+    def __init__(self, cfg: DistillConfig, teacher, ttok, student, stok, kind: str):
+        self.cfg, self.teacher, self.ttok, self.student, self.stok, self.kind = cfg, teacher, ttok, student, stok, kind
+        self.same_vocab = same_vocabulary(ttok, stok)
+        if not self.same_vocab and cfg.cross_tokenizer == "refuse":
+            raise ModelError(
+                f"method '{cfg.method}' needs a shared vocabulary, but the teacher's tokenizer "
+                f"({type(ttok).__name__}, {len(ttok)} tokens) differs from the student's ({type(stok).__name__}, "
+                f"{len(stok)} tokens); set cross_tokenizer=char or uld, or use method=sft")
+        self.projector = FirstCharProjector([ttok, stok]) if not self.same_vocab and cfg.cross_tokenizer == "char" else None
+
+    def __call__(self, prompts: list[str], responses: list[str], finished: list[bool], on_policy: bool) -> torch.Tensor:
+        cfg, dev = self.cfg, next(self.student.parameters()).device
+        chat = cfg.task.use_chat_template
+        if self.same_vocab:
+            ids, attn, lmask = encode_sft_batch(self.stok, prompts, responses, dev, chat)
+            with torch.no_grad(), autocast_ctx(dev, cfg.runtime.bf16):
+                t_logits = self.teacher(input_ids=ids.to(next(self.teacher.parameters()).device),
+                                        attention_mask=attn.to(next(self.teacher.parameters()).device)).logits[:, :-1].to(dev)
+            with autocast_ctx(dev, cfg.runtime.bf16):
+                s_logits = self.student(input_ids=ids, attention_mask=attn).logits[:, :-1]
+            if cfg.teacher_top_k:
+                s_lp, t_lp = topk_bucket_logprobs(s_logits, t_logits, cfg.teacher_top_k, cfg.temperature)
+                return token_divergence(s_lp, t_lp, self.kind, lmask, cfg.beta, cfg.alpha, 1.0, cfg.chunk_size)
+            return token_divergence(s_logits, t_logits, self.kind, lmask, cfg.beta, cfg.alpha, cfg.temperature,
+                                    cfg.chunk_size)
+        # different tokenizers: align positions by character offsets
+        pairs = [align_pair(self.ttok, self.stok, p, r, True, chat) for p, r in zip(prompts, responses)]
+        t_ids, t_attn = pad_batch([a.ids for a, _ in pairs], self.ttok.pad_token_id, next(self.teacher.parameters()).device)
+        s_ids, s_attn = pad_batch([b.ids for _, b in pairs], self.stok.pad_token_id, dev)
+        with torch.no_grad(), autocast_ctx(dev, cfg.runtime.bf16):
+            t_logits = self.teacher(input_ids=t_ids, attention_mask=t_attn).logits.to(dev)
+        with autocast_ctx(dev, cfg.runtime.bf16):
+            s_logits = self.student(input_ids=s_ids, attention_mask=s_attn).logits
+        rows_t = torch.cat([t_logits[i, a.positions] for i, (a, _) in enumerate(pairs)])
+        rows_s = torch.cat([s_logits[i, b.positions] for i, (_, b) in enumerate(pairs)])
+        if self.projector is not None:
+            loss = divergence_rows(self.projector.project(rows_s, 1, cfg.temperature),
+                                   self.projector.project(rows_t, 0, cfg.temperature), self.kind, cfg.beta, cfg.alpha).mean()
+        else:
+            loss = uld_distance(rows_s, rows_t, cfg.temperature).mean()
+        if not on_policy and cfg.ce_weight:
+            # identity of the tokens comes from the teacher's text itself
+            ids, attn, lmask = encode_sft_batch(self.stok, prompts, responses, dev, chat)
+            logits = s_logits[:, : ids.shape[1]] if s_logits.shape[1] >= ids.shape[1] else None
+            if logits is not None and torch.equal(ids, s_ids[:, : ids.shape[1]]):
+                from ..scoring import gather_logprobs
+
+                lp = gather_logprobs(logits[:, :-1], ids[:, 1:])
+                loss = loss + cfg.ce_weight * (-(lp * lmask).sum() / lmask.sum().clamp(min=1))
+            else:
+                with autocast_ctx(dev, cfg.runtime.bf16):
+                    loss = loss + cfg.ce_weight * nll_loss(self.student, ids, attn, lmask)
+        return loss
+
+
+def run(cfg: DistillConfig) -> dict:
+    """Distill `cfg.student` from `cfg.teacher`; returns the distill card."""
+    if not cfg.teacher or not cfg.student:
+        raise ConfigError("config keys 'teacher' and 'student' are required")
+    rt = cfg.runtime
+    set_threads(rt.threads)
+    seed_everything(rt.seed)
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    t_start = time.time()
+    teacher, ttok = load_model(cfg.teacher, device=rt.frozen_device, trust_remote_code=rt.trust_remote_code,
+                               allow_pickle=rt.allow_pickle)
+    teacher.requires_grad_(False).eval()
+    student, stok = load_model(cfg.student, device=rt.device, trust_remote_code=rt.trust_remote_code,
+                               allow_pickle=rt.allow_pickle)
+    task = load_task(cfg.task.name, cfg.task.path, cfg.task.num_train, cfg.task.num_eval, cfg.task.seed)
+    held_out = task.eval[: cfg.eval_prompts]
+    chat = cfg.task.use_chat_template
+    token_loss = None
+    if cfg.method in ("kd", "gkd"):
+        token_loss = TokenLoss(cfg, teacher, ttok, student, stok, "jsd" if cfg.method == "gkd" else cfg.loss)
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    before_acc, _ = greedy_accuracy(student, stok, task, held_out, cfg.max_new_tokens, rt.bf16, chat)
+    samples = sample_teacher(teacher, ttok, task, cfg, out / "teacher_samples.jsonl")
+    teacher_sample_acc = float(np.mean([r["correct"] for r in samples]))
+
+    optimizer = make_optimizer(student.parameters(), cfg.learning_rate, weight_decay=0.0)
+    scheduler = make_scheduler(optimizer, cfg.max_steps, cfg.warmup_steps)
+    log = StepLog(out / "log.jsonl")
+    start_step = 0
+    if cfg.resume and (state := load_checkpoint(ckpt_root, student, optimizer, scheduler)) is not None:
+        start_step = state["step"]
+        log.truncate_after(start_step)
+    elif log.path.exists():
+        log.path.unlink()
+
+    bar = tqdm(range(start_step, cfg.max_steps), desc=f"distill {cfg.method}", disable=not rt.progress,
+               initial=start_step, total=cfg.max_steps)
+    device = next(student.parameters()).device
+    for step in bar:
+        t0 = time.time()
+        rng = np.random.default_rng(step_seed(rt.seed, step))
+        on_policy = cfg.method == "gkd" and rng.random() < cfg.lmbda
+        pick = rng.integers(0, len(samples), size=cfg.per_device_train_batch_size)
+        prompts = [samples[i]["prompt"] for i in pick]
+        if on_policy or (cfg.method == "gkd" and cfg.seq_kd):
+            model, mtok = (student, stok) if on_policy else (teacher, ttok)
+            gens = generate(model, mtok, prompts, cfg.max_new_tokens, cfg.temperature,
+                            seed=step_seed(rt.seed, step, 1), autocast=rt.bf16, use_chat_template=chat)
+            responses, finished = [g.text for g in gens], [g.finished for g in gens]
+        else:
+            responses = [samples[i]["response"] for i in pick]
+            finished = [bool(samples[i].get("finished", True)) for i in pick]
+        student.train()
+        if cfg.method == "sft":
+            ids, attn, lmask = encode_sft_batch(stok, prompts, responses, device, chat)
+            with autocast_ctx(device, rt.bf16):
+                loss = nll_loss(student, ids, attn, lmask)
+        else:
+            loss = token_loss(prompts, responses, finished, on_policy)
+        check_finite(loss, step + 1, ckpt_root / "last")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        log.write({"step": step + 1, "loss": loss.item(), "on_policy": on_policy, "s_step": time.time() - t0})
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
+            save_checkpoint(ckpt_root, step + 1, student, optimizer, scheduler)
+
+    student.eval()
+    after_acc, _ = greedy_accuracy(student, stok, task, held_out, cfg.max_new_tokens, rt.bf16, chat)
+    losses = [r["loss"] for r in log.rows()]
+    card = {"teacher": cfg.teacher, "student": cfg.student, "method": cfg.method,
+            "loss": "jsd" if cfg.method == "gkd" else (cfg.loss if cfg.method == "kd" else "nll"),
+            "settings": {k: v for k, v in to_dict(cfg).items() if k not in ("task", "runtime")},
+            "task": to_dict(cfg.task), "seed": rt.seed, "num_teacher_samples": len(samples),
+            "teacher_sample_accuracy": teacher_sample_acc, "student_accuracy_before": before_acc,
+            "student_accuracy": after_acc, "first_loss": losses[0] if losses else None,
+            "final_loss": float(np.mean(losses[-5:])) if losses else None,
+            "cross_tokenizer": None if token_loss is None or token_loss.same_vocab else cfg.cross_tokenizer,
+            "wall_seconds": time.time() - t_start, "versions": versions()}
+    save_model(student, stok, out / "model")
+    write_json(out / "distill_card.json", card)
+    return card

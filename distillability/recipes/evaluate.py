@@ -1,0 +1,151 @@
+"""Evaluate a model on a task (method.md §5): greedy accuracy, pass@k from n samples per prompt,
+failure-mode rates with example responses, and, when a proxy/student is given, the causal metrics
+(mean D(pi || pi_C) of the model's samples and the wrong-trace preference rate of both models)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ..config import RuntimeConfig, TaskConfig, opt, sub, to_dict
+from ..errors import ConfigError
+from ..evaluation import mean_calibration_divergence
+from ..failure_modes import MODES, FailureThresholds, classify
+from ..io import versions, write_json, write_text
+from ..metrics import mean_pass_at_k, wrong_trace_preference
+from ..models import load_model
+from ..sampling import generate
+from ..scoring import sequence_logprobs
+from ..tasks import load_task
+from ..training import seed_everything, set_threads
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    model: str = opt("", "The model to evaluate.")
+    proxy: str | None = opt(None, "Optional proxy/student for the causal metrics (D and wrong-trace preference).")
+    output_dir: str = opt("runs/evaluate", "Where eval.json and eval.md go.")
+    num_prompts: int = opt(100, "Held-out prompts to evaluate (at most task.num_eval).", min=1)
+    n_samples: int = opt(4, "Samples per prompt for pass@k and failure modes.", min=1)
+    k: list[int] = opt([1, 2, 4], "k values of pass@k (each <= n_samples).")
+    temperature: float = opt(1.0, "Sampling temperature for pass@k.", min=0, min_exclusive=True)
+    max_new_tokens: int = opt(48, "Max new tokens per response.", min=1)
+    ngram: int = opt(3, "Failure modes: n-gram size for repetition.", min=2)
+    repeats: int = opt(4, "Failure modes: back-to-back repeats that count as degradation.", min=2)
+    min_distinct3: float = opt(0.3, "Failure modes: distinct-3 ratio below which text is degenerate.", min=0, max=1)
+    restatements: int = opt(3, "Failure modes: a step restated this often is self-correction collapse.", min=2)
+    confident_prob: float = opt(0.8, "Failure modes: mean answer-token probability of an overconfident wrong answer.",
+                                min=0, max=1)
+    task: TaskConfig = sub(TaskConfig, "The task.")
+    runtime: RuntimeConfig = sub(RuntimeConfig, "Devices, precision, threads, seed.")
+
+    def validate(self) -> None:
+        for k in self.k:
+            if not 1 <= k <= self.n_samples:
+                raise ConfigError(f"config key 'k': pass@{k} needs 1 <= k <= n_samples ({self.n_samples})")
+
+
+def _answer_prob(model, tok, task, example, response: str, chat: bool) -> float | None:
+    """Mean token probability of the final-answer span given everything before it."""
+    answer = task.extract(example, response)
+    if not answer:
+        return None
+    cut = response.rfind(answer)
+    if cut < 0:
+        return None
+    r = sequence_logprobs(model, tok, [example.prompt + response[:cut]], [answer], False, chat)["token_logprobs"][0]
+    return float(r.exp().mean()) if r.numel() else None
+
+
+def evaluate_model(model, tok, task, examples, cfg: EvaluateConfig, proxy=None, ptok=None) -> dict:
+    """All metrics of one model on `examples` (no files written)."""
+    rt, chat = cfg.runtime, cfg.task.use_chat_template
+    th = FailureThresholds(cfg.ngram, cfg.repeats, cfg.min_distinct3, cfg.restatements, cfg.confident_prob)
+    prompts = [e.prompt for e in examples]
+    greedy = generate(model, tok, prompts, cfg.max_new_tokens, greedy=True, autocast=rt.bf16, use_chat_template=chat)
+    greedy_scores = [task.score(examples[g.prompt_index], g.text) for g in greedy]
+    samples = generate(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, num_return_sequences=cfg.n_samples,
+                       seed=rt.seed + 17, autocast=rt.bf16, use_chat_template=chat)
+    correct = np.zeros(len(examples), dtype=int)
+    modes, examples_by_mode = Counter(), {m: [] for m in MODES}
+    groups = [[] for _ in examples]
+    for g in samples:
+        ex = examples[g.prompt_index]
+        ok = task.score(ex, g.text) >= 1.0
+        correct[g.prompt_index] += ok
+        has_answer = task.extract(ex, g.text) is not None
+        prob = _answer_prob(model, tok, task, ex, g.text, chat) if has_answer and not ok else None
+        mode = classify(g.text, correct=ok, has_answer=has_answer, finished=g.finished,
+                        well_formed=task.well_formed(ex, g.text) or not has_answer, answer_prob=prob, thresholds=th)
+        modes[mode] += 1
+        if len(examples_by_mode[mode]) < 2:
+            examples_by_mode[mode].append({"prompt": ex.prompt, "response": g.text})
+        groups[g.prompt_index].append((ok, g.text))
+    n = len(samples)
+    result = {
+        "greedy_accuracy": float(np.mean(greedy_scores)),
+        "sample_accuracy": float(correct.sum() / max(1, n)),
+        "pass_at_k": {str(k): mean_pass_at_k(correct.tolist(), cfg.n_samples, k) for k in cfg.k},
+        "failure_modes": {m: modes[m] / max(1, n) for m in MODES},
+        "failure_examples": examples_by_mode,
+        "mean_response_chars": float(np.mean([len(g.text) for g in samples])) if samples else 0.0,
+        "num_prompts": len(examples), "n_samples": cfg.n_samples,
+    }
+    if proxy is not None:
+        d = mean_calibration_divergence(model, tok, proxy, ptok, examples, cfg.max_new_tokens, cfg.temperature,
+                                        1, rt.seed + 23, rt.bf16, chat)
+        result["D_to_proxy_per_char"], result["D_to_proxy_summed"] = d["per_char"], d["summed"]
+        result["wrong_trace_preference"] = {}
+        flat = [(i, ok, text) for i, grp in enumerate(groups) for ok, text in grp]
+        for name, (m, t) in {"model": (model, tok), "proxy": (proxy, ptok)}.items():
+            lp = sequence_logprobs(m, t, [examples[i].prompt for i, _, _ in flat], [x for _, _, x in flat], True, chat)
+            per_char = (lp["logprob"] / lp["num_tokens"].new_tensor([max(1, len(x)) for _, _, x in flat])).tolist()
+            by_prompt = [[] for _ in examples]
+            for (i, ok, _), s in zip(flat, per_char):
+                by_prompt[i].append((ok, s))
+            result["wrong_trace_preference"][name] = wrong_trace_preference(by_prompt)
+    return result
+
+
+def markdown(result: dict, title: str) -> str:
+    lines = [f"# {title}", "", "| metric | value |", "|---|---|",
+             f"| greedy accuracy | {result['greedy_accuracy']:.3f} |",
+             f"| sample accuracy (T>0) | {result['sample_accuracy']:.3f} |"]
+    lines += [f"| pass@{k} | {v:.3f} |" for k, v in result["pass_at_k"].items()]
+    lines += [f"| failure: {m} | {v:.3f} |" for m, v in result["failure_modes"].items()]
+    if "D_to_proxy_per_char" in result:
+        lines.append(f"| D(model‖proxy) per char | {result['D_to_proxy_per_char']:.4f} |")
+        for who, w in result["wrong_trace_preference"].items():
+            lines.append(f"| wrong-trace preference ({who}) | {w['rate']:.3f} ({w['pairs']} pairs) |")
+    lines += ["", "## Example responses per failure mode", ""]
+    for m, exs in result["failure_examples"].items():
+        for e in exs:
+            lines.append(f"- **{m}**: `{e['prompt'].strip()[:80]}` → `{e['response'].strip()[:120]}`")
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    if not cfg.model:
+        raise ConfigError("config key 'model' is required")
+    rt = cfg.runtime
+    set_threads(rt.threads)
+    seed_everything(rt.seed)
+    t0 = time.time()
+    model, tok = load_model(cfg.model, device=rt.device, trust_remote_code=rt.trust_remote_code,
+                            allow_pickle=rt.allow_pickle)
+    proxy = ptok = None
+    if cfg.proxy:
+        proxy, ptok = load_model(cfg.proxy, device=rt.frozen_device, trust_remote_code=rt.trust_remote_code,
+                                 allow_pickle=rt.allow_pickle)
+    task = load_task(cfg.task.name, cfg.task.path, cfg.task.num_train, cfg.task.num_eval, cfg.task.seed)
+    result = evaluate_model(model, tok, task, task.eval[: cfg.num_prompts], cfg, proxy, ptok)
+    result.update({"model": cfg.model, "proxy": cfg.proxy, "task": to_dict(cfg.task),
+                   "wall_seconds": time.time() - t0, "versions": versions()})
+    out = Path(cfg.output_dir)
+    write_json(out / "eval.json", result)
+    write_text(out / "eval.md", markdown(result, f"Evaluation of {cfg.model}"))
+    return result

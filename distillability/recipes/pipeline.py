@@ -1,0 +1,182 @@
+"""The end-to-end pipeline (the project's main job): build or load the models, diagnose, calibrate
+the teacher with eta = 0 (control), eta < 0 (distillable) and eta > 0 (undistillable), distil a
+student from every teacher by SFT, KD and GKD, evaluate everything, write the protection report.
+
+`distillability demo` runs it on the embedded default: the tiny world (tasks and three small models
+with three different tokenizers, built from scratch and cached). Each stage writes its outputs under
+`output_dir/<stage>/` with the config it ran with; a stage whose outputs exist and whose config is
+unchanged is not rerun, so an interrupted pipeline resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import yaml
+
+from ..config import TaskConfig, opt, save_config, sub, to_dict
+from ..errors import ConfigError
+from ..io import versions, write_json
+from ..report.protection import headline_table, write_report
+from . import calibrate, diagnose, distill, evaluate
+from .world import WorldConfig, build_world
+
+TEACHERS = ("original", "control", "distillable", "undistillable")
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    output_dir: str = opt("runs/demo", "Run folder: models, cards, reports, headline.json.")
+    seed: int = opt(0, "Seed of the whole run (world, sampling, training).")
+    quick: bool = opt(False, "Tiny settings for a smoke run of the whole chain (minutes).")
+    teacher: str = opt("", "Teacher model; empty = build the tiny world's teacher.")
+    proxy: str = opt("", "Calibration proxy; empty = the tiny world's proxy.")
+    student: str = opt("", "Student base; empty = the tiny world's student.")
+    converge_steps: int = opt(30, "RL steps on task reward alone that make the teacher 'converged' "
+                              "(the released-instruct-model role) before anything else; 0 = skip.", min=0)
+    eta_distillable: float = opt(-1.0, "eta of the distillable calibration (< 0).", max=0)
+    eta_undistillable: float = opt(1.0, "eta of the undistillable calibration (> 0).", min=0)
+    methods: list[str] = opt(["sft", "kd", "gkd"], "Distillation methods.", choices=("sft", "kd", "gkd"))
+    skip: list[str] = opt([], "Stages to skip.", choices=("diagnose", "calibrate", "distill"))
+    threads: int = opt(2, "torch CPU threads.", min=0)
+    progress: bool = opt(True, "Progress bars.")
+    world: WorldConfig = sub(WorldConfig, "The tiny world (used when teacher/proxy/student are empty).")
+    task: TaskConfig = sub(TaskConfig, "The task (tiny-world by default).")
+    diagnose: diagnose.DiagnoseConfig = sub(diagnose.DiagnoseConfig, "Diagnose settings (models are filled in).")
+    calibrate: calibrate.CalibrateConfig = sub(calibrate.CalibrateConfig, "Calibration settings (eta, models filled in).")
+    distill: distill.DistillConfig = sub(distill.DistillConfig, "Distillation settings (method, models filled in).")
+    evaluate: evaluate.EvaluateConfig = sub(evaluate.EvaluateConfig, "Evaluation settings.")
+
+    def validate(self) -> None:
+        if bool(self.teacher) != bool(self.proxy) or bool(self.teacher) != bool(self.student):
+            raise ConfigError("config keys 'teacher', 'proxy', 'student': give all three or none (tiny world)")
+
+
+# The embedded default's stage settings (sized for 2 CPU cores), and the --quick ones.
+DEFAULT_OVERRIDES = {
+    "task": {"num_train": 3000, "num_eval": 100},
+    "diagnose": {"num_prompts": 32, "num_samples": 4},
+    "calibrate": {"max_steps": 40, "num_generations": 8, "prompts_per_step": 8, "learning_rate": 2e-4,
+                  "beta": 0.04, "eval_prompts": 100, "save_steps": 0},
+    "distill": {"max_steps": 150, "per_device_train_batch_size": 32, "num_prompts": 1000, "learning_rate": 2e-3,
+                "cross_tokenizer": "char", "eval_prompts": 100, "save_steps": 0},
+    "evaluate": {"num_prompts": 100, "n_samples": 4, "k": [1, 2, 4]},
+}
+QUICK_OVERRIDES = {
+    "world": {"num_train": 300, "num_eval": 16, "teacher_steps": 40, "proxy_steps": 15, "student_steps": 10,
+              "teacher_size": [64, 2, 128], "proxy_size": [32, 1, 64], "student_size": [48, 1, 96]},
+    "converge_steps": 2,
+    "task": {"num_train": 300, "num_eval": 16},
+    "diagnose": {"num_prompts": 4, "num_samples": 2, "max_new_tokens": 24},
+    "calibrate": {"max_steps": 2, "num_generations": 2, "prompts_per_step": 2, "eval_prompts": 8, "eval_samples": 1,
+                  "max_completion_length": 24},
+    "distill": {"max_steps": 3, "per_device_train_batch_size": 4, "num_prompts": 16, "eval_prompts": 8,
+                "max_new_tokens": 24},
+    "evaluate": {"num_prompts": 8, "n_samples": 2, "k": [1, 2], "max_new_tokens": 24},
+}
+
+
+def _stage(out: Path, name: str, cfg, marker: str, fn):
+    """Run fn(cfg) unless out/name holds `marker` from a run with the same config."""
+    folder = out / name
+    saved = folder / "stage_config.yaml"
+    current = yaml.safe_dump(to_dict(cfg), sort_keys=True)
+    if (folder / marker).exists() and saved.exists() and saved.read_text() == current:
+        import json
+
+        return json.loads((folder / marker).read_text())
+    result = fn(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    saved.write_text(current)
+    return result
+
+
+def _with(cfg, **changes):
+    return dataclasses.replace(cfg, **changes)
+
+
+def run(cfg: PipelineConfig) -> dict:
+    t0 = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "pipeline_config.yaml")
+    stages_total = 1 + (0 if "diagnose" in cfg.skip else 1) + 3 + len(TEACHERS) * len(cfg.methods) + 1
+    done = [0]
+
+    def announce(what: str) -> None:
+        done[0] += 1
+        print(f"[{done[0]}/{stages_total}] {what}  ({time.time() - t0:.0f}s elapsed)", flush=True)
+
+    def runtime(sub_cfg):
+        return _with(sub_cfg.runtime, seed=cfg.seed, threads=cfg.threads, progress=cfg.progress)
+
+    # 1. models
+    announce("models: build or load the teacher, proxy and student base")
+    if cfg.teacher:
+        models = {"teacher": cfg.teacher, "proxy": cfg.proxy, "student": cfg.student}
+    else:
+        models = build_world(cfg.world, cfg.seed, progress=cfg.progress)
+    task = _with(cfg.task, seed=cfg.seed)
+    original = models["teacher"]
+    if cfg.converge_steps:
+        conv = _with(cfg.calibrate, model=original, proxy=models["proxy"], eta=0.0, max_steps=cfg.converge_steps,
+                     output_dir=str(out / "teacher_converged"), task=task, runtime=runtime(cfg.calibrate))
+        _stage(out, "teacher_converged", conv, "calibration_card.json", calibrate.run)
+        original = str(out / "teacher_converged" / "model")
+    teachers = {"original": original}
+
+    # 2. diagnose teacher vs student
+    if "diagnose" not in cfg.skip:
+        announce("diagnose: teacher vs student")
+        dcfg = _with(cfg.diagnose, teacher=original, student=models["student"], output_dir=str(out / "diagnose"),
+                     task=task, runtime=runtime(cfg.diagnose))
+        _stage(out, "diagnose", dcfg, "diagnose.json", diagnose.run)
+
+    # 3. calibrate three times from the same start for the same steps
+    cards = {}
+    for name, eta in (("control", 0.0), ("distillable", cfg.eta_distillable), ("undistillable", cfg.eta_undistillable)):
+        announce(f"calibrate: {name} (eta={eta:+g})")
+        ccfg = _with(cfg.calibrate, model=original, proxy=models["proxy"], eta=eta, output_dir=str(out / f"calibrate_{name}"),
+                     task=task, runtime=runtime(cfg.calibrate))
+        cards[name] = _stage(out, f"calibrate_{name}", ccfg, "calibration_card.json", calibrate.run)
+        teachers[name] = str(out / f"calibrate_{name}" / "model")
+
+    # 4. distil a student from each teacher by each method
+    students = {}
+    for tname in TEACHERS:
+        for method in cfg.methods:
+            announce(f"distill: {method} from the {tname} teacher")
+            tcfg = _with(cfg.distill, teacher=teachers[tname], student=models["student"], method=method,
+                         output_dir=str(out / f"distill_{method}_{tname}"), task=task, runtime=runtime(cfg.distill))
+            _stage(out, f"distill_{method}_{tname}", tcfg, "distill_card.json", distill.run)
+            students[(method, tname)] = str(out / f"distill_{method}_{tname}" / "model")
+
+    # 5. evaluate every teacher and student; the report
+    announce("evaluate: every teacher and student; write the report")
+    evaluations = {"teachers": {}, "students": {}}
+    for tname, path in teachers.items():
+        ecfg = _with(cfg.evaluate, model=path, proxy=models["proxy"], output_dir=str(out / "eval" / f"teacher_{tname}"),
+                     task=task, runtime=runtime(cfg.evaluate))
+        evaluations["teachers"][tname] = _stage(out / "eval", f"teacher_{tname}", ecfg, "eval.json", evaluate.run)
+    for (method, tname), path in students.items():
+        ecfg = _with(cfg.evaluate, model=path, proxy=None, output_dir=str(out / "eval" / f"student_{method}_{tname}"),
+                     task=task, runtime=runtime(cfg.evaluate))
+        evaluations["students"].setdefault(method, {})[tname] = _stage(
+            out / "eval", f"student_{method}_{tname}", ecfg, "eval.json", evaluate.run)
+
+    headline = headline_table(evaluations, cfg.seed, time.time() - t0)
+    write_json(out / "headline.json", headline)
+    write_json(out / "evaluations.json", {"evaluations": evaluations, "calibration_cards": cards,
+                                          "models": models, "teachers": teachers, "versions": versions()})
+    write_report(out, headline, evaluations, cards)
+    return headline
+
+
+def apply_preset(overrides: dict, quick: bool) -> dict:
+    """The embedded default (and --quick) settings under the user's own overrides."""
+    from ..config import _merge
+
+    base = _merge(DEFAULT_OVERRIDES, QUICK_OVERRIDES) if quick else dict(DEFAULT_OVERRIDES)
+    return _merge(base, overrides)

@@ -1,0 +1,74 @@
+"""Build the tiny world's three models from scratch, with three different tokenizers:
+a teacher (character tokenizer), a weaker calibration proxy (byte-level BPE) and a weak student base
+(another byte-level BPE with a different vocabulary size and training text). Cached by config + seed."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from ..config import opt
+from ..io import write_json
+from ..models import TinyModelSpec, build_tiny_model, cache_dir, num_params, save_model, train_tokenizer
+from ..tasks import world_splits
+from ..training import fit_lm, seed_everything
+
+
+@dataclasses.dataclass
+class WorldConfig:
+    num_train: int = opt(3000, "Training prompts of the tiny world.", min=16)
+    num_eval: int = opt(100, "Held-out prompts (never trained on).", min=8)
+    style_mix: list[float] = opt([0.5, 0.25, 0.25], "Teacher SFT mix of solution styles worked, running, direct.")
+    teacher_size: list[int] = opt([192, 3, 512], "Teacher hidden size, layers, MLP size (4 heads).")
+    proxy_size: list[int] = opt([96, 2, 256], "Proxy hidden size, layers, MLP size.")
+    student_size: list[int] = opt([128, 2, 384], "Student hidden size, layers, MLP size.")
+    teacher_steps: int = opt(500, "Teacher SFT steps.", min=1)
+    proxy_steps: int = opt(150, "Proxy SFT steps (worked style only).", min=1)
+    student_steps: int = opt(40, "Student base SFT steps: weak at the task, but it knows the format.", min=1)
+    batch_size: int = opt(32, "SFT batch size.", min=1)
+    learning_rate: float = opt(2e-3, "SFT learning rate.", min=0, min_exclusive=True)
+    proxy_vocab: int = opt(300, "Proxy BPE vocabulary size.", min=260)
+    student_vocab: int = opt(420, "Student BPE vocabulary size.", min=260)
+
+
+def world_key(cfg: WorldConfig, seed: int) -> str:
+    blob = json.dumps({**dataclasses.asdict(cfg), "seed": seed, "v": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_world(cfg: WorldConfig, seed: int, progress: bool = True, cache: bool = True) -> dict[str, str]:
+    """Paths of the teacher, proxy and student base folders (built once per config + seed)."""
+    root = cache_dir() / "worlds" / world_key(cfg, seed)
+    paths = {name: str(root / name) for name in ("teacher", "proxy", "student")}
+    if cache and all((Path(p) / "config.json").exists() for p in paths.values()):
+        return paths
+    seed_everything(seed)
+    train, _ = world_splits(cfg.num_train, cfg.num_eval, seed)
+    rng = random.Random(seed)
+    styles = ["worked", "running", "direct"]
+    corpus = [e.prompt + s for e in train for s in e.solutions.values()]
+    # teacher: mixture of styles (its correct modes include ones a weak model cannot imitate)
+    t_tok = train_tokenizer(corpus, 0, "char")
+    p_tok = train_tokenizer(corpus[::2], cfg.proxy_vocab, "bpe")
+    s_tok = train_tokenizer(corpus[1::3], cfg.student_vocab, "bpe")
+    plan = {
+        "teacher": (t_tok, cfg.teacher_size, cfg.teacher_steps, cfg.style_mix, "llama"),
+        "proxy": (p_tok, cfg.proxy_size, cfg.proxy_steps, [1.0, 0.0, 0.0], "llama"),
+        "student": (s_tok, cfg.student_size, cfg.student_steps, [1.0, 0.0, 0.0], "qwen2"),
+    }
+    info = {}
+    for i, (name, (tok, size, steps, mix, arch)) in enumerate(plan.items()):
+        h, layers, mlp = size
+        model = build_tiny_model(TinyModelSpec(hidden_size=h, num_layers=layers, num_heads=4, intermediate_size=mlp,
+                                               architecture=arch), tok, seed=seed + i)
+        chosen = [rng.choices(styles, weights=mix)[0] for _ in train]
+        losses = fit_lm(model, tok, [e.prompt for e in train], [e.solutions[s] for e, s in zip(train, chosen)],
+                        steps=steps, batch_size=cfg.batch_size, lr=cfg.learning_rate, seed=seed + i,
+                        desc=f"world: {name} SFT", progress=progress)
+        save_model(model, tok, paths[name])
+        info[name] = {"params": num_params(model), "vocab": len(tok), "final_loss": losses[-1], "steps": steps}
+    write_json(root / "world.json", {"config": dataclasses.asdict(cfg), "seed": seed, "models": info})
+    return paths

@@ -1,0 +1,1 @@
+"""Reports: the protection/distillability report (JSON, markdown, self-contained HTML)."""
