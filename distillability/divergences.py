@@ -35,11 +35,15 @@ def _kl_from_logprobs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
 
 
+def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "fkl",
                     beta: float = 0.5, alpha: float = 0.1, temperature: float = 1.0) -> torch.Tensor:
     """Per-row divergence for 2-D logits [N, V] (no chunking). See the module docstring."""
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = F.log_softmax(_at_least_f32(student_logits) / temperature, dim=-1)
+    t = F.log_softmax(_at_least_f32(teacher_logits) / temperature, dim=-1)
     if kind == "fkl" or (kind == "jsd" and beta == 0.0):
         return _kl_from_logprobs(t, s)
     if kind == "rkl" or (kind == "jsd" and beta == 1.0):

@@ -215,10 +215,25 @@ def check_model_folder(path: str, allow_pickle: bool = False, trust_remote_code:
         raise ModelError(f"{path}: no weights (*.safetensors) in the folder")
 
 
+def _plain_fast_tokenizer(path: str) -> bool:
+    import json
+
+    cfg = Path(path) / "tokenizer_config.json"
+    if not cfg.exists():
+        return False
+    cls = json.loads(cfg.read_text()).get("tokenizer_class")
+    return cls in ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     path = resolve_model_path(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if _plain_fast_tokenizer(path):
+            # our own tokenizers: load them as they were saved, never as the model family's class
+            # (AutoTokenizer would pick e.g. Qwen2's and add tokens the model has no embedding for)
+            tok = PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"{spec}: tokenizer does not load ({type(e).__name__})") from None
     if tok.eos_token_id is None:

@@ -284,7 +284,7 @@ def run(cfg: CalibrateConfig) -> dict:
                "s_step": dt}
         log.write(row)
         bar.set_postfix(reward=f"{row['task_reward']:.2f}", r_cal=f"{row['r_cal']:.3f}", kl=f"{kl:.3f}")
-        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
+        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
             save_checkpoint(ckpt_root, step + 1, policy, optimizer, scheduler, {"ema": ema, "before": before})
 
     policy.eval()

@@ -222,7 +222,7 @@ def run(cfg: DistillConfig) -> dict:
         scheduler.step()
         log.write({"step": step + 1, "loss": loss.item(), "on_policy": on_policy, "s_step": time.time() - t0})
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
+        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
             save_checkpoint(ckpt_root, step + 1, student, optimizer, scheduler)
 
     student.eval()

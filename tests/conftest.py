@@ -1,0 +1,51 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_data(rel: str) -> Path:
+    p = SHARED / rel
+    if not p.exists():
+        pytest.skip(f"{p} absent (../shared/data is optional)")
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    # keep each session's built worlds out of the user's cache, but reuse them within the session
+    monkeypatch.setenv("DISTILLABILITY_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """A tiny teacher (char tokenizer) and student (BPE tokenizer) SFT-trained briefly on the tiny world,
+    saved as HF folders. Returns dict of paths."""
+    from distillability.models import TinyModelSpec, build_tiny_model, save_model, train_tokenizer
+    from distillability.tasks import world_splits
+    from distillability.training import fit_lm
+
+    root = tmp_path_factory.mktemp("models")
+    train, _ = world_splits(400, 20, 0)
+    corpus = [e.prompt + s for e in train for s in e.solutions.values()]
+    out = {}
+    for name, kind, vocab, size, steps in (("teacher", "char", 0, (64, 2, 128), 60), ("student", "bpe", 300, (32, 1, 64), 5),
+                                           ("student_same", "char", 0, (32, 1, 64), 5)):
+        tok = train_tokenizer(corpus, vocab, kind)
+        model = build_tiny_model(TinyModelSpec(hidden_size=size[0], num_layers=size[1], num_heads=2,
+                                               intermediate_size=size[2]), tok, seed=1)
+        fit_lm(model, tok, [e.prompt for e in train], [e.solutions["worked"] for e in train], steps=steps,
+               batch_size=16, lr=3e-3, progress=False)
+        save_model(model, tok, root / name)
+        out[name] = str(root / name)
+    return out

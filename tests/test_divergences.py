@@ -1,0 +1,100 @@
+import math
+
+import pytest
+import torch
+
+from distillability.divergences import (divergence_rows, token_divergence, topk_accumulated_kl,
+                                        topk_bucket_logprobs)
+
+
+def ref_div(s_logits, t_logits, kind, beta=0.5, alpha=0.1, T=1.0):
+    """float64 loop over the vocabulary."""
+    out = []
+    for s_row, t_row in zip(s_logits.double() / T, t_logits.double() / T):
+        ps = torch.softmax(s_row, 0).tolist()
+        pt = torch.softmax(t_row, 0).tolist()
+
+        def kl(p, q):
+            return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+        if kind == "fkl" or (kind == "jsd" and beta == 0):
+            v = kl(pt, ps)
+        elif kind == "rkl" or (kind == "jsd" and beta == 1):
+            v = kl(ps, pt)
+        elif kind == "jsd":
+            m = [beta * a + (1 - beta) * b for a, b in zip(pt, ps)]
+            v = beta * kl(pt, m) + (1 - beta) * kl(ps, m)
+        elif kind == "tvd":
+            v = 0.5 * sum(abs(a - b) for a, b in zip(pt, ps))
+        elif kind == "skl":
+            v = kl(pt, [alpha * a + (1 - alpha) * b for a, b in zip(pt, ps)])
+        else:
+            v = kl(ps, [alpha * b + (1 - alpha) * a for a, b in zip(pt, ps)])
+        out.append(v)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"])
+@pytest.mark.parametrize("V,T", [(7, 1.0), (50, 0.7), (300, 2.0)])
+def test_divergences_match_float64_loop(kind, V, T):
+    g = torch.Generator().manual_seed(V)
+    s, t = torch.randn(9, V, generator=g) * 3, torch.randn(9, V, generator=g) * 3
+    got = divergence_rows(s, t, kind, beta=0.3, alpha=0.2, temperature=T).double()
+    want = ref_div(s, t, kind, beta=0.3, alpha=0.2, T=T)
+    assert torch.allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_jsd_limits_follow_trl_convention(beta):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 20, generator=g), torch.randn(4, 20, generator=g)
+    kind = "fkl" if beta == 0 else "rkl"
+    assert torch.allclose(divergence_rows(s, t, "jsd", beta=beta), divergence_rows(s, t, kind))
+
+
+def test_chunked_equals_unchunked_with_mask_and_gradient():
+    g = torch.Generator().manual_seed(1)
+    s = (torch.randn(3, 11, 40, generator=g) * 2).requires_grad_(True)
+    t = torch.randn(3, 11, 40, generator=g) * 2
+    mask = torch.rand(3, 11, generator=g) > 0.3
+    full = token_divergence(s, t, "jsd", mask, beta=0.4, chunk_size=10_000)
+    (g_full,) = torch.autograd.grad(full, s)
+    chunked = token_divergence(s, t, "jsd", mask, beta=0.4, chunk_size=4)
+    (g_chunk,) = torch.autograd.grad(chunked, s)
+    assert abs(full.item() - chunked.item()) < 1e-5
+    assert torch.allclose(g_full, g_chunk, atol=1e-6)
+    # the mean is over unmasked positions only, and equals the reference
+    want = ref_div(s.detach().reshape(-1, 40), t.reshape(-1, 40), "jsd", beta=0.4)[mask.reshape(-1)].mean()
+    assert abs(full.item() - want.item()) < 1e-5
+    per_pos = token_divergence(s, t, "jsd", mask, beta=0.4, chunk_size=5, reduction="none")
+    assert per_pos.shape == (3, 11) and (per_pos[~mask] == 0).all()
+
+
+def test_gradient_matches_finite_difference():
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(2, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    t = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    torch.autograd.gradcheck(lambda x: divergence_rows(x, t, "jsd", beta=0.3).double(), (s,), eps=1e-6, atol=1e-3)
+
+
+def test_topk_accumulated_kl_monotone_and_full():
+    g = torch.Generator().manual_seed(3)
+    t, s = torch.randn(5, 64, generator=g) * 2, torch.randn(5, 64, generator=g) * 2
+    acc = topk_accumulated_kl(t, s, [1, 5, 10, 64, 1000])
+    full = divergence_rows(s, t, "fkl")
+    assert torch.allclose(acc[:, -1], full, atol=1e-5) and torch.allclose(acc[:, -2], full, atol=1e-5)
+    # k=1: the summand of the teacher's most likely token
+    lt, ls = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+    top = lt.argmax(-1)
+    first = (lt.exp() * (lt - ls)).gather(-1, top[:, None]).squeeze(-1)
+    assert torch.allclose(acc[:, 0], first, atol=1e-6)
+
+
+def test_topk_bucket_sums_to_one_and_equals_full_at_k_eq_V():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(4, 30, generator=g), torch.randn(4, 30, generator=g)
+    s_lp, t_lp = topk_bucket_logprobs(s, t, 8)
+    assert torch.allclose(s_lp.exp().sum(-1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(t_lp.exp().sum(-1), torch.ones(4), atol=1e-5)
+    # bucketing can only lose information: KL over buckets <= full KL (data processing inequality)
+    assert (divergence_rows(s_lp, t_lp, "fkl") <= divergence_rows(s, t, "fkl") + 1e-5).all()
