@@ -1,0 +1,126 @@
+"""The recipes on tiny models: calibrate (resume = uninterrupted), distill (each method, cross-tokenizer,
+refusal), evaluate, diagnose, and the --quick pipeline end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distillability.config import load_config
+from distillability.errors import ModelError
+from distillability.recipes import calibrate, diagnose, distill, evaluate
+
+FAST = ["runtime.progress=false", "task.num_train=200", "task.num_eval=16"]
+
+
+def test_calibrate_resume_equals_uninterrupted(tiny_pair, tmp_path):
+    common = [f"model={tiny_pair['teacher']}", f"proxy={tiny_pair['student']}", "eta=1.0", "num_generations=2",
+              "prompts_per_step=2", "max_completion_length=16", "eval_prompts=4", "eval_samples=1", *FAST]
+    full = load_config(calibrate.CalibrateConfig, overrides=[*common, "max_steps=4", f"output_dir={tmp_path / 'a'}",
+                                                             "save_steps=0"])
+    card = calibrate.run(full)
+    assert (tmp_path / "a" / "model" / "model.safetensors").exists()
+    for key in ("eta", "beta", "before_accuracy", "after_accuracy", "before_D_per_char", "after_D_per_char"):
+        assert key in card
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and {"task_reward", "r_cal", "kl_ref", "clip_frac", "tokens_per_s"} <= set(log[0])
+    # "interrupted" after step 2 (a checkpoint at the end of a 2-step run), then resumed to 4 steps
+    part = load_config(calibrate.CalibrateConfig, overrides=[*common, "max_steps=2", f"output_dir={tmp_path / 'b'}",
+                                                             "save_steps=1"])
+    calibrate.run(part)
+    calibrate.run(load_config(calibrate.CalibrateConfig, overrides=[*common, "max_steps=4", "save_steps=1", "resume=true",
+                                                                     f"output_dir={tmp_path / 'b'}"]))
+    wa = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_gradients_reach_only_the_policy(tiny_pair):
+    from distillability.models import load_model
+
+    policy, tok = load_model(tiny_pair["teacher"], device="cpu")
+    proxy, _ = load_model(tiny_pair["student"], device="cpu")
+    proxy.requires_grad_(False)
+    ids = torch.tensor([tok("Q: 1+2=?\nA: #### 3")["input_ids"]])
+    lp = calibrate._per_token_logprobs(policy, ids, torch.ones_like(ids), False)
+    import copy
+
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    with torch.no_grad():
+        ref = calibrate._per_token_logprobs(reference, ids, torch.ones_like(ids), False)
+    loss, _, _ = calibrate.grpo_loss(lp, lp.detach(), ref, torch.tensor([1.0]), torch.ones_like(lp), 0.2, 0.1, "grpo", 8)
+    loss.backward()
+    assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in proxy.parameters())
+    assert all(p.grad is None for p in reference.parameters())
+
+
+@pytest.mark.parametrize("method,extra", [("sft", []), ("kd", []), ("gkd", ["lmbda=0.5"]),
+                                          ("kd", ["teacher_top_k=5", "loss=jsd"])])
+def test_distill_methods_same_vocabulary(tiny_pair, tmp_path, method, extra):
+    cfg = load_config(distill.DistillConfig, overrides=[
+        f"teacher={tiny_pair['teacher']}", f"student={tiny_pair['student_same']}", f"method={method}",
+        "max_steps=3", "num_prompts=16", "per_device_train_batch_size=4", "max_new_tokens=16", "eval_prompts=4",
+        f"output_dir={tmp_path}", *FAST, *extra])
+    card = distill.run(cfg)
+    assert (tmp_path / "model" / "model.safetensors").exists() and (tmp_path / "teacher_samples.jsonl").exists()
+    assert card["method"] == method and card["first_loss"] > 0
+
+
+def test_kd_refuses_mismatched_tokenizers_naming_both(tiny_pair, tmp_path):
+    cfg = load_config(distill.DistillConfig, overrides=[
+        f"teacher={tiny_pair['teacher']}", f"student={tiny_pair['student']}", "method=kd", f"output_dir={tmp_path}", *FAST])
+    with pytest.raises(ModelError, match=r"teacher's tokenizer .*tokens\) differs from the student's"):
+        distill.run(cfg)
+
+
+@pytest.mark.parametrize("method,xt", [("sft", "refuse"), ("kd", "char"), ("gkd", "uld")])
+def test_distill_across_tokenizers(tiny_pair, tmp_path, method, xt):
+    cfg = load_config(distill.DistillConfig, overrides=[
+        f"teacher={tiny_pair['teacher']}", f"student={tiny_pair['student']}", f"method={method}", f"cross_tokenizer={xt}",
+        "max_steps=3", "num_prompts=16", "per_device_train_batch_size=4", "max_new_tokens=16", "eval_prompts=4",
+        f"output_dir={tmp_path}", *FAST])
+    card = distill.run(cfg)
+    assert card["final_loss"] == card["final_loss"]  # finite, not NaN
+
+
+def test_evaluate_and_diagnose_write_their_files(tiny_pair, tmp_path):
+    res = evaluate.run(load_config(evaluate.EvaluateConfig, overrides=[
+        f"model={tiny_pair['teacher']}", f"proxy={tiny_pair['student']}", "num_prompts=6", "n_samples=3", "k=[1,3]",
+        "max_new_tokens=16", f"output_dir={tmp_path / 'e'}", *FAST]))
+    assert 0 <= res["greedy_accuracy"] <= 1 and set(res["pass_at_k"]) == {"1", "3"}
+    assert res["pass_at_k"]["3"] >= res["pass_at_k"]["1"]
+    assert sum(res["failure_modes"].values()) == pytest.approx(1.0)
+    assert (tmp_path / "e" / "eval.md").exists()
+    rep = diagnose.run(load_config(diagnose.DiagnoseConfig, overrides=[
+        f"teacher={tiny_pair['teacher']}", f"student={tiny_pair['student']}", "num_prompts=4", "num_samples=2",
+        "max_new_tokens=16", f"output_dir={tmp_path / 'd'}", *FAST]))
+    out = Path(tmp_path / "d")
+    assert json.loads((out / "diagnose.json").read_text())["kl"]["token_fkl_mean"] >= 0
+    for p in rep["plots"]:
+        assert (out / p).stat().st_size > 1000
+    assert rep["kl"]["support"].startswith("next-character")
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    from click.testing import CliRunner
+
+    from distillability.cli import main
+
+    r = CliRunner().invoke(main, ["demo", "--quick", "--output-dir", str(tmp_path / "run"), "progress=false"])
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "run"
+    headline = json.loads((run / "headline.json").read_text())
+    assert set(headline["teachers"]) == {"original", "control", "distillable", "undistillable"}
+    assert set(headline["students"]) == {"sft", "kd", "gkd"}
+    for per in headline["students"].values():
+        assert all(0 <= v <= 1 for v in per.values()) and len(per) == 4
+    for f in ("report.md", "report.html", "headline.png", "diagnose/diagnose.json", "evaluations.json",
+              "calibrate_undistillable/calibration_card.json", "distill_gkd_control/distill_card.json"):
+        assert (run / f).exists(), f
+    assert "data:image/png;base64" in (run / "report.html").read_text()
+    # a second run with the same config reuses every stage
+    r2 = CliRunner().invoke(main, ["demo", "--quick", "--output-dir", str(run), "progress=false"])
+    assert r2.exit_code == 0

@@ -1,0 +1,84 @@
+"""Task loaders on real rows, their verifiers, and data-file errors."""
+
+import pytest
+
+from distillability.errors import DataError
+from distillability.io import load_records
+from distillability.tasks import load_task
+
+from .conftest import shared_data
+
+
+def test_tiny_world_verifier_and_held_out_split():
+    task = load_task("tiny-world", num_train=200, num_eval=50, seed=3)
+    assert not {e.prompt for e in task.train} & {e.prompt for e in task.eval}
+    assert {"math", "mc"} <= set(task.families)
+    for e in task.train[:50]:
+        for style, sol in e.solutions.items():
+            assert task.score(e, sol) == 1.0, (style, sol)
+        assert task.score(e, " #### 999") == 0.0
+        assert task.score(e, e.solutions["worked"].split("####")[0]) == 0.0  # strict: no marker, no credit
+
+
+def test_gsm8k_rows_score_right_and_wrong():
+    path = shared_data("gsm8k/test.jsonl")
+    task = load_task("gsm8k", str(path), num_train=20, num_eval=10)
+    for e in task.eval:
+        assert task.score(e, e.solution) == 1.0
+        assert task.score(e, "#### 123456789") == 0.0
+        assert e.prompt.startswith("Question:") and "<<" not in e.solution
+
+
+def test_bigbench_rows_score_right_and_wrong():
+    path = shared_data("bigbench/social_iqa")
+    task = load_task("bigbench", str(path), num_train=20, num_eval=10)
+    for e in task.eval:
+        assert task.score(e, e.solution) == 1.0
+        wrong = "A" if e.reference != "A" else "B"
+        assert task.score(e, f"#### {wrong}") == 0.0
+
+
+def test_reasoning_gym_generator():
+    pytest.importorskip("reasoning_gym")
+    task = load_task("gym:chain_sum", num_train=10, num_eval=5, seed=1)
+    for e in task.eval:
+        assert task.score(e, f"#### {e.reference}") == 1.0
+        assert task.score(e, "#### 987654") == 0.0
+
+
+def test_plain_mc_and_open_jsonl(tmp_path):
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text('{"question": "2+2?", "choices": ["3", "4"], "answer": "B"}\n'
+                  '{"question": "sky?", "choices": ["blue", "red"], "answer": 0}\n' * 3)
+    task = load_task("mc", str(mc), num_train=0, num_eval=6)
+    assert all(task.score(e, f"#### {e.reference}") == 1.0 for e in task.eval)
+    op = tmp_path / "open.jsonl"
+    op.write_text('{"instruction": "Say hi", "input": "", "output": "hello there friend"}\n' * 4)
+    task = load_task("open", str(op), num_train=0, num_eval=4)
+    assert task.score(task.eval[0], "hello there friend") == pytest.approx(1.0)
+    assert 0 < task.score(task.eval[0], "hello friend") < 1
+
+
+def test_data_file_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2", "answer": \n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
+        load_records(bad)
+    missing = tmp_path / "m.jsonl"
+    missing.write_text('{"question": "q"}\n')
+    with pytest.raises(DataError, match=r"m.jsonl:1: missing field 'answer'"):
+        load_task("gsm8k", str(missing))
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        load_task("gsm8k", str(empty))
+    binary = tmp_path / "b.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_task("gsm8k", str(binary))
+    with pytest.raises(DataError, match="not found"):
+        load_task("gsm8k", str(tmp_path / "nope.jsonl"))
+    wrong_type = tmp_path / "w.jsonl"
+    wrong_type.write_text('{"question": 5, "answer": "#### 1"}\n')
+    with pytest.raises(DataError, match="field 'question' should be str"):
+        load_task("gsm8k", str(wrong_type))
