@@ -273,6 +273,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto", trust_re
 
 def save_model(model, tokenizer, path: str | Path, extra_files: dict[str, str] | None = None) -> None:
     """save_pretrained (safetensors) + tokenizer, atomically: the folder appears complete or not at all."""
+    _quiet_transformers()
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         model = model.merge_and_unload()
     with atomic_path(path) as tmp:

@@ -173,3 +173,16 @@ def test_k3_formula_and_loss_types():
     assert loss.item() == pytest.approx(want.item(), abs=1e-6)
     loss_dr, _, _ = grpo_loss(lp, lp.detach(), ref, adv, mask, 0.2, 0.1, "dr_grpo", 4)
     assert loss_dr.item() == pytest.approx((-2.0 * 2 + 0.1 * k3(ref, lp)[0, :2].sum()).item() / 4, abs=1e-6)
+
+
+def test_preset_configs_load():
+    from pathlib import Path
+
+    import yaml
+
+    from distillability.config import from_dict
+    from distillability.recipes.pipeline import PipelineConfig, apply_preset
+
+    for f in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+        cfg = from_dict(PipelineConfig, apply_preset(yaml.safe_load(f.read_text()), quick=False))
+        assert cfg.output_dir

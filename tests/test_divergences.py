@@ -3,8 +3,12 @@ import math
 import pytest
 import torch
 
-from distillability.divergences import (divergence_rows, token_divergence, topk_accumulated_kl,
-                                        topk_bucket_logprobs)
+from distillability.divergences import (
+    divergence_rows,
+    token_divergence,
+    topk_accumulated_kl,
+    topk_bucket_logprobs,
+)
 
 
 def ref_div(s_logits, t_logits, kind, beta=0.5, alpha=0.1, T=1.0):

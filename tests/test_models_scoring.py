@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distillability.errors import ModelError
-from distillability.models import (TinyModelSpec, build_tiny_model, load_model, save_model, train_tokenizer)
+from distillability.models import TinyModelSpec, build_tiny_model, load_model, save_model, train_tokenizer
 from distillability.sampling import generate
 from distillability.scoring import encode_pair, sequence_logprobs, sequence_logprobs_from_ids
 from distillability.tasks import world_splits

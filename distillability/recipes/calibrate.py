@@ -34,8 +34,18 @@ from ..models import load_model, pick_device, save_model
 from ..sampling import generate
 from ..scoring import encode_prompt, gather_logprobs, pad_batch, sequence_logprobs
 from ..tasks import load_task
-from ..training import (StepLog, autocast_ctx, check_finite, load_checkpoint, make_optimizer, make_scheduler,
-                        save_checkpoint, seed_everything, set_threads, step_seed)
+from ..training import (
+    StepLog,
+    autocast_ctx,
+    check_finite,
+    load_checkpoint,
+    make_optimizer,
+    make_scheduler,
+    save_checkpoint,
+    seed_everything,
+    set_threads,
+    step_seed,
+)
 
 
 @dataclasses.dataclass

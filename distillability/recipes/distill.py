@@ -35,8 +35,20 @@ from ..models import load_model, same_vocabulary, save_model
 from ..sampling import generate
 from ..scoring import pad_batch
 from ..tasks import load_task
-from ..training import (StepLog, autocast_ctx, check_finite, encode_sft_batch, load_checkpoint, make_optimizer,
-                        make_scheduler, nll_loss, save_checkpoint, seed_everything, set_threads, step_seed)
+from ..training import (
+    StepLog,
+    autocast_ctx,
+    check_finite,
+    encode_sft_batch,
+    load_checkpoint,
+    make_optimizer,
+    make_scheduler,
+    nll_loss,
+    save_checkpoint,
+    seed_everything,
+    set_threads,
+    step_seed,
+)
 
 
 @dataclasses.dataclass
