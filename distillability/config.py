@@ -238,6 +238,20 @@ class TaskConfig:
     num_eval: int = opt(100, "Held-out prompts, never used for training.", min=1)
     seed: int = opt(0, "Seed of the task's split (and of the tiny world's generator).")
     use_chat_template: bool = opt(False, "Wrap prompts in each tokenizer's chat template where it has one.")
+    world_min_terms: int = opt(2, "tiny-world: fewest numbers in an arithmetic chain.", min=2)
+    world_max_terms: int = opt(4, "tiny-world: most numbers in an arithmetic chain.", min=2)
+    world_mc_share: float = opt(0.25, "tiny-world: share of multiple-choice examples.", min=0, max=1)
+
+    def load(self):
+        """The Task this section names."""
+        from .tasks import WorldSpec, load_task
+
+        spec = WorldSpec(self.world_min_terms, self.world_max_terms, self.world_mc_share)
+        return load_task(self.name, self.path, self.num_train, self.num_eval, self.seed, spec)
+
+    def validate(self) -> None:
+        if self.world_max_terms < self.world_min_terms:
+            raise ConfigError("config key 'task.world_max_terms': must be >= task.world_min_terms")
 
 
 @dataclasses.dataclass

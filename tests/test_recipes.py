@@ -124,3 +124,27 @@ def test_demo_quick_end_to_end(tmp_path):
     # a second run with the same config reuses every stage
     r2 = CliRunner().invoke(main, ["demo", "--quick", "--output-dir", str(run), "progress=false"])
     assert r2.exit_code == 0
+
+
+def test_trl_reward_adapter_equals_recipe_reward(tiny_pair):
+    from distillability.models import load_model
+    from distillability.recipes.calibrate import calibration_reward
+    from distillability.scoring import sequence_logprobs
+    from distillability.trl_adapter import CalibrationReward
+
+    policy, tok = load_model(tiny_pair["teacher"], device="cpu")
+    proxy, ptok = load_model(tiny_pair["student"], device="cpu")
+    prompts = ["Q: 1+2=?\nA:", "Q: 5-3=?\nA:"]
+    completions = [" 1+2=3. #### 3", [{"role": "assistant", "content": " #### 2"}]]
+    got = CalibrationReward(policy, tok, proxy, ptok)(prompts=prompts, completions=completions)
+    texts = [" 1+2=3. #### 3", " #### 2"]
+    own = sequence_logprobs(policy, tok, prompts, texts, True)
+    prox = sequence_logprobs(proxy, ptok, prompts, texts, True)["logprob"]
+    want = calibration_reward(own["logprob"], prox, texts, own["num_tokens"], "char", 5.0)
+    assert torch.allclose(torch.tensor(got, dtype=torch.float64), want, atol=1e-9)
+    # the cross-tokenizer reward equals the same-tokenizer reward when the tokenizers coincide: r_cal of a
+    # model against itself is exactly 0
+    self_r = CalibrationReward(policy, tok, policy, tok)(prompts=prompts, completions=texts)
+    assert max(abs(x) for x in self_r) < 1e-9
+    trl = pytest.importorskip("trl")
+    assert callable(CalibrationReward(policy, tok, proxy, ptok)) and trl is not None

@@ -33,7 +33,6 @@ from ..io import versions, write_json
 from ..models import load_model, pick_device, save_model
 from ..sampling import generate
 from ..scoring import encode_prompt, gather_logprobs, pad_batch, sequence_logprobs
-from ..tasks import load_task
 from ..training import (
     StepLog,
     autocast_ctx,
@@ -68,8 +67,8 @@ class CalibrateConfig:
     cal_normalization: str = opt("char", "Length normalisation of r_cal: none (summed), token, char.",
                                  choices=("none", "token", "char"))
     cal_clip: float = opt(5.0, "Clip r_cal to [-cal_clip, cal_clip] (0 = no clipping).", min=0)
-    wellformed_gate: str = opt("min", "r_cal of a response the task cannot parse: off, zero, min (of the group).",
-                               choices=("off", "zero", "min"))
+    wellformed_gate: str = opt("worst", "r_cal of a response the task cannot parse: off, zero, or worst (the group's least favourable value for this eta).",
+                               choices=("off", "zero", "worst"))
     ema_decay: float = opt(0.9, "Decay of the running reward statistics used when a group has no spread.", min=0, max=1)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm.", min=0)
     use_peft: bool = opt(False, "Train LoRA adapters (peft) instead of all weights.")
@@ -197,7 +196,7 @@ def run(cfg: CalibrateConfig) -> dict:
         reference = None  # pi_0 = the base weights, reached by disabling the adapter
     else:
         reference = copy.deepcopy(policy).to(pick_device(rt.frozen_device)).requires_grad_(False).eval()
-    task = load_task(cfg.task.name, cfg.task.path, cfg.task.num_train, cfg.task.num_eval, cfg.task.seed)
+    task = cfg.task.load()
     held_out = task.eval[: cfg.eval_prompts]
     device = next(policy.parameters()).device
     G, B = cfg.num_generations, cfg.prompts_per_step
@@ -267,8 +266,11 @@ def run(cfg: CalibrateConfig) -> dict:
             r_cal = calibration_reward(own, prox, texts, mask.sum(1).cpu(), cfg.cal_normalization, cfg.cal_clip)
             if cfg.wellformed_gate != "off":
                 bad = torch.tensor([not task.well_formed(batch[g.prompt_index], g.text) for g in gens])
-                fill = r_cal.view(-1, G).min(1, keepdim=True).values.expand(-1, G).reshape(-1) \
-                    if cfg.wellformed_gate == "min" else torch.zeros_like(r_cal)
+                # "worst": eta > 0 rewards a high r_cal, eta < 0 a low one; a malformed response gets the
+                # value its group would least like under this eta, so malformation never pays
+                grp = r_cal.view(-1, G)
+                worst = grp.min(1, keepdim=True).values if cfg.eta > 0 else grp.max(1, keepdim=True).values
+                fill = worst.expand(-1, G).reshape(-1) if cfg.wellformed_gate == "worst" else torch.zeros_like(r_cal)
                 r_cal = torch.where(bad, fill, r_cal)
         adv = compute_advantages(r_task, r_cal, cfg.eta, G, ema, cfg.ema_decay).to(device)
         t_score = time.time() - t0 - t_gen

@@ -32,7 +32,6 @@ from ..metrics import wrong_trace_preference
 from ..models import load_model, same_vocabulary
 from ..sampling import generate
 from ..scoring import encode_pair, pad_batch, sequence_logprobs
-from ..tasks import load_task
 from ..training import seed_everything, set_threads
 
 
@@ -50,37 +49,50 @@ class DiagnoseConfig:
     runtime: RuntimeConfig = sub(RuntimeConfig, "Devices, precision, threads, seed.")
 
 
-def _aligned_rows(teacher, ttok, student, stok, prompts, responses, projector, chat):
-    """Per response position: (teacher log-probs, student log-probs, teacher token text, sample index)."""
-    t_rows, s_rows, types, owner = [], [], [], []
+def _support_size(teacher, projector) -> int:
+    return projector.size if projector is not None else teacher.config.vocab_size
+
+
+def _token_stats(teacher, ttok, student, stok, prompts, responses, projector, chat, ks):
+    """Per response position of each (prompt, response): forward KL, reverse KL and the top-k accumulated
+    forward KL, the teacher's next-token text and the sample index. Statistics are computed sequence by
+    sequence, so only one sequence's float32 distributions exist at a time (large vocabularies)."""
+    fkl, rkl, topk, types, owner = [], [], [], [], []
     dev_t, dev_s = next(teacher.parameters()).device, next(student.parameters()).device
-    for start in range(0, len(prompts), 16):
-        P, R = prompts[start:start + 16], responses[start:start + 16]
+    V = max(teacher.config.vocab_size, student.config.vocab_size)
+    step = max(1, min(16, int(2e8 // (V * 256))))  # bound the logits of one forward pass
+
+    def add(t_lp, s_lp, token_ids, tok, i):
+        fkl.append(divergence_rows(s_lp, t_lp, "fkl"))
+        rkl.append(divergence_rows(s_lp, t_lp, "rkl"))
+        topk.append(topk_accumulated_kl(t_lp, s_lp, ks, chunk_size=max(1, 2**24 // t_lp.shape[-1])))
+        types.extend(tok.decode([t]) or "<eos>" for t in token_ids)
+        owner.extend([i] * len(token_ids))
+
+    for start in range(0, len(prompts), step):
+        P, R = prompts[start:start + step], responses[start:start + step]
         if projector is None:
             enc = [encode_pair(ttok, p, r, True, chat) for p, r in zip(P, R)]
             ids, attn = pad_batch([e[0] for e in enc], ttok.pad_token_id)
             with torch.no_grad():
-                tl = teacher(input_ids=ids.to(dev_t), attention_mask=attn.to(dev_t)).logits.float().cpu()
-                sl = student(input_ids=ids.to(dev_s), attention_mask=attn.to(dev_s)).logits.float().cpu()
+                tl = teacher(input_ids=ids.to(dev_t), attention_mask=attn.to(dev_t)).logits
+                sl = student(input_ids=ids.to(dev_s), attention_mask=attn.to(dev_s)).logits
             for i, (seq, plen) in enumerate(enc):
                 pos = list(range(plen - 1, len(seq) - 1))
-                t_rows.append(torch.log_softmax(tl[i, pos], -1))
-                s_rows.append(torch.log_softmax(sl[i, pos], -1))
-                types += [ttok.decode([seq[p + 1]]) or "<eos>" for p in pos]
-                owner += [start + i] * len(pos)
+                add(torch.log_softmax(tl[i, pos].float(), -1), torch.log_softmax(sl[i, pos].to(tl.device).float(), -1),
+                    [seq[p + 1] for p in pos], ttok, start + i)
         else:
             pairs = [align_pair(ttok, stok, p, r, True, chat) for p, r in zip(P, R)]
             t_ids, t_attn = pad_batch([a.ids for a, _ in pairs], ttok.pad_token_id)
             s_ids, s_attn = pad_batch([b.ids for _, b in pairs], stok.pad_token_id)
             with torch.no_grad():
-                tl = teacher(input_ids=t_ids.to(dev_t), attention_mask=t_attn.to(dev_t)).logits.float().cpu()
-                sl = student(input_ids=s_ids.to(dev_s), attention_mask=s_attn.to(dev_s)).logits.float().cpu()
+                tl = teacher(input_ids=t_ids.to(dev_t), attention_mask=t_attn.to(dev_t)).logits
+                sl = student(input_ids=s_ids.to(dev_s), attention_mask=s_attn.to(dev_s)).logits
             for i, (a, b) in enumerate(pairs):
-                t_rows.append(projector.project(tl[i, a.positions], 0))
-                s_rows.append(projector.project(sl[i, b.positions], 1))
-                types += [ttok.decode([a.ids[p + 1]]) or "<eos>" for p in a.positions]
-                owner += [start + i] * len(a.positions)
-    return torch.cat(t_rows), torch.cat(s_rows), types, np.array(owner)
+                add(projector.project(tl[i, a.positions], 0).cpu(), projector.project(sl[i, b.positions], 1).cpu(),
+                    [a.ids[p + 1] for p in a.positions], ttok, start + i)
+    cat = lambda xs: torch.cat([x.cpu() for x in xs]).numpy()  # noqa: E731
+    return cat(fkl), cat(rkl), cat(topk), types, np.array(owner)
 
 
 def _plots(report: dict, out: Path) -> list[str]:
@@ -152,7 +164,7 @@ def run(cfg: DiagnoseConfig) -> dict:
                                allow_pickle=rt.allow_pickle)
     teacher.eval()
     student.eval()
-    task = load_task(cfg.task.name, cfg.task.path, cfg.task.num_train, cfg.task.num_eval, cfg.task.seed)
+    task = cfg.task.load()
     examples = task.eval[: cfg.num_prompts]
     prompts = [e.prompt for e in examples]
     shared_vocab = same_vocabulary(ttok, stok)
@@ -167,15 +179,11 @@ def run(cfg: DiagnoseConfig) -> dict:
     sP, sR, sF, sI = sample(student, stok, 2)
 
     # token level, off-policy (teacher samples): FKL, RKL, top-k accumulated FKL
-    t_lp, s_lp, types, owner = _aligned_rows(teacher, ttok, student, stok, tP, tR, projector, chat)
-    fkl = divergence_rows(s_lp, t_lp, "fkl").numpy()
-    rkl = divergence_rows(s_lp, t_lp, "rkl").numpy()
-    V = t_lp.shape[-1]
+    V = _support_size(teacher, projector)
     ks = sorted({k for k in cfg.top_k if k < V} | {V})
-    topk = topk_accumulated_kl(t_lp, s_lp, ks).numpy()
+    fkl, rkl, topk, types, owner = _token_stats(teacher, ttok, student, stok, tP, tR, projector, chat, ks)
     # token level, on-policy (student samples): RKL
-    t_lp2, s_lp2, _, owner2 = _aligned_rows(teacher, ttok, student, stok, sP, sR, projector, chat)
-    rkl_on = divergence_rows(s_lp2, t_lp2, "rkl").numpy()
+    _, rkl_on, _, _, _ = _token_stats(teacher, ttok, student, stok, sP, sR, projector, chat, ks)
 
     # sequence level
     lt_t = sequence_logprobs(teacher, ttok, tP, tR, tF, chat)["logprob"]

@@ -34,7 +34,6 @@ from ..io import load_records, versions, write_json, write_jsonl
 from ..models import load_model, same_vocabulary, save_model
 from ..sampling import generate
 from ..scoring import pad_batch
-from ..tasks import load_task
 from ..training import (
     StepLog,
     autocast_ctx,
@@ -179,7 +178,7 @@ def run(cfg: DistillConfig) -> dict:
     teacher.requires_grad_(False).eval()
     student, stok = load_model(cfg.student, device=rt.device, trust_remote_code=rt.trust_remote_code,
                                allow_pickle=rt.allow_pickle)
-    task = load_task(cfg.task.name, cfg.task.path, cfg.task.num_train, cfg.task.num_eval, cfg.task.seed)
+    task = cfg.task.load()
     held_out = task.eval[: cfg.eval_prompts]
     chat = cfg.task.use_chat_template
     token_loss = None

@@ -20,7 +20,6 @@ from ..metrics import mean_pass_at_k, wrong_trace_preference
 from ..models import load_model
 from ..sampling import generate
 from ..scoring import sequence_logprobs
-from ..tasks import load_task
 from ..training import seed_everything, set_threads
 
 
@@ -141,7 +140,7 @@ def run(cfg: EvaluateConfig) -> dict:
     if cfg.proxy:
         proxy, ptok = load_model(cfg.proxy, device=rt.frozen_device, trust_remote_code=rt.trust_remote_code,
                                  allow_pickle=rt.allow_pickle)
-    task = load_task(cfg.task.name, cfg.task.path, cfg.task.num_train, cfg.task.num_eval, cfg.task.seed)
+    task = cfg.task.load()
     result = evaluate_model(model, tok, task, task.eval[: cfg.num_prompts], cfg, proxy, ptok)
     result.update({"model": cfg.model, "proxy": cfg.proxy, "task": to_dict(cfg.task),
                    "wall_seconds": time.time() - t0, "versions": versions()})

@@ -65,7 +65,7 @@ DEFAULT_OVERRIDES = {
     "evaluate": {"num_prompts": 100, "n_samples": 4, "k": [1, 2, 4]},
 }
 QUICK_OVERRIDES = {
-    "world": {"num_train": 300, "num_eval": 16, "teacher_steps": 40, "proxy_steps": 15, "student_steps": 10,
+    "world": {"teacher_steps": 40, "proxy_steps": 15, "student_steps": 10,
               "teacher_size": [64, 2, 128], "proxy_size": [32, 1, 64], "student_size": [48, 1, 96]},
     "converge_steps": 2,
     "task": {"num_train": 300, "num_eval": 16},
@@ -117,7 +117,7 @@ def run(cfg: PipelineConfig) -> dict:
     if cfg.teacher:
         models = {"teacher": cfg.teacher, "proxy": cfg.proxy, "student": cfg.student}
     else:
-        models = build_world(cfg.world, cfg.seed, progress=cfg.progress)
+        models = build_world(cfg.world, _with(cfg.task, seed=cfg.seed), progress=cfg.progress)
     task = _with(cfg.task, seed=cfg.seed)
     original = models["teacher"]
     if cfg.converge_steps:

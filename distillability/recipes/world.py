@@ -10,17 +10,14 @@ import json
 import random
 from pathlib import Path
 
-from ..config import opt
+from ..config import TaskConfig, opt
 from ..io import write_json
 from ..models import TinyModelSpec, build_tiny_model, cache_dir, num_params, save_model, train_tokenizer
-from ..tasks import world_splits
 from ..training import fit_lm, seed_everything
 
 
 @dataclasses.dataclass
 class WorldConfig:
-    num_train: int = opt(3000, "Training prompts of the tiny world.", min=16)
-    num_eval: int = opt(100, "Held-out prompts (never trained on).", min=8)
     style_mix: list[float] = opt([0.5, 0.25, 0.25], "Teacher SFT mix of solution styles worked, running, direct.")
     teacher_size: list[int] = opt([192, 3, 512], "Teacher hidden size, layers, MLP size (4 heads).")
     proxy_size: list[int] = opt([96, 2, 256], "Proxy hidden size, layers, MLP size.")
@@ -34,19 +31,21 @@ class WorldConfig:
     student_vocab: int = opt(420, "Student BPE vocabulary size.", min=260)
 
 
-def world_key(cfg: WorldConfig, seed: int) -> str:
-    blob = json.dumps({**dataclasses.asdict(cfg), "seed": seed, "v": 1}, sort_keys=True)
+def world_key(cfg: WorldConfig, task: TaskConfig) -> str:
+    blob = json.dumps({**dataclasses.asdict(cfg), "task": dataclasses.asdict(task), "v": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_world(cfg: WorldConfig, seed: int, progress: bool = True, cache: bool = True) -> dict[str, str]:
-    """Paths of the teacher, proxy and student base folders (built once per config + seed)."""
-    root = cache_dir() / "worlds" / world_key(cfg, seed)
+def build_world(cfg: WorldConfig, task: TaskConfig, progress: bool = True, cache: bool = True) -> dict[str, str]:
+    """Paths of the teacher, proxy and student base folders (built once per config + task + seed),
+    trained on the task's training split only (its held-out prompts are never seen)."""
+    seed = task.seed
+    root = cache_dir() / "worlds" / world_key(cfg, task)
     paths = {name: str(root / name) for name in ("teacher", "proxy", "student")}
     if cache and all((Path(p) / "config.json").exists() for p in paths.values()):
         return paths
     seed_everything(seed)
-    train, _ = world_splits(cfg.num_train, cfg.num_eval, seed)
+    train = task.load().train
     rng = random.Random(seed)
     styles = ["worked", "running", "direct"]
     corpus = [e.prompt + s for e in train for s in e.solutions.values()]
