@@ -51,20 +51,19 @@ def tiny_pair(tmp_path_factory):
     return out
 
 
-SMALL_WORLD_TASK = ["task.num_train=600", "task.num_eval=64", "task.world_max_terms=2", "task.world_mc_share=0.3"]
+SMALL_WORLD_TASK = ["task.num_train=600", "task.num_eval=64", "task.world_max_terms=2", "task.world_mc_share=0.5"]
 
 
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory):
     """The tiny world at test size: 2-term sums and multiple choice, a teacher trained to be good at it,
     a proxy and a weak student base with their own tokenizers. Returns the model paths."""
-    from distillability.config import TaskConfig, from_dict
-    from distillability.config import parse_overrides
+    from distillability.config import TaskConfig, from_dict, parse_overrides
     from distillability.recipes.world import WorldConfig, build_world
 
     task = from_dict(TaskConfig, parse_overrides(SMALL_WORLD_TASK)["task"])
-    world = WorldConfig(teacher_size=[96, 2, 256], proxy_size=[32, 1, 64], student_size=[48, 1, 128],
-                        teacher_steps=400, proxy_steps=60, student_steps=25, batch_size=32, learning_rate=3e-3)
+    world = WorldConfig(teacher_size=[128, 2, 384], proxy_size=[32, 1, 64], student_size=[48, 1, 128],
+                        teacher_steps=900, proxy_steps=60, student_steps=25, batch_size=32, learning_rate=3e-3)
     old = os.environ.get("DISTILLABILITY_CACHE")
     os.environ["DISTILLABILITY_CACHE"] = str(tmp_path_factory.mktemp("world-cache"))
     try:

@@ -148,3 +148,35 @@ def test_trl_reward_adapter_equals_recipe_reward(tiny_pair):
     assert max(abs(x) for x in self_r) < 1e-9
     trl = pytest.importorskip("trl")
     assert callable(CalibrationReward(policy, tok, proxy, ptok)) and trl is not None
+
+
+def test_calibrate_with_lora_saves_a_merged_plain_model(tiny_pair, tmp_path):
+    from distillability.models import load_model
+
+    card = calibrate.run(load_config(calibrate.CalibrateConfig, overrides=[
+        f"model={tiny_pair['teacher']}", f"proxy={tiny_pair['student']}", "eta=-1.0", "use_peft=true", "lora_r=4",
+        "learning_rate=1e-2", "num_generations=2", "prompts_per_step=2", "max_steps=2", "max_completion_length=12",
+        "eval_prompts=2", "eval_samples=1", f"output_dir={tmp_path}", *FAST]))
+    assert card["steps"] == 2
+    merged, _ = load_model(str(tmp_path / "model"), device="cpu")
+    base, _ = load_model(tiny_pair["teacher"], device="cpu")
+    assert not any("lora" in k for k in merged.state_dict())
+    diffs = [(a - b).abs().max().item() for a, b in zip(merged.state_dict().values(), base.state_dict().values())]
+    assert max(diffs) > 0  # the adapters were trained and merged
+
+
+def test_gkd_seq_kd_and_pipeline_stage_skips(tiny_pair, tmp_path):
+    card = distill.run(load_config(distill.DistillConfig, overrides=[
+        f"teacher={tiny_pair['teacher']}", f"student={tiny_pair['student_same']}", "method=gkd", "seq_kd=true",
+        "lmbda=0.0", "max_steps=2", "num_prompts=8", "per_device_train_batch_size=2", "max_new_tokens=12",
+        "eval_prompts=2", f"output_dir={tmp_path / 'g'}", *FAST]))
+    assert card["settings"]["seq_kd"] is True
+    from click.testing import CliRunner
+
+    from distillability.cli import main
+
+    r = CliRunner().invoke(main, ["demo", "--quick", "--output-dir", str(tmp_path / "skip"), "progress=false",
+                                  "skip=[diagnose,calibrate,distill]"])
+    assert r.exit_code == 0, r.output
+    headline = json.loads((tmp_path / "skip" / "headline.json").read_text())
+    assert set(headline["teachers"]) == {"original"} and headline["students"] == {}

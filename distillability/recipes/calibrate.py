@@ -61,7 +61,7 @@ class CalibrateConfig:
     learning_rate: float = opt(1e-4, "AdamW learning rate.", min=0, min_exclusive=True)
     warmup_steps: int = opt(0, "Linear warm-up steps.", min=0)
     temperature: float = opt(1.0, "Sampling temperature of the teacher's responses.", min=0, min_exclusive=True)
-    max_completion_length: int = opt(48, "Max new tokens per response.", min=1)
+    max_completion_length: int = opt(64, "Max new tokens per response.", min=1)
     epsilon: float = opt(0.2, "PPO/GRPO clip range of the ratio.", min=0)
     loss_type: str = opt("grpo", "Loss aggregation.", choices=("grpo", "dr_grpo", "dapo"))
     cal_normalization: str = opt("char", "Length normalisation of r_cal: none (summed), token, char.",

@@ -43,7 +43,7 @@ class DiagnoseConfig:
     num_prompts: int = opt(64, "Held-out prompts to analyse.", min=1)
     num_samples: int = opt(4, "Samples per prompt from each model (also the traces for wrong-trace preference).", min=2)
     temperature: float = opt(1.0, "Sampling temperature.", min=0, min_exclusive=True)
-    max_new_tokens: int = opt(48, "Max new tokens per sample.", min=1)
+    max_new_tokens: int = opt(64, "Max new tokens per sample.", min=1)
     top_k: list[int] = opt([1, 5, 10, 50, 100, 1000], "k values of the top-k accumulated KL (|V| is always added).")
     task: TaskConfig = sub(TaskConfig, "The task.")
     runtime: RuntimeConfig = sub(RuntimeConfig, "Devices, precision, threads, seed.")

@@ -30,7 +30,7 @@ from ..crosstok import FirstCharProjector, align_pair, uld_distance
 from ..divergences import divergence_rows, token_divergence, topk_bucket_logprobs
 from ..errors import ConfigError, DataError, ModelError
 from ..evaluation import greedy_accuracy
-from ..io import load_records, versions, write_json, write_jsonl
+from ..io import load_records, require_field, versions, write_json, write_jsonl
 from ..models import load_model, same_vocabulary, save_model
 from ..sampling import generate
 from ..scoring import pad_batch
@@ -68,11 +68,13 @@ class DistillConfig:
     cross_tokenizer: str = opt("refuse", "kd/gkd with different tokenizers: refuse, char (next-character "
                                "distributions) or uld (sorted-probability distance).", choices=("refuse", "char", "uld"))
     ce_weight: float = opt(1.0, "Cross-tokenizer losses: weight of the NLL on teacher text added to them.", min=0)
+    teacher_samples: str | None = opt(None, "A JSONL of teacher samples (prompt, response[, finished, correct]) to "
+                                      "train on instead of sampling the teacher (e.g. another run's teacher_samples.jsonl).")
     num_prompts: int = opt(512, "Training prompts the teacher answers.", min=1)
     samples_per_prompt: int = opt(1, "Teacher samples per prompt.", min=1)
     sample_temperature: float = opt(1.0, "Temperature of the teacher's samples (0 = greedy).", min=0)
     keep_correct_only: bool = opt(False, "Keep only teacher samples the verifier marks correct.")
-    max_new_tokens: int = opt(48, "Max tokens per sampled response (TRL: max_new_tokens).", min=1)
+    max_new_tokens: int = opt(64, "Max tokens per sampled response (TRL: max_new_tokens).", min=1)
     max_steps: int = opt(100, "Optimizer steps.", min=1)
     per_device_train_batch_size: int = opt(16, "Sequences per step.", min=1)
     learning_rate: float = opt(1e-3, "AdamW learning rate.", min=0, min_exclusive=True)
@@ -87,6 +89,18 @@ class DistillConfig:
 
 def sample_teacher(teacher, ttok, task, cfg: DistillConfig, path: Path) -> list[dict]:
     """The teacher's responses to the training prompts, saved as JSONL (prompt, response, ...)."""
+    if cfg.teacher_samples:
+        rows = load_records(cfg.teacher_samples)
+        for r in rows:
+            require_field(r, "prompt", cfg.teacher_samples)
+            require_field(r, "response", cfg.teacher_samples)
+            r.pop("__line__", None)
+        if cfg.keep_correct_only:
+            rows = [r for r in rows if float(r.get("correct", 0)) >= 1.0]
+        if not rows:
+            raise DataError(f"{cfg.teacher_samples}: no teacher samples left after filtering")
+        write_jsonl(path, rows)
+        return rows
     if path.exists() and cfg.resume:
         return load_records(path)
     prompts = task.train[: cfg.num_prompts]

@@ -32,7 +32,7 @@ class EvaluateConfig:
     n_samples: int = opt(4, "Samples per prompt for pass@k and failure modes.", min=1)
     k: list[int] = opt([1, 2, 4], "k values of pass@k (each <= n_samples).")
     temperature: float = opt(1.0, "Sampling temperature for pass@k.", min=0, min_exclusive=True)
-    max_new_tokens: int = opt(48, "Max new tokens per response.", min=1)
+    max_new_tokens: int = opt(64, "Max new tokens per response.", min=1)
     ngram: int = opt(3, "Failure modes: n-gram size for repetition.", min=2)
     repeats: int = opt(4, "Failure modes: back-to-back repeats that count as degradation.", min=2)
     min_distinct3: float = opt(0.3, "Failure modes: distinct-3 ratio below which text is degenerate.", min=0, max=1)

@@ -34,7 +34,7 @@ class PipelineConfig:
     teacher: str = opt("", "Teacher model; empty = build the tiny world's teacher.")
     proxy: str = opt("", "Calibration proxy; empty = the tiny world's proxy.")
     student: str = opt("", "Student base; empty = the tiny world's student.")
-    converge_steps: int = opt(30, "RL steps on task reward alone that make the teacher 'converged' "
+    converge_steps: int = opt(25, "RL steps on task reward alone that make the teacher 'converged' "
                               "(the released-instruct-model role) before anything else; 0 = skip.", min=0)
     eta_distillable: float = opt(-1.0, "eta of the distillable calibration (< 0).", max=0)
     eta_undistillable: float = opt(1.0, "eta of the undistillable calibration (> 0).", min=0)
@@ -56,13 +56,14 @@ class PipelineConfig:
 
 # The embedded default's stage settings (sized for 2 CPU cores), and the --quick ones.
 DEFAULT_OVERRIDES = {
-    "task": {"num_train": 3000, "num_eval": 100},
-    "diagnose": {"num_prompts": 32, "num_samples": 4},
-    "calibrate": {"max_steps": 40, "num_generations": 8, "prompts_per_step": 8, "learning_rate": 2e-4,
-                  "beta": 0.04, "eval_prompts": 100, "save_steps": 0},
-    "distill": {"max_steps": 150, "per_device_train_batch_size": 32, "num_prompts": 1000, "learning_rate": 2e-3,
-                "cross_tokenizer": "char", "eval_prompts": 100, "save_steps": 0},
-    "evaluate": {"num_prompts": 100, "n_samples": 4, "k": [1, 2, 4]},
+    # the tiny models are too small for bf16 autocast to pay off on CPU; real-model configs turn it on
+    "task": {"num_train": 3000, "num_eval": 100, "world_max_terms": 3},
+    "diagnose": {"num_prompts": 32, "num_samples": 4, "runtime": {"bf16": False}},
+    "calibrate": {"max_steps": 30, "num_generations": 8, "prompts_per_step": 8, "learning_rate": 1e-4,
+                  "beta": 0.04, "eval_prompts": 100, "save_steps": 0, "runtime": {"bf16": False}},
+    "distill": {"max_steps": 120, "per_device_train_batch_size": 32, "num_prompts": 600, "learning_rate": 2e-3,
+                "cross_tokenizer": "char", "eval_prompts": 100, "save_steps": 0, "runtime": {"bf16": False}},
+    "evaluate": {"num_prompts": 100, "n_samples": 4, "k": [1, 2, 4], "runtime": {"bf16": False}},
 }
 QUICK_OVERRIDES = {
     "world": {"teacher_steps": 40, "proxy_steps": 15, "student_steps": 10,
@@ -102,7 +103,9 @@ def run(cfg: PipelineConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "pipeline_config.yaml")
-    stages_total = 1 + (0 if "diagnose" in cfg.skip else 1) + 3 + len(TEACHERS) * len(cfg.methods) + 1
+    n_teachers = 1 if "calibrate" in cfg.skip else len(TEACHERS)
+    stages_total = (1 + (0 if "diagnose" in cfg.skip else 1) + (0 if "calibrate" in cfg.skip else 3)
+                    + (0 if "distill" in cfg.skip else n_teachers * len(cfg.methods)) + 1)
     done = [0]
 
     def announce(what: str) -> None:
@@ -136,7 +139,9 @@ def run(cfg: PipelineConfig) -> dict:
 
     # 3. calibrate three times from the same start for the same steps
     cards = {}
-    for name, eta in (("control", 0.0), ("distillable", cfg.eta_distillable), ("undistillable", cfg.eta_undistillable)):
+    calibrations = [] if "calibrate" in cfg.skip else [
+        ("control", 0.0), ("distillable", cfg.eta_distillable), ("undistillable", cfg.eta_undistillable)]
+    for name, eta in calibrations:
         announce(f"calibrate: {name} (eta={eta:+g})")
         ccfg = _with(cfg.calibrate, model=original, proxy=models["proxy"], eta=eta, output_dir=str(out / f"calibrate_{name}"),
                      task=task, runtime=runtime(cfg.calibrate))
@@ -145,13 +150,16 @@ def run(cfg: PipelineConfig) -> dict:
 
     # 4. distil a student from each teacher by each method
     students = {}
-    for tname in TEACHERS:
+    for tname in ([] if "distill" in cfg.skip else [t for t in TEACHERS if t in teachers]):
+        shared_samples = None  # every method learns from the same teacher samples (sampled once)
         for method in cfg.methods:
             announce(f"distill: {method} from the {tname} teacher")
             tcfg = _with(cfg.distill, teacher=teachers[tname], student=models["student"], method=method,
-                         output_dir=str(out / f"distill_{method}_{tname}"), task=task, runtime=runtime(cfg.distill))
+                         output_dir=str(out / f"distill_{method}_{tname}"), task=task, runtime=runtime(cfg.distill),
+                         teacher_samples=shared_samples)
             _stage(out, f"distill_{method}_{tname}", tcfg, "distill_card.json", distill.run)
             students[(method, tname)] = str(out / f"distill_{method}_{tname}" / "model")
+            shared_samples = shared_samples or str(out / f"distill_{method}_{tname}" / "teacher_samples.jsonl")
 
     # 5. evaluate every teacher and student; the report
     announce("evaluate: every teacher and student; write the report")

@@ -22,11 +22,11 @@ class WorldConfig:
     teacher_size: list[int] = opt([192, 3, 512], "Teacher hidden size, layers, MLP size (4 heads).")
     proxy_size: list[int] = opt([96, 2, 256], "Proxy hidden size, layers, MLP size.")
     student_size: list[int] = opt([128, 2, 384], "Student hidden size, layers, MLP size.")
-    teacher_steps: int = opt(500, "Teacher SFT steps.", min=1)
+    teacher_steps: int = opt(1400, "Teacher SFT steps.", min=1)
     proxy_steps: int = opt(150, "Proxy SFT steps (worked style only).", min=1)
     student_steps: int = opt(40, "Student base SFT steps: weak at the task, but it knows the format.", min=1)
-    batch_size: int = opt(32, "SFT batch size.", min=1)
-    learning_rate: float = opt(2e-3, "SFT learning rate.", min=0, min_exclusive=True)
+    batch_size: int = opt(48, "SFT batch size.", min=1)
+    learning_rate: float = opt(3e-3, "SFT learning rate.", min=0, min_exclusive=True)
     proxy_vocab: int = opt(300, "Proxy BPE vocabulary size.", min=260)
     student_vocab: int = opt(420, "Student BPE vocabulary size.", min=260)
 
@@ -66,7 +66,7 @@ def build_world(cfg: WorldConfig, task: TaskConfig, progress: bool = True, cache
         chosen = [rng.choices(styles, weights=mix)[0] for _ in train]
         losses = fit_lm(model, tok, [e.prompt for e in train], [e.solutions[s] for e, s in zip(train, chosen)],
                         steps=steps, batch_size=cfg.batch_size, lr=cfg.learning_rate, seed=seed + i,
-                        desc=f"world: {name} SFT", progress=progress)
+                        desc=f"world: {name} SFT", progress=progress, autocast=False)
         save_model(model, tok, paths[name])
         info[name] = {"params": num_params(model), "vocab": len(tok), "final_loss": losses[-1], "steps": steps}
     write_json(root / "world.json", {"config": dataclasses.asdict(cfg), "seed": seed, "models": info})

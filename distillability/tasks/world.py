@@ -4,7 +4,7 @@ minutes on 2 CPU cores.
 Two families:
 - `math`: a chain of 2-4 single-digit additions/subtractions ("Q: 7+5-3=?"), running total kept
   in 0..99;
-- `mc`: pick the largest of 3-4 two-digit numbers, answer a letter.
+- `mc`: pick the largest of 3-4 two-digit numbers, answer a letter (worked: a running maximum).
 
 Each example comes with reference solutions in several *styles*; the teacher's SFT data mixes them
 (method.md §7, lesson 4: an undistillable teacher needs correct modes a weak student cannot imitate):
@@ -58,9 +58,14 @@ def _mc_example(rng: random.Random) -> Example:
     options = " ".join(f"({c}) {v}" for c, v in zip(letters, nums))
     best = max(range(k), key=lambda i: nums[i])
     prompt = f"Q: largest? {options}\nA:"
-    order = sorted(range(k), key=lambda i: -nums[i])
+    # worked: a running maximum, one comparison per step (like the arithmetic chains)
+    steps, cur = [], nums[0]
+    for v in nums[1:]:
+        new = max(cur, v)
+        steps.append(f"max({cur},{v})={new}")
+        cur = new
     styles = {
-        "worked": " " + " > ".join(str(nums[i]) for i in order) + f", so {letters[best]}. #### {letters[best]}",
+        "worked": f" {', '.join(steps)}, so {letters[best]}. #### {letters[best]}",
         "running": f" {nums[best]} is ({letters[best]}). #### {letters[best]}",
         "direct": f" #### {letters[best]}",
     }

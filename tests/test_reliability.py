@@ -1,0 +1,128 @@
+"""Reliability: resume after a real SIGKILL, NaN losses, bad input through the CLI, property tests."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from distillability.divergences import divergence_rows, topk_accumulated_kl
+from distillability.tasks.verifiers import extract_choice, extract_math_answer, parse_number
+
+CLI = [sys.executable, "-m", "distillability.cli"]
+
+
+def _distill_args(tiny_pair, out, steps):
+    return ["distill", f"teacher={tiny_pair['teacher']}", f"student={tiny_pair['student_same']}", "method=kd",
+            f"max_steps={steps}", "num_prompts=16", "per_device_train_batch_size=4", "max_new_tokens=16",
+            "eval_prompts=2", "save_steps=1", "warmup_steps=0", f"output_dir={out}", "runtime.progress=false",
+            "task.num_train=200", "task.num_eval=16", "runtime.threads=1"]
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_pair, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    steps = 14
+    subprocess.run(CLI + _distill_args(tiny_pair, tmp_path / "full", steps), check=True, env=env, capture_output=True)
+    killed_at = []
+    for target in (3, 8):  # kill at two different points of one run, resuming each time
+        proc = subprocess.Popen(CLI + _distill_args(tiny_pair, tmp_path / "killed", steps) + (["resume=true"] if killed_at else []),
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = tmp_path / "killed" / "log.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if log.exists() and len(log.read_text().splitlines()) >= target:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_at.append(len(log.read_text().splitlines()) if log.exists() else 0)
+    subprocess.run(CLI + _distill_args(tiny_pair, tmp_path / "killed", steps) + ["resume=true"], check=True, env=env,
+                   capture_output=True)
+    assert killed_at[0] < steps, killed_at  # it really was interrupted
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(x) for x in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+
+
+def test_nan_loss_stops_with_the_step_and_exit_2(tiny_pair, tmp_path):
+    from distillability.models import load_model, save_model
+
+    model, tok = load_model(tiny_pair["student_same"], device="cpu")
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    save_model(model, tok, tmp_path / "nan_student")
+    args = _distill_args(tiny_pair, tmp_path / "out", 3)
+    args[2] = f"student={tmp_path / 'nan_student'}"
+    r = subprocess.run(CLI + args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2
+    assert "step 1" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "model").exists()  # no half-written output
+
+
+BAD_INPUT = [
+    (["evaluate", "model=/nope"], "/nope"),
+    (["distill", "teacher=T", "student=S", "methd=kd"], "methd"),
+    (["calibrate", "model=a", "proxy=b", "num_generations=1"], "num_generations"),
+    (["calibrate", "model=a", "proxy=b", "learning_rate=-0.1"], "learning_rate"),
+    (["evaluate", "model=a", "n_samples=2", "k=[4]"], "k"),
+    (["evaluate", "--config", "/no/such.yaml"], "/no/such.yaml"),
+    (["diagnose", "teacher=a", "student=b", "task.name=gsm8k", "task.path=/no/data.jsonl"], None),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD_INPUT)
+def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):
+    r = subprocess.run(CLI + args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                       cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    if needle:
+        assert needle in lines[0]
+
+
+def test_bad_data_file_through_the_cli(tiny_pair, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "#### 1"}\n{oops\n')
+    r = subprocess.run(CLI + ["evaluate", f"model={tiny_pair['teacher']}", "task.name=gsm8k", f"task.path={bad}"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "bad.jsonl:2" in r.stderr
+
+
+logits = st.lists(st.floats(-20, 20, allow_nan=False), min_size=2, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits, st.data())
+def test_divergence_properties(s_row, data):
+    t_row = data.draw(st.lists(st.floats(-20, 20, allow_nan=False), min_size=len(s_row), max_size=len(s_row)))
+    s = torch.tensor([s_row], dtype=torch.float64)
+    t = torch.tensor([t_row], dtype=torch.float64)
+    for kind in ("fkl", "rkl", "jsd", "tvd", "skl", "srkl"):
+        v = divergence_rows(s, t, kind, beta=0.5).item()
+        assert v >= -1e-9
+        assert abs(divergence_rows(s, s, kind).item()) < 1e-5  # zero iff equal (the "if" direction)
+    jsd = divergence_rows(s, t, "jsd", beta=0.5).item()
+    assert jsd <= 0.6932  # JSD_0.5 is bounded by log 2
+    assert abs(jsd - divergence_rows(t, s, "jsd", beta=0.5).item()) < 1e-5  # symmetric at beta = 0.5
+    acc = topk_accumulated_kl(t, s, [1, 2, 4, 8, 64])[0]
+    full = divergence_rows(s, t, "fkl").item()
+    assert abs(acc[-1].item() - full) < 1e-6
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_answer_extraction_never_crashes(text):
+    extract_math_answer(text)
+    extract_math_answer(text, strict=True)
+    extract_choice(text)
+    parse_number(text)

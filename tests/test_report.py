@@ -1,0 +1,59 @@
+"""The protection report: JSON/markdown/HTML from evaluation results, and the HTML rendered in headless
+Chromium (Debian's `chromium`; .ci/run installs it, the test skips where it is absent)."""
+
+import shutil
+import subprocess
+
+import pytest
+
+from distillability.report.protection import TEACHERS, headline_table, ratios, write_report
+
+
+def _fake_eval(acc):
+    return {"greedy_accuracy": acc, "pass_at_k": {"1": acc, "4": min(1.0, acc + 0.2)},
+            "failure_modes": {"degradation": 0.1, "self_correction": 0.0, "overconfident": 0.05, "wrong": 0.25,
+                              "correct": 0.6},
+            "D_to_proxy_per_char": 0.3, "wrong_trace_preference": {"model": {"rate": 0.4}, "proxy": {"rate": 0.5}}}
+
+
+@pytest.fixture()
+def report_dir(tmp_path):
+    accs = {"original": 0.8, "control": 0.9, "distillable": 0.85, "undistillable": 0.82}
+    students = {"original": 0.5, "control": 0.6, "distillable": 0.7, "undistillable": 0.2}
+    evaluations = {"teachers": {t: _fake_eval(a) for t, a in accs.items()},
+                   "students": {m: {t: _fake_eval(a) for t, a in students.items()} for m in ("sft", "kd", "gkd")}}
+    cards = {t: {"eta": e, "before_accuracy": 0.8, "after_accuracy": accs[t], "before_D_per_char": 0.3,
+                 "after_D_per_char": 0.3 + e / 10} for t, e in (("control", 0.0), ("distillable", -1.0), ("undistillable", 1.0))}
+    headline = headline_table(evaluations, seed=0, wall_seconds=1.0)
+    write_report(tmp_path, headline, evaluations, cards)
+    return tmp_path, headline
+
+
+def test_headline_and_ratios(report_dir):
+    _, headline = report_dir
+    assert set(headline["teachers"]) == set(TEACHERS)
+    r = ratios(headline, "control")
+    assert r["sft"]["undistillable"] == pytest.approx(0.2 / 0.6) and r["kd"]["control"] == pytest.approx(1.0)
+    md = (report_dir[0] / "report.md").read_text()
+    assert "| student (gkd) | 0.500 | 0.600 | 0.700 | 0.200 |" in md
+
+
+def test_html_renders_in_headless_chromium(report_dir, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not browser:
+        pytest.skip("no chromium on this machine (Debian package 'chromium'; .ci/run installs it)")
+    page = (report_dir[0] / "report.html").resolve()
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<table") >= 4
+    assert 'src="data:image/png;base64,' in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri()], capture_output=True,
+                   timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(str(shot))
+    assert pixels.std() > 0.05  # not a blank page
