@@ -264,3 +264,20 @@ class RuntimeConfig:
     trust_remote_code: bool = opt(False, "Allow model code from the model folder (off: only transformers' own code).")
     allow_pickle: bool = opt(False, "Allow loading pickle (.bin) weights; off: safetensors only.")
     progress: bool = opt(True, "Show progress bars.")
+
+    def start(self) -> None:
+        """Threads and seeds, at the top of every recipe."""
+        from .training import seed_everything, set_threads
+
+        set_threads(self.threads)
+        seed_everything(self.seed)
+
+    def load(self, spec: str, frozen: bool = False):
+        """(model, tokenizer) on this runtime's device (frozen models: `frozen_device`, no gradients, eval)."""
+        from .models import load_model
+
+        model, tok = load_model(spec, device=self.frozen_device if frozen else self.device,
+                                trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
+        if frozen:
+            model.requires_grad_(False).eval()
+        return model, tok

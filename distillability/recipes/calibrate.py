@@ -30,7 +30,7 @@ from ..config import RuntimeConfig, TaskConfig, opt, save_config, sub, to_dict
 from ..errors import ConfigError
 from ..evaluation import greedy_accuracy, mean_calibration_divergence
 from ..io import versions, write_json
-from ..models import load_model, pick_device, save_model
+from ..models import pick_device, save_model
 from ..sampling import generate
 from ..scoring import encode_prompt, gather_logprobs, pad_batch, sequence_logprobs
 from ..training import (
@@ -41,8 +41,6 @@ from ..training import (
     make_optimizer,
     make_scheduler,
     save_checkpoint,
-    seed_everything,
-    set_threads,
     step_seed,
 )
 
@@ -177,17 +175,13 @@ def run(cfg: CalibrateConfig) -> dict:
     if not cfg.model or not cfg.proxy:
         raise ConfigError("config keys 'model' and 'proxy' are required")
     rt = cfg.runtime
-    set_threads(rt.threads)
-    seed_everything(rt.seed)
+    rt.start()
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     t_start = time.time()
 
-    policy, tok = load_model(cfg.model, device=rt.device, trust_remote_code=rt.trust_remote_code,
-                             allow_pickle=rt.allow_pickle)
-    proxy, ptok = load_model(cfg.proxy, device=rt.frozen_device, trust_remote_code=rt.trust_remote_code,
-                             allow_pickle=rt.allow_pickle)
-    proxy.requires_grad_(False).eval()
+    policy, tok = rt.load(cfg.model)
+    proxy, ptok = rt.load(cfg.proxy, frozen=True)
     if cfg.use_peft:
         from peft import LoraConfig, get_peft_model
 

@@ -29,10 +29,9 @@ from ..errors import ConfigError
 from ..estimators import kl_estimators, off_policy_reverse_kl
 from ..io import versions, write_json, write_text
 from ..metrics import wrong_trace_preference
-from ..models import load_model, same_vocabulary
+from ..models import same_vocabulary
 from ..sampling import generate
 from ..scoring import encode_pair, pad_batch, sequence_logprobs
-from ..training import seed_everything, set_threads
 
 
 @dataclasses.dataclass
@@ -154,16 +153,11 @@ def run(cfg: DiagnoseConfig) -> dict:
     if not cfg.teacher or not cfg.student:
         raise ConfigError("config keys 'teacher' and 'student' are required")
     rt = cfg.runtime
-    set_threads(rt.threads)
-    seed_everything(rt.seed)
+    rt.start()
     t0 = time.time()
     chat = cfg.task.use_chat_template
-    teacher, ttok = load_model(cfg.teacher, device=rt.frozen_device, trust_remote_code=rt.trust_remote_code,
-                               allow_pickle=rt.allow_pickle)
-    student, stok = load_model(cfg.student, device=rt.device, trust_remote_code=rt.trust_remote_code,
-                               allow_pickle=rt.allow_pickle)
-    teacher.eval()
-    student.eval()
+    teacher, ttok = rt.load(cfg.teacher, frozen=True)
+    student, stok = rt.load(cfg.student, frozen=True)
     task = cfg.task.load()
     examples = task.eval[: cfg.num_prompts]
     prompts = [e.prompt for e in examples]

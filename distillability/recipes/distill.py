@@ -31,7 +31,7 @@ from ..divergences import divergence_rows, token_divergence, topk_bucket_logprob
 from ..errors import ConfigError, DataError, ModelError
 from ..evaluation import greedy_accuracy
 from ..io import load_records, require_field, versions, write_json, write_jsonl
-from ..models import load_model, same_vocabulary, save_model
+from ..models import same_vocabulary, save_model
 from ..sampling import generate
 from ..scoring import pad_batch
 from ..training import (
@@ -44,8 +44,6 @@ from ..training import (
     make_scheduler,
     nll_loss,
     save_checkpoint,
-    seed_everything,
-    set_threads,
     step_seed,
 )
 
@@ -182,16 +180,12 @@ def run(cfg: DistillConfig) -> dict:
     if not cfg.teacher or not cfg.student:
         raise ConfigError("config keys 'teacher' and 'student' are required")
     rt = cfg.runtime
-    set_threads(rt.threads)
-    seed_everything(rt.seed)
+    rt.start()
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     t_start = time.time()
-    teacher, ttok = load_model(cfg.teacher, device=rt.frozen_device, trust_remote_code=rt.trust_remote_code,
-                               allow_pickle=rt.allow_pickle)
-    teacher.requires_grad_(False).eval()
-    student, stok = load_model(cfg.student, device=rt.device, trust_remote_code=rt.trust_remote_code,
-                               allow_pickle=rt.allow_pickle)
+    teacher, ttok = rt.load(cfg.teacher, frozen=True)
+    student, stok = rt.load(cfg.student)
     task = cfg.task.load()
     held_out = task.eval[: cfg.eval_prompts]
     chat = cfg.task.use_chat_template

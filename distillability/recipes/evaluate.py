@@ -17,10 +17,8 @@ from ..evaluation import mean_calibration_divergence
 from ..failure_modes import MODES, FailureThresholds, classify
 from ..io import versions, write_json, write_text
 from ..metrics import mean_pass_at_k, wrong_trace_preference
-from ..models import load_model
 from ..sampling import generate
 from ..scoring import sequence_logprobs
-from ..training import seed_everything, set_threads
 
 
 @dataclasses.dataclass
@@ -131,15 +129,10 @@ def run(cfg: EvaluateConfig) -> dict:
     if not cfg.model:
         raise ConfigError("config key 'model' is required")
     rt = cfg.runtime
-    set_threads(rt.threads)
-    seed_everything(rt.seed)
+    rt.start()
     t0 = time.time()
-    model, tok = load_model(cfg.model, device=rt.device, trust_remote_code=rt.trust_remote_code,
-                            allow_pickle=rt.allow_pickle)
-    proxy = ptok = None
-    if cfg.proxy:
-        proxy, ptok = load_model(cfg.proxy, device=rt.frozen_device, trust_remote_code=rt.trust_remote_code,
-                                 allow_pickle=rt.allow_pickle)
+    model, tok = rt.load(cfg.model, frozen=True)
+    proxy, ptok = rt.load(cfg.proxy, frozen=True) if cfg.proxy else (None, None)
     task = cfg.task.load()
     result = evaluate_model(model, tok, task, task.eval[: cfg.num_prompts], cfg, proxy, ptok)
     result.update({"model": cfg.model, "proxy": cfg.proxy, "task": to_dict(cfg.task),
