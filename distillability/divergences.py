@@ -114,8 +114,8 @@ def topk_accumulated_kl(ref_logits: torch.Tensor, other_logits: torch.Tensor, ks
     out = []
     with torch.no_grad():
         for start in range(0, r2.shape[0], chunk_size):
-            lr = F.log_softmax(r2[start:start + chunk_size].float() / temperature, -1)
-            lo = F.log_softmax(o2[start:start + chunk_size].float() / temperature, -1)
+            lr = F.log_softmax(_at_least_f32(r2[start:start + chunk_size]) / temperature, -1)
+            lo = F.log_softmax(_at_least_f32(o2[start:start + chunk_size]) / temperature, -1)
             p = lr.exp()
             summand = torch.where(p > 0, p * (lr - lo), torch.zeros_like(p))
             order = p.argsort(dim=-1, descending=True)
