@@ -168,8 +168,14 @@ def packaged_model_dir(name: str) -> Path:
         src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except ImportError as e:
         raise ModelError(f"reading GGUF needs the 'gguf' package: pip install 'distillability[real]' ({e})") from None
-    # A GGUF-loaded model refuses save_pretrained: rebuild it from its config, copy the weights.
-    model = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from its config (without the GGUF
+    # quantization record, or every later save of the plain weights would refuse too), copy the weights.
+    import copy
+
+    config = copy.deepcopy(src.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
     if unexpected:
         raise ModelError(f"packaged model {name}: unexpected weights {unexpected[:3]}")

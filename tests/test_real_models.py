@@ -25,6 +25,7 @@ def test_packaged_model_converts_reloads_and_completes(name, module, expect_voca
     model, tok = load_model(f"packaged:{name}", device="cpu")
     folder = packaged_model_dir(name)
     assert any(folder.glob("*.safetensors")) and not list(folder.glob("*.bin"))
+    assert "quantization_config" not in (folder / "config.json").read_text()  # a plain model: saves again
     assert len(tok) >= expect_vocab - 8
     text = generate(model, tok, ["The capital of France is"], max_new_tokens=8, greedy=True)[0].text
     if name.startswith("smollm2"):
