@@ -215,7 +215,7 @@ def run(cfg: CalibrateConfig) -> dict:
             start_step, ema, before = state["step"], state["ema"], state["before"]
             log.truncate_after(start_step)
     else:
-        log.path.unlink(missing_ok=True) if log.path.exists() else None
+        log.path.unlink(missing_ok=True)
     if before is None:
         before = card_metrics(policy, "before")
     out.mkdir(parents=True, exist_ok=True)

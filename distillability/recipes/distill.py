@@ -33,7 +33,7 @@ from ..evaluation import greedy_accuracy
 from ..io import load_records, require_field, versions, write_json, write_jsonl
 from ..models import same_vocabulary, save_model
 from ..sampling import generate
-from ..scoring import pad_batch
+from ..scoring import gather_logprobs, pad_batch
 from ..training import (
     StepLog,
     autocast_ctx,
@@ -161,17 +161,15 @@ class TokenLoss:
         else:
             loss = uld_distance(rows_s, rows_t, cfg.temperature).mean()
         if not on_policy and cfg.ce_weight:
-            # identity of the tokens comes from the teacher's text itself
-            ids, attn, lmask = encode_sft_batch(self.stok, prompts, responses, dev, chat)
-            logits = s_logits[:, : ids.shape[1]] if s_logits.shape[1] >= ids.shape[1] else None
-            if logits is not None and torch.equal(ids, s_ids[:, : ids.shape[1]]):
-                from ..scoring import gather_logprobs
-
-                lp = gather_logprobs(logits[:, :-1], ids[:, 1:])
-                loss = loss + cfg.ce_weight * (-(lp * lmask).sum() / lmask.sum().clamp(min=1))
-            else:
-                with autocast_ctx(dev, cfg.runtime.bf16):
-                    loss = loss + cfg.ce_weight * nll_loss(self.student, ids, attn, lmask)
+            # identity of the tokens comes from the teacher's text itself: NLL of the student's own encoding
+            # (align_pair encodes by the same boundary rule as SFT), reusing the logits computed above
+            T = s_ids.shape[1]
+            pos = torch.arange(T - 1, device=dev).expand(len(pairs), T - 1)
+            plen = torch.tensor([b.prompt_len for _, b in pairs], device=dev).unsqueeze(1)
+            lens = torch.tensor([len(b.ids) for _, b in pairs], device=dev).unsqueeze(1)
+            lmask = (pos >= plen - 1) & (pos < lens - 1)
+            lp = gather_logprobs(s_logits[:, :-1], s_ids[:, 1:])
+            loss = loss + cfg.ce_weight * (-(lp * lmask).sum() / lmask.sum().clamp(min=1))
         return loss
 
 
