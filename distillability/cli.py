@@ -72,7 +72,7 @@ def _run(recipe: str, config_path: str | None, extra: list[str], preset_quick: b
 
         click.echo("\nHeadline (greedy accuracy on held-out prompts):\n" + markdown_table(result))
         click.echo(f"\nReport: {cfg.output_dir}/report.html")
-    elif isinstance(result, dict):
+    elif isinstance(result, dict) and result:  # (empty on non-main processes of a multi-process run)
         keys = [k for k in result if isinstance(result[k], (int, float)) and not isinstance(result[k], bool)]
         click.echo(" ".join(f"{k}={result[k]:.4g}" for k in keys[:12]))
 

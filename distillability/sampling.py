@@ -1,4 +1,10 @@
-"""Batched generation with a KV cache (Hugging Face `generate`), returning text and token ids."""
+"""Batched generation with a KV cache (Hugging Face `generate`), returning text and token ids.
+
+Sampling is *batch-invariant*: with a seed, row (prompt i, sample j) draws its own Gumbel noise from a
+generator seeded by (seed, index_offset + i, j), and the token is argmax(logits / T + Gumbel), an exact
+sample from the (top-k / top-p truncated) softmax. So a prompt's samples do not depend on which other
+prompts share its batch, on the generation batch size, or on how many processes split the prompts.
+"""
 
 from __future__ import annotations
 
@@ -18,54 +24,84 @@ class Generation:
     finished: bool  # the model emitted EOS before the length limit
 
 
+def row_seed(seed: int, prompt: int, sample: int) -> int:
+    return (seed * 1_000_003 + prompt * 8191 + sample * 131 + 17) % (2**63 - 1)
+
+
+class GumbelSampler:
+    """A logits processor that turns greedy decoding into per-row seeded sampling."""
+
+    def __init__(self, seeds: Sequence[int], device, temperature: float, top_k: int, top_p: float) -> None:
+        self.gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        V = scores.shape[-1]
+        if self.top_k and self.top_k < V:
+            kth = torch.topk(scores, self.top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_s, order = torch.sort(scores, descending=True, dim=-1)
+            cum = torch.softmax(sorted_s, -1).cumsum(-1)
+            drop = cum - torch.softmax(sorted_s, -1) >= self.top_p  # keep the smallest prefix reaching top_p
+            scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        u = torch.stack([torch.rand(V, generator=g, device=scores.device) for g in self.gens])
+        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
+        return scores + gumbel
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64, temperature: float = 1.0,
              num_return_sequences: int = 1, top_p: float = 1.0, top_k: int = 0, greedy: bool = False,
              batch_size: int = 64, use_chat_template: bool = False, autocast: bool = False,
-             seed: int | None = None) -> list[Generation]:
+             seed: int | None = None, index_offset: int = 0) -> list[Generation]:
     """`num_return_sequences` responses per prompt, in prompt order (prompt 0's samples first).
 
-    greedy=True (or temperature == 0) decodes greedily. Sampling uses the global torch RNG, seeded
-    by `seed` when given, so a run is reproducible.
+    greedy=True (or temperature == 0) decodes greedily. Sampling is seeded per row by (seed,
+    index_offset + prompt index, sample index) (seed None: drawn from the global torch RNG), so a run
+    is reproducible and a prompt's samples do not depend on its batch.
     """
-    if seed is not None:
-        torch.manual_seed(seed)
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     greedy = greedy or temperature == 0
+    if not greedy and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     out: list[Generation] = []
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.eos_token_id
     encoded = [encode_prompt(tokenizer, p, use_chat_template) for p in prompts]
-    per_batch = max(1, batch_size // max(1, num_return_sequences))
-    for start in range(0, len(prompts), per_batch):
-        chunk = encoded[start:start + per_batch]
-        T = max(len(c) for c in chunk)
+    reps = 1 if greedy else num_return_sequences
+    rows = [(i, j) for i in range(len(prompts)) for j in range(reps)]
+    for start in range(0, len(rows), max(1, batch_size)):
+        chunk = rows[start:start + batch_size]
+        T = max(len(encoded[i]) for i, _ in chunk)
         ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for i, c in enumerate(chunk):  # left padding for generation
-            ids[i, T - len(c):] = torch.tensor(c)
-            mask[i, T - len(c):] = 1
-        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True)
-        if greedy:
-            kwargs.update(do_sample=False, num_return_sequences=1)
-        else:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
-                          num_return_sequences=num_return_sequences)
+        for r, (i, _) in enumerate(chunk):  # left padding for generation
+            c = encoded[i]
+            ids[r, T - len(c):] = torch.tensor(c)
+            mask[r, T - len(c):] = 1
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
+                      do_sample=False, num_return_sequences=1)
+        if not greedy:
+            sampler = GumbelSampler([row_seed(seed, index_offset + i, j) for i, j in chunk], device, temperature,
+                                    top_k, top_p)
+            kwargs["logits_processor"] = LogitsProcessorList([sampler])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         new = seqs[:, T:].cpu()
-        reps = 1 if greedy else num_return_sequences
-        for row in range(new.shape[0]):
-            toks = new[row].tolist()
+        for r, (i, _) in enumerate(chunk):
+            toks = new[r].tolist()
             finished = eos_id in toks
             if finished:
                 toks = toks[: toks.index(eos_id)]
             toks = [t for t in toks if t != pad_id]
             text = tokenizer.decode(toks, skip_special_tokens=True)
-            prompt_index = start + row // reps
             for _ in range(num_return_sequences if greedy else 1):
-                out.append(Generation(prompt_index, text, toks, finished))
+                out.append(Generation(i, text, toks, finished))
     model.train(was_training)
     return out

@@ -4,7 +4,6 @@ checkpoints with everything needed for a bit-exact resume, per-step seeds, logs,
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -57,11 +56,15 @@ def encode_sft_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str]
     return ids, mask, loss_mask
 
 
-def nll_loss(model, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of the masked next-token targets."""
+def nll_loss(model, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor, normalise=None) -> torch.Tensor:
+    """Mean negative log-likelihood of the masked next-token targets (`normalise(sum, count)` replaces
+    the plain mean, e.g. distributed.global_mean)."""
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     lp = gather_logprobs(logits, ids[:, 1:])
-    return -(lp * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+    total = -(lp * loss_mask).sum()
+    if normalise is not None:
+        return normalise(total, loss_mask.sum())
+    return total / loss_mask.sum().clamp(min=1)
 
 
 def make_optimizer(params, lr: float, weight_decay: float = 0.0):
@@ -90,18 +93,20 @@ def check_finite(loss: torch.Tensor, step: int, ckpt_dir: Path | None = None) ->
 class StepLog:
     """Append-only JSONL log of training steps; on resume, rows after the checkpoint are dropped."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled  # False on non-main processes: they read the log, never write it
         self.t0 = time.time()
 
     def truncate_after(self, step: int) -> None:
-        if not self.path.exists():
+        if not self.path.exists() or not self.enabled:
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(k + "\n" for k in keep))
 
     def write(self, row: dict) -> None:
-        append_jsonl(self.path, row)
+        if self.enabled:
+            append_jsonl(self.path, row)
 
     def rows(self) -> list[dict]:
         if not self.path.exists():
@@ -166,10 +171,6 @@ def load_checkpoint(ckpt_root: Path, model, optimizer, scheduler) -> dict | None
 
 def clear_checkpoints(ckpt_root: Path) -> None:
     shutil.rmtree(ckpt_root, ignore_errors=True)
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def fit_lm(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], steps: int, batch_size: int = 32,

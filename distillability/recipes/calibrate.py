@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RuntimeConfig, TaskConfig, opt, save_config, sub, to_dict
+from ..distributed import get_dist, global_mean
 from ..errors import ConfigError
 from ..evaluation import greedy_accuracy, mean_calibration_divergence
 from ..io import versions, write_json
@@ -129,12 +130,13 @@ def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor
     if beta:
         per_token = per_token + beta * kl
     m = mask.to(logp.dtype)
+    # normalised by global counts (sequences / tokens over all processes; with one process the plain means)
     if loss_type == "grpo":
-        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+        loss = global_mean(((per_token * m).sum(1) / m.sum(1).clamp(min=1)).sum(), logp.shape[0])
     elif loss_type == "dr_grpo":
-        loss = (per_token * m).sum() / (logp.shape[0] * max_len)
+        loss = global_mean((per_token * m).sum(), logp.shape[0] * max_len)
     else:  # dapo
-        loss = (per_token * m).sum() / m.sum().clamp(min=1)
+        loss = global_mean((per_token * m).sum(), m.sum())
     clipped = ((ratio - 1).abs() > epsilon).to(logp.dtype)
     return loss, ((clipped * m).sum() / m.sum().clamp(min=1)).item(), ((kl * m).sum() / m.sum().clamp(min=1)).item()
 
@@ -182,6 +184,8 @@ def run(cfg: CalibrateConfig) -> dict:
 
     policy, tok = rt.load(cfg.model)
     proxy, ptok = rt.load(cfg.proxy, frozen=True)
+    dist = get_dist()
+    dist.start(next(policy.parameters()).device)
     if cfg.use_peft:
         from peft import LoraConfig, get_peft_model
 
@@ -206,7 +210,7 @@ def run(cfg: CalibrateConfig) -> dict:
 
     optimizer = make_optimizer(policy.parameters(), cfg.learning_rate)
     scheduler = make_scheduler(optimizer, cfg.max_steps, cfg.warmup_steps)
-    log = StepLog(out / "log.jsonl")
+    log = StepLog(out / "log.jsonl", enabled=dist.is_main)
     ema: dict = {}
     start_step, before = 0, None
     if cfg.resume:
@@ -214,12 +218,14 @@ def run(cfg: CalibrateConfig) -> dict:
         if state is not None:
             start_step, ema, before = state["step"], state["ema"], state["before"]
             log.truncate_after(start_step)
-    else:
+    elif dist.is_main:
         log.path.unlink(missing_ok=True)
-    if before is None:
+    if before is None and dist.is_main:
         before = card_metrics(policy, "before")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    dist.barrier()
 
     def ref_logprobs(ids, attn):
         with torch.no_grad():
@@ -229,18 +235,21 @@ def run(cfg: CalibrateConfig) -> dict:
             with policy.disable_adapter():
                 return _per_token_logprobs(policy, ids, attn, rt.bf16)
 
-    bar = tqdm(range(start_step, cfg.max_steps), desc=f"calibrate eta={cfg.eta:+g}", disable=not rt.progress,
+    mine = dist.share(B)  # this process's prompts of the global B * world
+    rows_mine = dist.share(B * G)
+    bar = tqdm(range(start_step, cfg.max_steps), desc=f"calibrate eta={cfg.eta:+g}", disable=not rt.progress or not dist.is_main,
                initial=start_step, total=cfg.max_steps)
     for step in bar:
         t0 = time.time()
         rng = np.random.default_rng(step_seed(rt.seed, step))
-        batch = [task.train[i] for i in rng.choice(len(task.train), size=min(B, len(task.train)), replace=False)]
+        batch = [task.train[i] for i in rng.choice(len(task.train), size=min(B * dist.world, len(task.train)), replace=False)][mine]
         prompts = [e.prompt for e in batch]
         prompt_ids = [encode_prompt(tok, p, chat) for p in prompts]
 
         # 1. sample G responses per prompt from the current policy (KV-cached batched generation)
         gens = generate(policy, tok, prompts, cfg.max_completion_length, cfg.temperature, num_return_sequences=G,
-                        seed=step_seed(rt.seed, step, 1), autocast=rt.bf16, use_chat_template=chat)
+                        seed=step_seed(rt.seed, step, 1), autocast=rt.bf16, use_chat_template=chat,
+                        index_offset=mine.start)
         texts = [g.text for g in gens]
         gen_prompts = [prompts[g.prompt_index] for g in gens]
         ids, attn, mask = _completion_batch(tok, prompt_ids, gens, device)
@@ -266,7 +275,9 @@ def run(cfg: CalibrateConfig) -> dict:
                 worst = grp.min(1, keepdim=True).values if cfg.eta > 0 else grp.max(1, keepdim=True).values
                 fill = worst.expand(-1, G).reshape(-1) if cfg.wellformed_gate == "worst" else torch.zeros_like(r_cal)
                 r_cal = torch.where(bad, fill, r_cal)
-        adv = compute_advantages(r_task, r_cal, cfg.eta, G, ema, cfg.ema_decay).to(device)
+        # advantages from the global batch's rewards (the EMA statistics are global too), then this share
+        r_task, r_cal = dist.gather(r_task), dist.gather(r_cal)
+        adv = compute_advantages(r_task, r_cal, cfg.eta, G, ema, cfg.ema_decay)[rows_mine].to(device)
         t_score = time.time() - t0 - t_gen
 
         # 3. policy-gradient update(s)
@@ -278,22 +289,27 @@ def run(cfg: CalibrateConfig) -> dict:
             check_finite(loss, step + 1, ckpt_root / "last")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            dist.sync_gradients(list(policy.parameters()))
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             optimizer.step()
         scheduler.step()
         dt = time.time() - t0
         n_tokens = int(attn.sum())
-        row = {"step": step + 1, "loss": loss.item(), "task_reward": r_task.mean().item(),
-               "r_cal": r_cal.mean().item(), "kl_ref": kl, "response_chars": float(np.mean([len(t) for t in texts])),
+        row = {"step": step + 1, "loss": float(dist.sum(loss.detach())), "task_reward": r_task.mean().item(),
+               "r_cal": r_cal.mean().item(), "kl_ref": float(dist.sum(kl)) / dist.world,
+               "response_chars": float(dist.sum(float(np.mean([len(t) for t in texts])))) / dist.world,
                "response_tokens": mask.sum(1).float().mean().item(), "adv_std": adv.std().item(),
                "clip_frac": clip_frac, "tokens_per_s": n_tokens / dt, "s_generate": t_gen, "s_score": t_score,
                "s_step": dt}
         log.write(row)
         bar.set_postfix(reward=f"{row['task_reward']:.2f}", r_cal=f"{row['r_cal']:.3f}", kl=f"{kl:.3f}")
-        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
+        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps) and dist.is_main:
             save_checkpoint(ckpt_root, step + 1, policy, optimizer, scheduler, {"ema": ema, "before": before})
 
     policy.eval()
+    dist.barrier()
+    if not dist.is_main:
+        return {}
     after = card_metrics(policy, "after")
     card = {"eta": cfg.eta, "beta": cfg.beta, "model": cfg.model, "proxy": cfg.proxy, "task": to_dict(cfg.task),
             "steps": cfg.max_steps, "seed": rt.seed, "loss_type": cfg.loss_type,

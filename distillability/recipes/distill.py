@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..config import RuntimeConfig, TaskConfig, opt, save_config, sub, to_dict
 from ..crosstok import FirstCharProjector, align_pair, uld_distance
+from ..distributed import get_dist, global_mean
 from ..divergences import divergence_rows, token_divergence, topk_bucket_logprobs
 from ..errors import ConfigError, DataError, ModelError
 from ..evaluation import greedy_accuracy
@@ -97,23 +98,32 @@ def sample_teacher(teacher, ttok, task, cfg: DistillConfig, path: Path) -> list[
             rows = [r for r in rows if float(r.get("correct", 0)) >= 1.0]
         if not rows:
             raise DataError(f"{cfg.teacher_samples}: no teacher samples left after filtering")
-        write_jsonl(path, rows)
+        if get_dist().is_main:
+            write_jsonl(path, rows)
         return rows
+    dist = get_dist()
     if path.exists() and cfg.resume:
+        dist.barrier()
         return load_records(path)
     prompts = task.train[: cfg.num_prompts]
     greedy = cfg.sample_temperature == 0
-    gens = generate(teacher, ttok, [e.prompt for e in prompts], cfg.max_new_tokens, cfg.sample_temperature or 1.0,
+    # each process samples its share of the prompts; per-row seeds make the union equal a 1-process run's
+    per = -(-len(prompts) // dist.world)
+    mine = dist.share(per)
+    gens = generate(teacher, ttok, [e.prompt for e in prompts[mine]], cfg.max_new_tokens, cfg.sample_temperature or 1.0,
                     num_return_sequences=1 if greedy else cfg.samples_per_prompt, greedy=greedy,
                     seed=step_seed(cfg.runtime.seed, 0, 7), autocast=cfg.runtime.bf16,
-                    use_chat_template=cfg.task.use_chat_template)
-    rows = [{"prompt": prompts[g.prompt_index].prompt, "response": g.text, "finished": g.finished,
-             "correct": task.score(prompts[g.prompt_index], g.text)} for g in gens]
+                    use_chat_template=cfg.task.use_chat_template, index_offset=mine.start)
+    part = prompts[mine]
+    rows = [{"prompt": part[g.prompt_index].prompt, "response": g.text, "finished": g.finished,
+             "correct": task.score(part[g.prompt_index], g.text)} for g in gens]
+    rows = dist.gather_objects(rows)
     if cfg.keep_correct_only:
         rows = [r for r in rows if r["correct"] >= 1.0]
     if not rows:
         raise DataError("distill: no teacher samples left after keep_correct_only (the teacher solved none)")
-    write_jsonl(path, rows)
+    if dist.is_main:
+        write_jsonl(path, rows)
     return rows
 
 
@@ -142,9 +152,12 @@ class TokenLoss:
                 s_logits = self.student(input_ids=ids, attention_mask=attn).logits[:, :-1]
             if cfg.teacher_top_k:
                 s_lp, t_lp = topk_bucket_logprobs(s_logits, t_logits, cfg.teacher_top_k, cfg.temperature)
-                return token_divergence(s_lp, t_lp, self.kind, lmask, cfg.beta, cfg.alpha, 1.0, cfg.chunk_size)
-            return token_divergence(s_logits, t_logits, self.kind, lmask, cfg.beta, cfg.alpha, cfg.temperature,
-                                    cfg.chunk_size)
+                total = token_divergence(s_lp, t_lp, self.kind, lmask, cfg.beta, cfg.alpha, 1.0, cfg.chunk_size,
+                                         reduction="sum")
+            else:
+                total = token_divergence(s_logits, t_logits, self.kind, lmask, cfg.beta, cfg.alpha, cfg.temperature,
+                                         cfg.chunk_size, reduction="sum")
+            return global_mean(total, lmask.sum())
         # different tokenizers: align positions by character offsets
         pairs = [align_pair(self.ttok, self.stok, p, r, True, chat) for p, r in zip(prompts, responses)]
         t_ids, t_attn = pad_batch([a.ids for a, _ in pairs], self.ttok.pad_token_id, next(self.teacher.parameters()).device)
@@ -156,10 +169,11 @@ class TokenLoss:
         rows_t = torch.cat([t_logits[i, a.positions] for i, (a, _) in enumerate(pairs)])
         rows_s = torch.cat([s_logits[i, b.positions] for i, (_, b) in enumerate(pairs)])
         if self.projector is not None:
-            loss = divergence_rows(self.projector.project(rows_s, 1, cfg.temperature),
-                                   self.projector.project(rows_t, 0, cfg.temperature), self.kind, cfg.beta, cfg.alpha).mean()
+            per_row = divergence_rows(self.projector.project(rows_s, 1, cfg.temperature),
+                                      self.projector.project(rows_t, 0, cfg.temperature), self.kind, cfg.beta, cfg.alpha)
         else:
-            loss = uld_distance(rows_s, rows_t, cfg.temperature).mean()
+            per_row = uld_distance(rows_s, rows_t, cfg.temperature)
+        loss = global_mean(per_row.sum(), per_row.numel())
         if not on_policy and cfg.ce_weight:
             # identity of the tokens comes from the teacher's text itself: NLL of the student's own encoding
             # (align_pair encodes by the same boundary rule as SFT), reusing the logits computed above
@@ -169,7 +183,7 @@ class TokenLoss:
             lens = torch.tensor([len(b.ids) for _, b in pairs], device=dev).unsqueeze(1)
             lmask = (pos >= plen - 1) & (pos < lens - 1)
             lp = gather_logprobs(s_logits[:, :-1], s_ids[:, 1:])
-            loss = loss + cfg.ce_weight * (-(lp * lmask).sum() / lmask.sum().clamp(min=1))
+            loss = loss + cfg.ce_weight * global_mean(-(lp * lmask).sum(), lmask.sum())
         return loss
 
 
@@ -184,6 +198,8 @@ def run(cfg: DistillConfig) -> dict:
     t_start = time.time()
     teacher, ttok = rt.load(cfg.teacher, frozen=True)
     student, stok = rt.load(cfg.student)
+    dist = get_dist()
+    dist.start(next(student.parameters()).device)
     task = cfg.task.load()
     held_out = task.eval[: cfg.eval_prompts]
     chat = cfg.task.use_chat_template
@@ -191,35 +207,41 @@ def run(cfg: DistillConfig) -> dict:
     if cfg.method in ("kd", "gkd"):
         token_loss = TokenLoss(cfg, teacher, ttok, student, stok, "jsd" if cfg.method == "gkd" else cfg.loss)
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    before_acc, _ = greedy_accuracy(student, stok, task, held_out, cfg.max_new_tokens, rt.bf16, chat)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    dist.barrier()
+    before_acc = greedy_accuracy(student, stok, task, held_out, cfg.max_new_tokens, rt.bf16, chat)[0] if dist.is_main else None
     samples = sample_teacher(teacher, ttok, task, cfg, out / "teacher_samples.jsonl")
     teacher_sample_acc = float(np.mean([r["correct"] for r in samples]))
 
     optimizer = make_optimizer(student.parameters(), cfg.learning_rate, weight_decay=0.0)
     scheduler = make_scheduler(optimizer, cfg.max_steps, cfg.warmup_steps)
-    log = StepLog(out / "log.jsonl")
+    log = StepLog(out / "log.jsonl", enabled=dist.is_main)
     start_step = 0
     if cfg.resume and (state := load_checkpoint(ckpt_root, student, optimizer, scheduler)) is not None:
         start_step = state["step"]
         log.truncate_after(start_step)
-    elif log.path.exists():
+    elif log.path.exists() and dist.is_main:
         log.path.unlink()
+    dist.barrier()
+    b = cfg.per_device_train_batch_size
+    mine = dist.share(b)  # this process's rows of the global batch of b * world sequences
 
-    bar = tqdm(range(start_step, cfg.max_steps), desc=f"distill {cfg.method}", disable=not rt.progress,
+    bar = tqdm(range(start_step, cfg.max_steps), desc=f"distill {cfg.method}", disable=not rt.progress or not dist.is_main,
                initial=start_step, total=cfg.max_steps)
     device = next(student.parameters()).device
     for step in bar:
         t0 = time.time()
         rng = np.random.default_rng(step_seed(rt.seed, step))
         on_policy = cfg.method == "gkd" and rng.random() < cfg.lmbda
-        pick = rng.integers(0, len(samples), size=cfg.per_device_train_batch_size)
+        pick = rng.integers(0, len(samples), size=b * dist.world)[mine]
         prompts = [samples[i]["prompt"] for i in pick]
         if on_policy or (cfg.method == "gkd" and cfg.seq_kd):
             model, mtok = (student, stok) if on_policy else (teacher, ttok)
             gens = generate(model, mtok, prompts, cfg.max_new_tokens, cfg.temperature,
-                            seed=step_seed(rt.seed, step, 1), autocast=rt.bf16, use_chat_template=chat)
+                            seed=step_seed(rt.seed, step, 1), autocast=rt.bf16, use_chat_template=chat,
+                            index_offset=mine.start)
             responses, finished = [g.text for g in gens], [g.finished for g in gens]
         else:
             responses = [samples[i]["response"] for i in pick]
@@ -228,21 +250,26 @@ def run(cfg: DistillConfig) -> dict:
         if cfg.method == "sft":
             ids, attn, lmask = encode_sft_batch(stok, prompts, responses, device, chat)
             with autocast_ctx(device, rt.bf16):
-                loss = nll_loss(student, ids, attn, lmask)
+                loss = nll_loss(student, ids, attn, lmask, normalise=global_mean)
         else:
             loss = token_loss(prompts, responses, finished, on_policy)
         check_finite(loss, step + 1, ckpt_root / "last")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        dist.sync_gradients(list(student.parameters()))
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        log.write({"step": step + 1, "loss": loss.item(), "on_policy": on_policy, "s_step": time.time() - t0})
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
+        loss_value = float(dist.sum(loss.detach()))  # the global-batch loss
+        log.write({"step": step + 1, "loss": loss_value, "on_policy": on_policy, "s_step": time.time() - t0})
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps) and dist.is_main:
             save_checkpoint(ckpt_root, step + 1, student, optimizer, scheduler)
 
     student.eval()
+    dist.barrier()
+    if not dist.is_main:
+        return {}
     after_acc, _ = greedy_accuracy(student, stok, task, held_out, cfg.max_new_tokens, rt.bf16, chat)
     losses = [r["loss"] for r in log.rows()]
     card = {"teacher": cfg.teacher, "student": cfg.student, "method": cfg.method,
