@@ -241,12 +241,14 @@ class TaskConfig:
     world_min_terms: int = opt(2, "tiny-world: fewest numbers in an arithmetic chain.", min=2)
     world_max_terms: int = opt(4, "tiny-world: most numbers in an arithmetic chain.", min=2)
     world_mc_share: float = opt(0.25, "tiny-world: share of multiple-choice examples.", min=0, max=1)
+    world_modulus: int = opt(0, "tiny-world: 0 = plain arithmetic (totals 0..99); m >= 2 = arithmetic modulo m "
+                             "(digits and totals 0..m-1: few facts, a huge space of chains).", min=0)
 
     def load(self):
         """The Task this section names."""
         from .tasks import WorldSpec, load_task
 
-        spec = WorldSpec(self.world_min_terms, self.world_max_terms, self.world_mc_share)
+        spec = WorldSpec(self.world_min_terms, self.world_max_terms, self.world_mc_share, self.world_modulus)
         return load_task(self.name, self.path, self.num_train, self.num_eval, self.seed, spec)
 
     def validate(self) -> None:

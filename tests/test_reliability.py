@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,13 +28,22 @@ def _distill_args(tiny_pair, out, steps):
             "task.num_train=200", "task.num_eval=16", "runtime.threads=1"]
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_pair, tmp_path):
+def _calibrate_args(tiny_pair, out, steps):
+    return ["calibrate", f"model={tiny_pair['teacher']}", f"proxy={tiny_pair['student']}", "eta=1",
+            f"max_steps={steps}", "num_generations=2", "prompts_per_step=2", "max_completion_length=12",
+            "eval_prompts=2", "eval_samples=1", "save_steps=1", "warmup_steps=0", f"output_dir={out}",
+            "runtime.progress=false", "task.num_train=200", "task.num_eval=16", "runtime.threads=1"]
+
+
+@pytest.mark.parametrize("recipe", ["distill", "calibrate"])
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_pair, tmp_path, recipe):
+    make_args = _distill_args if recipe == "distill" else _calibrate_args
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     steps = 14
-    subprocess.run(CLI + _distill_args(tiny_pair, tmp_path / "full", steps), check=True, env=env, capture_output=True)
+    subprocess.run(CLI + make_args(tiny_pair, tmp_path / "full", steps), check=True, env=env, capture_output=True)
     killed_at = []
     for target in (3, 8):  # kill at two different points of one run, resuming each time
-        proc = subprocess.Popen(CLI + _distill_args(tiny_pair, tmp_path / "killed", steps) + (["resume=true"] if killed_at else []),
+        proc = subprocess.Popen(CLI + make_args(tiny_pair, tmp_path / "killed", steps) + (["resume=true"] if killed_at else []),
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         log = tmp_path / "killed" / "log.jsonl"
         deadline = time.time() + 240
@@ -43,7 +54,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_pair, tmp_path
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         killed_at.append(len(log.read_text().splitlines()) if log.exists() else 0)
-    subprocess.run(CLI + _distill_args(tiny_pair, tmp_path / "killed", steps) + ["resume=true"], check=True, env=env,
+    subprocess.run(CLI + make_args(tiny_pair, tmp_path / "killed", steps) + ["resume=true"], check=True, env=env,
                    capture_output=True)
     assert killed_at[0] < steps, killed_at  # it really was interrupted
     a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
@@ -88,6 +99,65 @@ def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):
     assert len(lines) == 1 and "Traceback" not in r.stderr
     if needle:
         assert needle in lines[0]
+
+
+def _bad_case(name: str, tiny_pair, tmp: Path) -> tuple[list[str], str]:
+    """(CLI args, text the one-line error must contain) for a bad-input case needing models or files."""
+    teacher, data = tiny_pair["teacher"], tmp / "data.jsonl"
+    gsm = ["task.name=gsm8k", f"task.path={data}"]
+    ev = ["evaluate", f"model={teacher}", f"output_dir={tmp / 'out'}", "num_prompts=2", "n_samples=1", "k=[1]"]
+    if name == "empty file":
+        data.write_text("")
+        return ev + gsm, "data.jsonl"
+    if name == "not utf-8":
+        data.write_bytes(b'{"question": "caf\xe9", "answer": "#### 1"}\n')
+        return ev + gsm, "data.jsonl"
+    if name == "missing field":
+        data.write_text('{"question": "q"}\n')
+        return ev + gsm, "'answer'"
+    if name == "wrong type":
+        data.write_text('{"question": 5, "answer": "#### 1"}\n')
+        return ev + gsm, "'question'"
+    if name == "prompt longer than context":
+        data.write_text(json.dumps({"question": "1+" * 200 + "1", "answer": "#### 201"}) + "\n")
+        return ev + gsm + ["task.num_eval=1"], "context"
+    if name == "not a causal LM":
+        (tmp / "vit").mkdir()
+        (tmp / "vit" / "config.json").write_text(json.dumps({"model_type": "vit"}))
+        return ["evaluate", f"model={tmp / 'vit'}", f"output_dir={tmp / 'out'}"], "not a causal LM"
+    if name == "tokenizer without eos":
+        shutil.copytree(teacher, tmp / "noeos")
+        for fname in ("tokenizer_config.json", "special_tokens_map.json"):
+            f = tmp / "noeos" / fname
+            if f.exists():
+                cfg = json.loads(f.read_text())
+                cfg.pop("eos_token", None)
+                f.write_text(json.dumps(cfg))
+        tj = tmp / "noeos" / "tokenizer.json"
+        tok = json.loads(tj.read_text())
+        tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<|endoftext|>"]
+        tj.write_text(json.dumps(tok))
+        return ["evaluate", f"model={tmp / 'noeos'}", f"output_dir={tmp / 'out'}"], "eos"
+    if name == "vocabulary mismatch":
+        return ["distill", f"teacher={teacher}", f"student={tiny_pair['student']}", "method=kd",
+                f"output_dir={tmp / 'out'}", "task.num_train=50", "task.num_eval=8"], "vocabular"
+    if name == "nothing left after filtering":
+        return ["distill", f"teacher={teacher}", f"student={tiny_pair['student_same']}", "method=sft",
+                "keep_correct_only=true", "num_prompts=4", "max_new_tokens=4", f"output_dir={tmp / 'out'}",
+                "task.num_train=50", "task.num_eval=8", "eval_prompts=2"], "no teacher samples left"
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["empty file", "not utf-8", "missing field", "wrong type", "prompt longer than context",
+                                  "not a causal LM", "tokenizer without eos", "vocabulary mismatch",
+                                  "nothing left after filtering"])
+def test_bad_input_with_models_is_one_line_exit_2(tiny_pair, tmp_path, name):
+    args, needle = _bad_case(name, tiny_pair, tmp_path)
+    r = subprocess.run(CLI + args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert needle in lines[0], lines[0]
+    assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / "eval.json").exists()
 
 
 def test_bad_data_file_through_the_cli(tiny_pair, tmp_path):

@@ -31,7 +31,7 @@ from ..distributed import get_dist, global_mean
 from ..errors import ConfigError
 from ..evaluation import greedy_accuracy, mean_calibration_divergence
 from ..io import versions, write_json
-from ..models import pick_device, save_model
+from ..models import check_context, pick_device, save_model
 from ..sampling import generate
 from ..scoring import encode_prompt, gather_logprobs, pad_batch, sequence_logprobs
 from ..training import (
@@ -196,6 +196,7 @@ def run(cfg: CalibrateConfig) -> dict:
         reference = copy.deepcopy(policy).to(pick_device(rt.frozen_device)).requires_grad_(False).eval()
     task = cfg.task.load()
     held_out = task.eval[: cfg.eval_prompts]
+    check_context(policy, tok, task.train + held_out, cfg.max_completion_length, cfg.task.use_chat_template, cfg.model)
     device = next(policy.parameters()).device
     G, B = cfg.num_generations, cfg.prompts_per_step
     chat = cfg.task.use_chat_template

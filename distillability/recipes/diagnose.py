@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..estimators import kl_estimators, off_policy_reverse_kl
 from ..io import versions, write_json, write_text
 from ..metrics import wrong_trace_preference
-from ..models import same_vocabulary
+from ..models import check_context, same_vocabulary
 from ..sampling import generate
 from ..scoring import encode_pair, pad_batch, sequence_logprobs
 
@@ -160,6 +160,8 @@ def run(cfg: DiagnoseConfig) -> dict:
     student, stok = rt.load(cfg.student, frozen=True)
     task = cfg.task.load()
     examples = task.eval[: cfg.num_prompts]
+    check_context(teacher, ttok, examples, cfg.max_new_tokens, chat, "the teacher")
+    check_context(student, stok, examples, cfg.max_new_tokens, chat, "the student")
     prompts = [e.prompt for e in examples]
     shared_vocab = same_vocabulary(ttok, stok)
     projector = None if shared_vocab else FirstCharProjector([ttok, stok])

@@ -32,7 +32,7 @@ from ..divergences import divergence_rows, token_divergence, topk_bucket_logprob
 from ..errors import ConfigError, DataError, ModelError
 from ..evaluation import greedy_accuracy
 from ..io import load_records, require_field, versions, write_json, write_jsonl
-from ..models import same_vocabulary, save_model
+from ..models import check_context, same_vocabulary, save_model
 from ..sampling import generate
 from ..scoring import gather_logprobs, pad_batch
 from ..training import (
@@ -203,6 +203,9 @@ def run(cfg: DistillConfig) -> dict:
     task = cfg.task.load()
     held_out = task.eval[: cfg.eval_prompts]
     chat = cfg.task.use_chat_template
+    if not cfg.teacher_samples:
+        check_context(teacher, ttok, task.train[: cfg.num_prompts], cfg.max_new_tokens, chat, "the teacher")
+    check_context(student, stok, task.train[: cfg.num_prompts] + held_out, cfg.max_new_tokens, chat, "the student")
     token_loss = None
     if cfg.method in ("kd", "gkd"):
         token_loss = TokenLoss(cfg, teacher, ttok, student, stok, "jsd" if cfg.method == "gkd" else cfg.loss)

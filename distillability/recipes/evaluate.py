@@ -17,6 +17,7 @@ from ..evaluation import mean_calibration_divergence
 from ..failure_modes import MODES, FailureThresholds, classify
 from ..io import versions, write_json, write_text
 from ..metrics import mean_pass_at_k, wrong_trace_preference
+from ..models import check_context
 from ..sampling import generate
 from ..scoring import sequence_logprobs
 
@@ -134,6 +135,7 @@ def run(cfg: EvaluateConfig) -> dict:
     model, tok = rt.load(cfg.model, frozen=True)
     proxy, ptok = rt.load(cfg.proxy, frozen=True) if cfg.proxy else (None, None)
     task = cfg.task.load()
+    check_context(model, tok, task.eval[: cfg.num_prompts], cfg.max_new_tokens, cfg.task.use_chat_template, cfg.model)
     result = evaluate_model(model, tok, task, task.eval[: cfg.num_prompts], cfg, proxy, ptok)
     result.update({"model": cfg.model, "proxy": cfg.proxy, "task": to_dict(cfg.task),
                    "wall_seconds": time.time() - t0, "versions": versions()})

@@ -13,6 +13,7 @@ class Example:
     reference: str  # final answer (math: a number; mc: a letter; open: the reference text)
     family: str  # "math", "mc" or "open"
     solutions: dict[str, str] = field(default_factory=dict)  # style -> a correct response text
+    source: str = ""  # where it came from ("file:line"), for error messages
 
     @property
     def solution(self) -> str | None:

@@ -36,7 +36,7 @@ def gsm8k_rows(path: str, prompt_template: str = "Question: {question}\nAnswer:"
         ref = a.rsplit("####", 1)[1].strip().replace(",", "")
         solution = " " + re.sub(r"<<[^>]*>>", "", a).replace("\n#### ", "\n#### ").strip()
         out.append(Example(prompt=prompt_template.format(question=q.strip()), reference=ref, family="math",
-                           solutions={"dataset": solution}))
+                           solutions={"dataset": solution}, source=f"{path}:{r.get('__line__', '?')}"))
     return out
 
 
@@ -63,7 +63,7 @@ def bigbench_rows(path: str) -> list[Example]:
         best = max(range(len(choices)), key=lambda j: scores[choices[j]])
         letter = LETTERS[best]
         out.append(Example(prompt=_mc_prompt(inp, choices), reference=letter, family="mc",
-                           solutions={"dataset": f" {choices[best]}. #### {letter}"}))
+                           solutions={"dataset": f" {choices[best]}. #### {letter}"}, source=f"{p}: example {i}"))
     return out
 
 
@@ -85,7 +85,8 @@ def mc_jsonl_rows(path: str) -> list[Example]:
         if not 0 <= idx < len(choices):
             raise DataError(f"{path}:{r.get('__line__', '?')}: field 'answer' index {idx} out of range")
         out.append(Example(prompt=_mc_prompt(q, [str(c) for c in choices]), reference=LETTERS[idx], family="mc",
-                           solutions={"dataset": f" {choices[idx]}. #### {LETTERS[idx]}"}))
+                           solutions={"dataset": f" {choices[idx]}. #### {LETTERS[idx]}"},
+                           source=f"{path}:{r.get('__line__', '?')}"))
     return out
 
 
@@ -97,7 +98,8 @@ def open_jsonl_rows(path: str) -> list[Example]:
         inp = r.get("input") or r.get("context") or ""
         ref = require_field(r, "output", path)
         prompt = f"Instruction: {ins.strip()}\n" + (f"Input: {inp.strip()}\n" if inp else "") + "Response:"
-        out.append(Example(prompt=prompt, reference=ref, family="open", solutions={"dataset": " " + ref.strip()}))
+        out.append(Example(prompt=prompt, reference=ref, family="open", solutions={"dataset": " " + ref.strip()},
+                           source=f"{path}:{r.get('__line__', '?')}"))
     return out
 
 

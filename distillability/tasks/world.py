@@ -28,9 +28,33 @@ class WorldSpec:
     min_terms: int = 2
     max_terms: int = 4
     mc_share: float = 0.25  # fraction of multiple-choice examples
+    modulus: int = 0  # 0: plain arithmetic; m: every step modulo m, numbers 0..m-1
+
+
+def _modular_example(rng: random.Random, spec: WorldSpec) -> Example:
+    m = spec.modulus
+    n = rng.randint(spec.min_terms, spec.max_terms)
+    total = rng.randrange(m)
+    expr, steps, running = str(total), [], []
+    for _ in range(n - 1):
+        b, op = rng.randrange(m), rng.choice("+-")
+        new = (total + b) % m if op == "+" else (total - b) % m
+        expr += f"{op}{b}"
+        steps.append(f"{total}{op}{b}={new}")
+        running.append(str(new))
+        total = new
+    prompt = f"Q: {expr} mod {m}=?\nA:"
+    styles = {
+        "worked": f" {', '.join(steps)}. #### {total}",
+        "running": f" {', '.join(running)}. #### {total}",
+        "direct": f" #### {total}",
+    }
+    return Example(prompt=prompt, reference=str(total), family="math", solutions=styles)
 
 
 def _math_example(rng: random.Random, spec: WorldSpec) -> Example:
+    if spec.modulus:
+        return _modular_example(rng, spec)
     n = rng.randint(spec.min_terms, spec.max_terms)
     total = rng.randint(1, 9)
     expr, steps, running = str(total), [], []
