@@ -97,6 +97,7 @@ class TinyModelSpec:
     intermediate_size: int = 1024
     max_position_embeddings: int = 256
     architecture: str = "llama"  # or "qwen2"
+    num_kv_heads: int | None = None  # grouped-query attention; None = num_heads
 
 
 def build_tiny_model(spec: TinyModelSpec, tokenizer, seed: int = 0) -> torch.nn.Module:
@@ -105,7 +106,7 @@ def build_tiny_model(spec: TinyModelSpec, tokenizer, seed: int = 0) -> torch.nn.
 
     common = dict(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
+        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads or spec.num_heads,
         intermediate_size=spec.intermediate_size, max_position_embeddings=spec.max_position_embeddings,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fastgen
 from .scoring import encode_prompt
 
 
@@ -55,12 +56,13 @@ class GumbelSampler:
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64, temperature: float = 1.0,
              num_return_sequences: int = 1, top_p: float = 1.0, top_k: int = 0, greedy: bool = False,
              batch_size: int = 64, use_chat_template: bool = False, autocast: bool = False,
-             seed: int | None = None, index_offset: int = 0) -> list[Generation]:
+             seed: int | None = None, index_offset: int = 0, use_fast: bool = True) -> list[Generation]:
     """`num_return_sequences` responses per prompt, in prompt order (prompt 0's samples first).
 
     greedy=True (or temperature == 0) decodes greedily. Sampling is seeded per row by (seed,
     index_offset + prompt index, sample index) (seed None: drawn from the global torch RNG), so a run
-    is reproducible and a prompt's samples do not depend on its batch.
+    is reproducible and a prompt's samples do not depend on its batch. Llama-family models decode with
+    the lean KV-cached loop of `fastgen` (use_fast=False: Hugging Face `generate`; same tokens).
     """
     from transformers import LogitsProcessorList
 
@@ -85,15 +87,20 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
             c = encoded[i]
             ids[r, T - len(c):] = torch.tensor(c)
             mask[r, T - len(c):] = 1
-        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
-                      do_sample=False, num_return_sequences=1)
-        if not greedy:
-            sampler = GumbelSampler([row_seed(seed, index_offset + i, j) for i, j in chunk], device, temperature,
-                                    top_k, top_p)
-            kwargs["logits_processor"] = LogitsProcessorList([sampler])
+        sampler = None if greedy else GumbelSampler([row_seed(seed, index_offset + i, j) for i, j in chunk], device,
+                                                    temperature, top_k, top_p)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        new = seqs[:, T:].cpu()
+            if use_fast and fastgen.supports(model):
+                pick = (lambda lg: lg.argmax(-1)) if greedy else (lambda lg, fn=sampler: fn(None, lg).argmax(-1))
+                new = fastgen.Decoder(model).decode(ids.to(device), mask.to(device), max_new_tokens, eos_id, pad_id,
+                                                    pick).cpu()
+            else:
+                kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,
+                              do_sample=False, num_return_sequences=1)
+                if sampler is not None:
+                    kwargs["logits_processor"] = LogitsProcessorList([sampler])
+                seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                new = seqs[:, T:].cpu()
         for r, (i, _) in enumerate(chunk):
             toks = new[r].tolist()
             finished = eos_id in toks

@@ -258,9 +258,17 @@ def run(cfg: CalibrateConfig) -> dict:
 
         # 2. rewards: task verifier, and r_cal from the policy's own log-probs minus the proxy's (text level)
         r_task = torch.tensor([task.score(batch[g.prompt_index], g.text) for g in gens], dtype=torch.float64)
-        policy.eval()
-        with torch.no_grad():
-            logp_old = _per_token_logprobs(policy, ids, attn, rt.bf16)
+        logp_first = None
+        if cfg.num_iterations == 1:
+            # one forward serves as pi_old (detached), as the policy's own log-prob for r_cal, and as the
+            # graph of the single update: ratio = 1, the same gradient as a second forward, one forward less
+            policy.train()
+            logp_first = _per_token_logprobs(policy, ids, attn, rt.bf16)
+            logp_old = logp_first.detach()
+        else:
+            policy.eval()
+            with torch.no_grad():
+                logp_old = _per_token_logprobs(policy, ids, attn, rt.bf16)
         logp_ref = ref_logprobs(ids, attn) if cfg.beta else None
         r_cal = torch.zeros(len(gens), dtype=torch.float64)
         if cfg.eta != 0:
@@ -283,8 +291,8 @@ def run(cfg: CalibrateConfig) -> dict:
 
         # 3. policy-gradient update(s)
         policy.train()
-        for _ in range(cfg.num_iterations):
-            logp = _per_token_logprobs(policy, ids, attn, rt.bf16)
+        for it in range(cfg.num_iterations):
+            logp = logp_first if it == 0 and logp_first is not None else _per_token_logprobs(policy, ids, attn, rt.bf16)
             loss, clip_frac, kl = grpo_loss(logp, logp_old, logp_ref, adv, mask, cfg.epsilon, cfg.beta,
                                             cfg.loss_type, cfg.max_completion_length)
             check_finite(loss, step + 1, ckpt_root / "last")

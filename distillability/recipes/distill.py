@@ -216,7 +216,8 @@ def run(cfg: DistillConfig) -> dict:
     dist.barrier()
     before_acc = greedy_accuracy(student, stok, task, held_out, cfg.max_new_tokens, rt.bf16, chat)[0] if dist.is_main else None
     samples = sample_teacher(teacher, ttok, task, cfg, out / "teacher_samples.jsonl")
-    teacher_sample_acc = float(np.mean([r["correct"] for r in samples]))
+    marked = [float(r["correct"]) for r in samples if isinstance(r.get("correct"), (int, float))]
+    teacher_sample_acc = float(np.mean(marked)) if marked else None  # user-given samples may not say
 
     optimizer = make_optimizer(student.parameters(), cfg.learning_rate, weight_decay=0.0)
     scheduler = make_scheduler(optimizer, cfg.max_steps, cfg.warmup_steps)

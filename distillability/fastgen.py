@@ -1,0 +1,113 @@
+"""A lean KV-cached decoder for Llama-family models (llama, qwen2, mistral): the same modules and
+weights as the Hugging Face model, without `generate`'s per-token machinery (cache objects, mask
+builders, logits-processor lists, stopping criteria), which dominates the cost of decoding small
+models. A preallocated cache, one fused attention call per layer and step, and the last position's
+logits only. `sampling.generate` uses it when `supports(model)`, else Hugging Face `generate`; tests
+check that both give the same tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("llama", "qwen2", "mistral")
+
+
+def supports(model) -> bool:
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED or hasattr(model, "peft_config"):
+        return False
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return False
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and cfg.model_type == "mistral":
+        return False  # sliding-window attention: leave it to transformers
+    return True
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Decoder:
+    def __init__(self, model) -> None:
+        self.model = model
+        self.inner = model.model
+        cfg = model.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.scale = self.head_dim ** -0.5
+
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: list, v_cache: list,
+                start: int, attn_mask: torch.Tensor) -> torch.Tensor:
+        """Run all layers on x [B, t, H] for cache slots start..start+t; attn_mask [B, 1, t, start+t] (True = attend)."""
+        B, t, _ = x.shape
+        end = start + t
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        for i, layer in enumerate(self.inner.layers):
+            att = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = att.q_proj(h).view(B, t, self.n_heads, self.head_dim).transpose(1, 2)
+            k = att.k_proj(h).view(B, t, self.n_kv, self.head_dim).transpose(1, 2)
+            v = att.v_proj(h).view(B, t, self.n_kv, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k_cache[i][:, :, start:end] = k.to(k_cache[i].dtype)
+            v_cache[i][:, :, start:end] = v.to(v_cache[i].dtype)
+            keys, values = k_cache[i][:, :, :end], v_cache[i][:, :, :end]
+            if self.n_kv != self.n_heads:
+                rep = self.n_heads // self.n_kv
+                keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
+            o = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask,
+                                               scale=self.scale)
+            x = x + att.o_proj(o.transpose(1, 2).reshape(B, t, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.inner.norm(x[:, -1:])).float()[:, 0]
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int,
+               pick) -> torch.Tensor:
+        """New tokens [B, n <= max_new_tokens] after left-padded prompts ids/mask [B, T]; `pick(logits)` -> ids.
+        Rows that emitted EOS continue with pad; decoding stops when every row has."""
+        B, T = ids.shape
+        dev = ids.device
+        emb = self.inner.embed_tokens
+        dtype = emb.weight.dtype
+        total = T + max_new_tokens
+        k_cache = [torch.zeros(B, self.n_kv, total, self.head_dim, device=dev, dtype=dtype) for _ in self.inner.layers]
+        v_cache = [torch.zeros_like(k) for k in k_cache]
+        valid = torch.zeros(B, total, dtype=torch.bool, device=dev)
+        valid[:, :T] = mask.bool()
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        # prefill: causal within the prompt, padding never attended
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        attn = causal.unsqueeze(0) & valid[:, None, :T]
+        attn = attn | torch.eye(T, dtype=torch.bool, device=dev).unsqueeze(0)  # padded rows attend to themselves
+        x = emb(ids)
+        cos, sin = self.inner.rotary_emb(x, pos)
+        x = self._layers(x, cos, sin, k_cache, v_cache, 0, attn.unsqueeze(1))
+        logits = self._logits(x)
+        next_pos = pos[:, -1] + 1
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        out = []
+        for step in range(max_new_tokens):
+            tok = pick(logits)
+            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+            out.append(tok)
+            done = done | (tok == eos_id)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            slot = T + step
+            valid[:, slot] = True
+            x = emb(tok[:, None])
+            cos, sin = self.inner.rotary_emb(x, next_pos[:, None])
+            x = self._layers(x, cos, sin, k_cache, v_cache, slot, valid[:, None, None, :slot + 1])
+            logits = self._logits(x)
+            next_pos = next_pos + 1
+        return torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=dev)
