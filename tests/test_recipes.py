@@ -180,3 +180,23 @@ def test_gkd_seq_kd_and_pipeline_stage_skips(tiny_pair, tmp_path):
     assert r.exit_code == 0, r.output
     headline = json.loads((tmp_path / "skip" / "headline.json").read_text())
     assert set(headline["teachers"]) == {"original"} and headline["students"] == {}
+
+
+def test_fused_kd_loss_equals_logits_loss(tiny_pair, monkeypatch):
+    """distill's same-vocabulary token loss from hidden states + lm_head (chunked) equals the logits path."""
+    from distillability.config import from_dict
+    from distillability.models import load_model
+    from distillability.recipes import distill
+
+    teacher, ttok = load_model(tiny_pair["teacher"], device="cpu")
+    student, stok = load_model(tiny_pair["student_same"], device="cpu")
+    prompts, responses = ["Q: 1+2=?\nA:", "Q: 3+4+1=?\nA:"], [" 1+2=3. #### 3", " #### 8"]
+    for kind, method in (("fkl", "kd"), ("jsd", "gkd")):
+        cfg = from_dict(distill.DistillConfig, {"teacher": "t", "student": "s", "method": method, "chunk_size": 3,
+                                                "runtime": {"bf16": False}})
+        loss = distill.TokenLoss(cfg, teacher, ttok, student, stok, kind)
+        fused = loss(prompts, responses, [True, True], False)
+        monkeypatch.setattr(distill, "_fusable", lambda m: False)
+        plain = loss(prompts, responses, [True, True], False)
+        monkeypatch.undo()
+        assert abs(fused.item() - plain.item()) < 1e-5 and fused.item() > 0

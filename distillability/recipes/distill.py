@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..config import RuntimeConfig, TaskConfig, opt, save_config, sub, to_dict
 from ..crosstok import FirstCharProjector, align_pair, uld_distance
 from ..distributed import get_dist, global_mean
-from ..divergences import divergence_rows, token_divergence, topk_bucket_logprobs
+from ..divergences import divergence_rows, fused_token_divergence, token_divergence, topk_bucket_logprobs
 from ..errors import ConfigError, DataError, ModelError
 from ..evaluation import greedy_accuracy
 from ..io import load_records, require_field, versions, write_json, write_jsonl
@@ -127,6 +127,16 @@ def sample_teacher(teacher, ttok, task, cfg: DistillConfig, path: Path) -> list[
     return rows
 
 
+def _fusable(model) -> bool:
+    """logits = lm_head(model.model(...).last_hidden_state), with no soft-capping or scaling after the head."""
+    cfg = model.config
+    if hasattr(model, "peft_config") or not hasattr(model, "model"):
+        return False
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        return False
+    return isinstance(model.get_output_embeddings(), torch.nn.Linear)
+
+
 class TokenLoss:
     """Teacher-student token loss on (prompt, response) text, same vocabulary or across tokenizers."""
 
@@ -145,6 +155,20 @@ class TokenLoss:
         chat = cfg.task.use_chat_template
         if self.same_vocab:
             ids, attn, lmask = encode_sft_batch(self.stok, prompts, responses, dev, chat)
+            if not cfg.teacher_top_k and _fusable(self.student) and _fusable(self.teacher):
+                # hidden states + lm_head, chunked: the [positions, V] logits never exist at once
+                t_dev = next(self.teacher.parameters()).device
+                with torch.no_grad(), autocast_ctx(dev, cfg.runtime.bf16):
+                    t_hidden = self.teacher.model(input_ids=ids.to(t_dev), attention_mask=attn.to(t_dev)
+                                                  ).last_hidden_state[:, :-1].to(dev)
+                with autocast_ctx(dev, cfg.runtime.bf16):
+                    s_hidden = self.student.model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+                    s_head, t_head = self.student.get_output_embeddings(), self.teacher.get_output_embeddings()
+                    chunk = min(cfg.chunk_size, max(16, (1 << 26) // s_head.weight.shape[0]))  # <= 64M logits
+                    total = fused_token_divergence(s_hidden, s_head.weight, t_hidden, t_head.weight.to(dev), self.kind,
+                                                   lmask, cfg.beta, cfg.alpha, cfg.temperature, chunk, "sum",
+                                                   s_head.bias, None if t_head.bias is None else t_head.bias.to(dev))
+                return global_mean(total, lmask.sum())
             with torch.no_grad(), autocast_ctx(dev, cfg.runtime.bf16):
                 t_logits = self.teacher(input_ids=ids.to(next(self.teacher.parameters()).device),
                                         attention_mask=attn.to(next(self.teacher.parameters()).device)).logits[:, :-1].to(dev)
