@@ -81,7 +81,7 @@ def _rouge_reward(completions, reference, **_):
 
 class _StepTimer:
     def __init__(self):
-        self.times, self.t0 = [], None
+        self.times, self.t0, self.on_policy = [], None, {}
 
     def callback(self):
         from transformers import TrainerCallback
@@ -121,7 +121,13 @@ def worker_trl(kind: str, root: Path, steps: int, bf16: bool) -> list[float]:
                                               {"role": "assistant", "content": r["output"]}]} for r in rows])
         args = GKDConfig(**_trl_common(out, steps, bf16), per_device_train_batch_size=8, lmbda=0.5, beta=0.5,
                          max_new_tokens=COMPLETION_TOKENS, temperature=1.0, max_length=PROMPT_TOKENS + COMPLETION_TOKENS + 1)
-        trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds, processing_class=tok,
+        class FlaggedGKD(GKDTrainer):  # records which steps sampled from the student (on-policy)
+            @staticmethod
+            def generate_on_policy_outputs(model, inputs, generation_config):
+                timer.on_policy[len(timer.times)] = True
+                return GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
+
+        trainer = FlaggedGKD(model=student, teacher_model=teacher, args=args, train_dataset=ds, processing_class=tok,
                              callbacks=[timer.callback()])
     else:
         from trl import GRPOConfig, GRPOTrainer
@@ -135,13 +141,17 @@ def worker_trl(kind: str, root: Path, steps: int, bf16: bool) -> list[float]:
         trainer = GRPOTrainer(model=str(root / policy), reward_funcs=_rouge_reward, args=args, train_dataset=ds,
                               processing_class=tok, callbacks=[timer.callback()])
     trainer.train()
-    return timer.times
+    return {"times": timer.times, "on_policy": [bool(timer.on_policy.get(i)) for i in range(len(timer.times))]}
+
+
+LAST_OUT: list[str] = [""]
 
 
 def worker_ours(kind: str, root: Path, steps: int, bf16: bool) -> list[float]:
     from distillability.config import from_dict
 
     out = tempfile.mkdtemp()
+    LAST_OUT[0] = out
     task = {"name": "open", "path": str(root / "data.jsonl"), "num_train": 400, "num_eval": 8}
     runtime = {"bf16": bf16, "threads": int(os.environ.get("BENCH_THREADS", "2")), "progress": False, "seed": 0}
     if kind == "gkd":
@@ -163,7 +173,8 @@ def worker_ours(kind: str, root: Path, steps: int, bf16: bool) -> list[float]:
             "temperature": 1.0, "max_steps": steps, "learning_rate": 1e-4, "eval_prompts": 1, "eval_samples": 1,
             "save_steps": 0, "output_dir": out, "task": task, "runtime": runtime})
         calibrate.run(cfg)
-    return [json.loads(x)["s_step"] for x in (Path(out) / "log.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]
+    return {"times": [r["s_step"] for r in rows], "on_policy": [bool(r.get("on_policy")) for r in rows]}
 
 
 def worker_main(args) -> None:
@@ -171,9 +182,9 @@ def worker_main(args) -> None:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     fn = worker_trl if args.side == "trl" else worker_ours
-    times = fn(args.kind, Path(args.root), args.steps, args.bf16)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"times": times, "rss_mb": rss_mb}), flush=True)
+    res = fn(args.kind, Path(args.root), args.steps, args.bf16)
+    res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(res), flush=True)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -197,7 +208,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--trl-bf16", choices=["on", "off"], default="on", help="TRL's precision (its CPU default: on)")
-    ap.add_argument("--ours-bf16", choices=["on", "off"], default="on")
+    ap.add_argument("--ours-bf16", choices=["on", "off", "auto"], default="auto",
+                    help="auto: bf16 autocast when the trained model has hidden size >= 256 (the teacher), fp32 for "
+                         "the 0.56M student, whose matmuls are too small for AMX to beat the casts")
     ap.add_argument("--only", default="", help="comma list of gkd,grpo_teacher,grpo_student")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--side"), ap.add_argument("--kind"), ap.add_argument("--root")
@@ -223,18 +236,27 @@ def main() -> None:
     }
     if args.only:
         plan = {k: v for k, v in plan.items() if k in args.only.split(",")}
-    trl_bf16, ours_bf16 = args.trl_bf16 == "on", args.ours_bf16 == "on"
+    trl_bf16 = args.trl_bf16 == "on"
+    ours_bf16 = {k: args.ours_bf16 == "on" or (args.ours_bf16 == "auto" and k.startswith("grpo_teacher"))
+                 for k in ("gkd", "grpo_teacher", "grpo_teacher_eta", "grpo_student")}
     per_round: dict[str, list[float]] = {}
     rss: dict[str, list[float]] = {}
-    med = lambda xs: statistics.median(xs[args.warmup:] if len(xs) > args.warmup else xs)  # noqa: E731
+    def med(res: dict) -> float:
+        """Median s/step after warm-up; for GKD the expected step at lmbda = 0.5 from the medians of on- and
+        off-policy steps, since each side flips its own coins (equal work, not equal luck)."""
+        xs, on = res["times"][args.warmup:], res["on_policy"][args.warmup:]
+        if any(on) and not all(on):
+            return 0.5 * statistics.median([x for x, o in zip(xs, on) if o]) + 0.5 * statistics.median(
+                [x for x, o in zip(xs, on) if not o])
+        return statistics.median(xs)
     for r in range(args.rounds):
         for trl_kind, our_kinds in plan.values():
             t = run_one("trl", trl_kind, root, args.steps, trl_bf16)
-            t_med = med(t["times"])
+            t_med = med(t)
             rss.setdefault(f"trl_{trl_kind}", []).append(t["rss_mb"])
             for ours in our_kinds:
-                o = run_one("ours", ours, root, args.steps, ours_bf16)
-                o_med = med(o["times"])
+                o = run_one("ours", ours, root, args.steps, ours_bf16[ours])
+                o_med = med(o)
                 rss.setdefault(f"ours_{ours}", []).append(o["rss_mb"])
                 key = ours
                 per_round.setdefault(key, []).append(t_med / o_med)

@@ -21,6 +21,8 @@ def supports(model) -> bool:
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         return False
+    if not all(hasattr(layer.mlp, "gate_proj") and hasattr(layer, "post_attention_layernorm") for layer in inner.layers):
+        return False
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) and cfg.model_type == "mistral":
         return False  # sliding-window attention: leave it to transformers
     return True
@@ -32,14 +34,41 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Decoder:
-    def __init__(self, model) -> None:
+    def __init__(self, model, bf16: bool = False) -> None:
+        """bf16: the weights of every linear layer are cast once here (autocast would cast them at every
+        call); run decode inside the same torch.autocast context as the Hugging Face path."""
+        from transformers.activations import ACT2FN
+
         self.model = model
         self.inner = model.model
         cfg = model.config
+        self.act = ACT2FN[cfg.hidden_act]
+        dtype = torch.bfloat16 if bf16 else None
+        cast = (lambda t: t.to(dtype)) if dtype else (lambda t: t)  # noqa: E731
+        self.w = {model.lm_head: (cast(model.lm_head.weight), None if model.lm_head.bias is None else cast(model.lm_head.bias))}
+        self.fused = []  # per layer: q|k|v and gate|up projections as one matrix each (fewer, larger matmuls)
+        for layer in self.inner.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            qkv = [att.q_proj, att.k_proj, att.v_proj]
+            bias = None
+            if any(m.bias is not None for m in qkv):
+                bias = cast(torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in qkv]))
+            self.fused.append({
+                "qkv": (cast(torch.cat([m.weight for m in qkv])), bias),
+                "o": (cast(att.o_proj.weight), None if att.o_proj.bias is None else cast(att.o_proj.bias)),
+                "gu": (cast(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])), None),
+                "down": (cast(mlp.down_proj.weight), None),
+            })
+            if mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None or mlp.down_proj.bias is not None:
+                raise ValueError("fastgen: MLP biases are not supported")
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.scale = self.head_dim ** -0.5
+
+    def _lin(self, mod, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.w[mod]
+        return F.linear(x, w, b)
 
     def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: list, v_cache: list,
                 start: int, attn_mask: torch.Tensor) -> torch.Tensor:
@@ -48,11 +77,13 @@ class Decoder:
         end = start + t
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for i, layer in enumerate(self.inner.layers):
-            att = layer.self_attn
+            w = self.fused[i]
             h = layer.input_layernorm(x)
-            q = att.q_proj(h).view(B, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = att.k_proj(h).view(B, t, self.n_kv, self.head_dim).transpose(1, 2)
-            v = att.v_proj(h).view(B, t, self.n_kv, self.head_dim).transpose(1, 2)
+            qkv = F.linear(h, *w["qkv"])
+            nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+            q = qkv[..., :nq].reshape(B, t, self.n_heads, self.head_dim).transpose(1, 2)
+            k = qkv[..., nq:nq + nk].reshape(B, t, self.n_kv, self.head_dim).transpose(1, 2)
+            v = qkv[..., nq + nk:].reshape(B, t, self.n_kv, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k_cache[i][:, :, start:end] = k.to(k_cache[i].dtype)
@@ -63,12 +94,13 @@ class Decoder:
                 keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
             o = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask,
                                                scale=self.scale)
-            x = x + att.o_proj(o.transpose(1, 2).reshape(B, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + F.linear(o.transpose(1, 2).reshape(B, t, -1), *w["o"])
+            gate, up = F.linear(layer.post_attention_layernorm(x), *w["gu"]).chunk(2, dim=-1)
+            x = x + F.linear(self.act(gate) * up, *w["down"])
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.inner.norm(x[:, -1:])).float()[:, 0]
+        return self._lin(self.model.lm_head, self.inner.norm(x[:, -1:])).float()[:, 0]
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int,

@@ -92,7 +92,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             if use_fast and fastgen.supports(model):
                 pick = (lambda lg: lg.argmax(-1)) if greedy else (lambda lg, fn=sampler: fn(None, lg).argmax(-1))
-                new = fastgen.Decoder(model).decode(ids.to(device), mask.to(device), max_new_tokens, eos_id, pad_id,
+                new = fastgen.Decoder(model, bf16=autocast).decode(ids.to(device), mask.to(device), max_new_tokens, eos_id, pad_id,
                                                     pick).cpu()
             else:
                 kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id, use_cache=True,

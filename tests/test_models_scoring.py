@@ -158,8 +158,9 @@ def test_fast_decoder_gives_the_tokens_of_hf_generate(arch):
     assert fastgen.supports(model)
     prompts = [e.prompt for e in train[:12]]
     assert len({len(p) for p in prompts}) > 1
-    for greedy in (True, False):
-        fast = generate(model, tok, prompts, 20, 1.0, num_return_sequences=2, seed=3, greedy=greedy, use_fast=True)
-        slow = generate(model, tok, prompts, 20, 1.0, num_return_sequences=2, seed=3, greedy=greedy, use_fast=False)
-        assert [(g.token_ids, g.finished) for g in fast] == [(g.token_ids, g.finished) for g in slow]
+    for greedy, bf16 in ((True, False), (False, False), (False, True)):
+        kw = dict(num_return_sequences=2, seed=3, greedy=greedy, autocast=bf16)
+        fast = generate(model, tok, prompts, 20, 1.0, use_fast=True, **kw)
+        slow = generate(model, tok, prompts, 20, 1.0, use_fast=False, **kw)
+        assert [(g.token_ids, g.finished) for g in fast] == [(g.token_ids, g.finished) for g in slow], (greedy, bf16)
     assert any(g.finished for g in fast) and not all(g.finished for g in fast)

@@ -274,6 +274,7 @@ def run(cfg: DistillConfig) -> dict:
         else:
             responses = [samples[i]["response"] for i in pick]
             finished = [bool(samples[i].get("finished", True)) for i in pick]
+        t_gen = time.time() - t0
         student.train()
         if cfg.method == "sft":
             ids, attn, lmask = encode_sft_batch(stok, prompts, responses, device, chat)
@@ -289,7 +290,8 @@ def run(cfg: DistillConfig) -> dict:
         optimizer.step()
         scheduler.step()
         loss_value = float(dist.sum(loss.detach()))  # the global-batch loss
-        log.write({"step": step + 1, "loss": loss_value, "on_policy": on_policy, "s_step": time.time() - t0})
+        log.write({"step": step + 1, "loss": loss_value, "on_policy": on_policy, "s_generate": t_gen,
+                   "s_step": time.time() - t0})
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps) and dist.is_main:
             save_checkpoint(ckpt_root, step + 1, student, optimizer, scheduler)

@@ -1,0 +1,123 @@
+"""The knob over seeds (issue #11): run the demo pipeline for each seed, add the unseen attacker, and
+tabulate the ratios the paper's claim is about, relative to the eta = 0 *control* teacher.
+
+    .venv/bin/python bench/knob_seeds.py [--seeds 0 1 2] [--out bench/results] [key=value overrides ...]
+
+Per seed: `distillability demo --seed S` (its world, calibrations, SFT/KD/GKD students, evaluation), then
+the attacker the calibration never saw: SFT on only verified-correct teacher samples (`keep_correct_only`),
+into the world's student base (another size and tokenizer than the proxy), from the control,
+distillable and undistillable teachers. Writes `<out>/knob_seeds.json` (every seed's headline, the
+attacker's accuracies, ratios, means and spreads) and `<out>/knob_seeds.md` (the table for
+bench/README.md), and prints the table. Overrides go to every demo run (e.g. `calibrate.max_steps=60`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TEACHERS = ("control", "distillable", "undistillable")
+
+
+def _cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "distillability.cli", *args], check=True)
+
+
+def run_seed(seed: int, out: Path, overrides: list[str]) -> dict:
+    run = out / "runs" / f"seed{seed}"
+    t0 = time.time()
+    _cli("demo", "--seed", str(seed), "--output-dir", str(run), "progress=false", *overrides)
+    head = json.loads((run / "headline.json").read_text())
+    ev = json.loads((run / "evaluations.json").read_text())
+    student = ev["models"]["student"]
+    attacker = {}
+    for t in TEACHERS:
+        folder = run / f"attack_sft_correct_{t}"
+        card = folder / "distill_card.json"
+        if not card.exists():
+            dcfg = run / f"distill_sft_{t}" / "config.yaml"  # the pipeline's SFT settings, with the filter on
+            _cli("distill", "--config", str(dcfg), f"teacher={ev['teachers'][t]}", f"student={student}",
+                 "keep_correct_only=true", f"output_dir={folder}", "runtime.progress=false", "resume=false")
+        attacker[t] = json.loads(card.read_text())["student_accuracy"]
+    head["students"]["sft_correct_only"] = attacker
+    head["seed_wall_seconds"] = time.time() - t0
+    return head
+
+
+def ratios(head: dict) -> dict:
+    t = head["teachers"]
+    out = {"teacher_undistillable_vs_control": t["undistillable"] / max(t["control"], 1e-9),
+           "teacher_distillable_vs_control": t["distillable"] / max(t["control"], 1e-9)}
+    for method, accs in head["students"].items():
+        base = max(accs["control"], 1e-9)
+        out[f"{method}_undistillable_vs_control"] = accs["undistillable"] / base
+        out[f"{method}_distillable_vs_control"] = accs["distillable"] / base
+    return out
+
+
+TARGETS = {  # ratio name pattern -> (comparison, threshold), from issue #11
+    "teacher_undistillable_vs_control": (">=", 0.9),
+    "teacher_distillable_vs_control": (">=", 0.9),
+    "_undistillable_vs_control": ("<=", 0.6),
+    "_distillable_vs_control": (">=", 1.0),
+}
+
+
+def _target(name: str):
+    if name in TARGETS:
+        return TARGETS[name]
+    for suffix in ("_undistillable_vs_control", "_distillable_vs_control"):
+        if name.endswith(suffix):
+            return TARGETS[suffix]
+    return None
+
+
+def table(seeds: list[int], heads: list[dict]) -> tuple[str, dict]:
+    rs = [ratios(h) for h in heads]
+    names = list(rs[0])
+    summary = {}
+    lines = ["| ratio (vs the eta=0 control) | target | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | held in |",
+             "|---|---|" + "---|" * len(seeds) + "---|---|---|"]
+    for n in names:
+        vals = [r[n] for r in rs]
+        op, thr = _target(n)
+        held = sum((v >= thr) if op == ">=" else (v <= thr) for v in vals)
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        summary[n] = {"values": vals, "mean": statistics.mean(vals), "sd": sd, "target": f"{op} {thr}",
+                      "held_in_seeds": held}
+        lines.append(f"| {n} | {op} {thr} | " + " | ".join(f"{v:.2f}" for v in vals)
+                     + f" | {statistics.mean(vals):.2f} | {sd:.2f} | {held}/{len(vals)} |")
+    acc = ["", "| accuracy | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for role in ("original", "control", "distillable", "undistillable"):
+        acc.append(f"| teacher {role} | " + " | ".join(f"{h['teachers'][role]:.2f}" for h in heads) + " |")
+    for method in heads[0]["students"]:
+        for role in heads[0]["students"][method]:
+            acc.append(f"| student {method} <- {role} | "
+                       + " | ".join(f"{h['students'][method][role]:.2f}" for h in heads) + " |")
+    return "\n".join(lines + acc), summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides for every demo run")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    heads = [run_seed(s, out, args.overrides) for s in args.seeds]
+    md, summary = table(args.seeds, heads)
+    result = {"seeds": args.seeds, "overrides": args.overrides, "headlines": heads, "summary": summary,
+              "date": time.strftime("%Y-%m-%d")}
+    (out / "knob_seeds.json").write_text(json.dumps(result, indent=1))
+    (out / "knob_seeds.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
