@@ -258,6 +258,12 @@ def run(cfg: CalibrateConfig) -> dict:
 
         # 2. rewards: task verifier, and r_cal from the policy's own log-probs minus the proxy's (text level)
         r_task = torch.tensor([task.score(batch[g.prompt_index], g.text) for g in gens], dtype=torch.float64)
+        # the frozen models first, so their activations are gone before the policy's graph is built
+        logp_ref = ref_logprobs(ids, attn) if cfg.beta else None
+        prox = None
+        if cfg.eta != 0:
+            prox = sequence_logprobs(proxy, ptok, gen_prompts, texts, [g.finished for g in gens], chat,
+                                     autocast=rt.bf16)["logprob"]
         logp_first = None
         if cfg.num_iterations == 1:
             # one forward serves as pi_old (detached), as the policy's own log-prob for r_cal, and as the
@@ -269,12 +275,9 @@ def run(cfg: CalibrateConfig) -> dict:
             policy.eval()
             with torch.no_grad():
                 logp_old = _per_token_logprobs(policy, ids, attn, rt.bf16)
-        logp_ref = ref_logprobs(ids, attn) if cfg.beta else None
         r_cal = torch.zeros(len(gens), dtype=torch.float64)
         if cfg.eta != 0:
             own = (logp_old.double() * mask).sum(1).cpu()
-            prox = sequence_logprobs(proxy, ptok, gen_prompts, texts, [g.finished for g in gens], chat,
-                                     autocast=rt.bf16)["logprob"]
             r_cal = calibration_reward(own, prox, texts, mask.sum(1).cpu(), cfg.cal_normalization, cfg.cal_clip)
             if cfg.wellformed_gate != "off":
                 bad = torch.tensor([not task.well_formed(batch[g.prompt_index], g.text) for g in gens])
