@@ -31,42 +31,24 @@ class WorldSpec:
     modulus: int = 0  # 0: plain arithmetic; m: every step modulo m, numbers 0..m-1
 
 
-def _modular_example(rng: random.Random, spec: WorldSpec) -> Example:
+def _math_example(rng: random.Random, spec: WorldSpec) -> Example:
     m = spec.modulus
     n = rng.randint(spec.min_terms, spec.max_terms)
-    total = rng.randrange(m)
+    total = rng.randrange(m) if m else rng.randint(1, 9)
     expr, steps, running = str(total), [], []
     for _ in range(n - 1):
-        b, op = rng.randrange(m), rng.choice("+-")
-        new = (total + b) % m if op == "+" else (total - b) % m
+        if m:  # modular: any digit, either sign, the total wraps
+            b, op = rng.randrange(m), rng.choice("+-")
+            new = (total + b) % m if op == "+" else (total - b) % m
+        else:  # plain: totals never go below 0
+            b = rng.randint(1, 9)
+            op = "-" if (b <= total and rng.random() < 0.5) else "+"
+            new = total + b if op == "+" else total - b
         expr += f"{op}{b}"
         steps.append(f"{total}{op}{b}={new}")
         running.append(str(new))
         total = new
-    prompt = f"Q: {expr} mod {m}=?\nA:"
-    styles = {
-        "worked": f" {', '.join(steps)}. #### {total}",
-        "running": f" {', '.join(running)}. #### {total}",
-        "direct": f" #### {total}",
-    }
-    return Example(prompt=prompt, reference=str(total), family="math", solutions=styles)
-
-
-def _math_example(rng: random.Random, spec: WorldSpec) -> Example:
-    if spec.modulus:
-        return _modular_example(rng, spec)
-    n = rng.randint(spec.min_terms, spec.max_terms)
-    total = rng.randint(1, 9)
-    expr, steps, running = str(total), [], []
-    for _ in range(n - 1):
-        b = rng.randint(1, 9)
-        op = "-" if (b <= total and rng.random() < 0.5) else "+"
-        new = total + b if op == "+" else total - b
-        expr += f"{op}{b}"
-        steps.append(f"{total}{op}{b}={new}")
-        running.append(str(new))
-        total = new
-    prompt = f"Q: {expr}=?\nA:"
+    prompt = f"Q: {expr}{f' mod {m}' if m else ''}=?\nA:"
     styles = {
         "worked": f" {', '.join(steps)}. #### {total}",
         "running": f" {', '.join(running)}. #### {total}",
