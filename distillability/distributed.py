@@ -74,13 +74,6 @@ class Dist:
         if self.active:
             torch.distributed.barrier()
 
-    def broadcast(self, obj):
-        """rank 0's picklable object on every rank."""
-        if not self.active:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
 
 
 _DIST: Dist | None = None
