@@ -75,7 +75,6 @@ class Dist:
             torch.distributed.barrier()
 
 
-
 _DIST: Dist | None = None
 
 
