@@ -234,6 +234,8 @@ def save_config(cfg: Any, path: str | Path) -> None:
 class TaskConfig:
     name: str = opt("tiny-world", "Task: tiny-world, gsm8k, bigbench, mc, open, or gym:<reasoning-gym generator>.")
     path: str | None = opt(None, "Data file (JSONL/JSON) or BIG-bench task folder, for file-based tasks.")
+    fallback: str | None = opt(None, "A task without a file (e.g. gym:gsm_symbolic) to use instead when `path` "
+                               "does not exist, so a config also runs where the data set is absent.")
     num_train: int = opt(2000, "Training prompts drawn from the task.", min=0)
     num_eval: int = opt(100, "Held-out prompts, never used for training.", min=1)
     seed: int = opt(0, "Seed of the task's split (and of the tiny world's generator).")
@@ -249,6 +251,8 @@ class TaskConfig:
         from .tasks import WorldSpec, load_task
 
         spec = WorldSpec(self.world_min_terms, self.world_max_terms, self.world_mc_share, self.world_modulus)
+        if self.fallback and self.path and not Path(self.path).exists():
+            return load_task(self.fallback, None, self.num_train, self.num_eval, self.seed, spec)
         return load_task(self.name, self.path, self.num_train, self.num_eval, self.seed, spec)
 
     def validate(self) -> None:

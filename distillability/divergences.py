@@ -131,6 +131,40 @@ def fused_token_divergence(student_hidden: torch.Tensor, student_head: torch.Ten
     return total / m.sum().clamp(min=1)
 
 
+def _target_logprobs(h: torch.Tensor, t: torch.Tensor, head: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = _at_least_f32(F.linear(h, head, bias))
+    return logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def fused_target_logprobs(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
+                          mask: torch.Tensor | None = None, chunk_size: int = 1024,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """log softmax(hidden @ head^T + bias)[target] for every position ([..., H] -> [...]; 0 where `mask`
+    is false, and those positions get no logits at all), chunked with activation checkpointing like
+    fused_token_divergence: one chunk's [chunk, V] logits exist at a time (float32 log-sum-exp, like
+    scoring.gather_logprobs), and the backward pass makes them again."""
+    H = hidden.shape[-1]
+    h2, t2 = hidden.reshape(-1, H), targets.reshape(-1)
+    rows = (torch.arange(h2.shape[0], device=h2.device) if mask is None
+            else mask.reshape(-1).bool().nonzero().squeeze(-1))
+    needs_grad = torch.is_grad_enabled() and (h2.requires_grad or head.requires_grad)
+    parts = []
+    for idx in rows.split(chunk_size):
+        h, t = h2[idx], t2[idx]
+        parts.append(checkpoint(_target_logprobs, h, t, head, bias, use_reentrant=False) if needs_grad
+                     else _target_logprobs(h, t, head, bias))
+    dtype = torch.promote_types(h2.dtype, torch.float32)
+    values = torch.cat(parts) if parts else h2.new_zeros(0, dtype=dtype)
+    out = h2.new_zeros(h2.shape[0], dtype=dtype).index_put((rows,), values)
+    return out.view(targets.shape)
+
+
+def fused_nll(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+              chunk_size: int = 1024, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed -log softmax(hidden @ head^T + bias)[target] over the masked positions (fused_target_logprobs)."""
+    return -fused_target_logprobs(hidden, head, targets, mask, chunk_size, bias).sum()
+
+
 def topk_accumulated_kl(ref_logits: torch.Tensor, other_logits: torch.Tensor, ks: Sequence[int],
                         temperature: float = 1.0, chunk_size: int = 512) -> torch.Tensor:
     """Top-k accumulated KL(p_ref || p_other) for each k in `ks`.

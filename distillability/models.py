@@ -164,7 +164,8 @@ def packaged_model_dir(name: str) -> Path:
     if name not in PACKAGED:
         raise ModelError(f"unknown packaged model '{name}' (known: {', '.join(PACKAGED)})")
     out = cache_dir() / "models" / name
-    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+    if ((out / "config.json").exists() and any(out.glob("*.safetensors"))
+            and '"gguf"' not in (out / "config.json").read_text()):  # (older conversions kept the GGUF record)
         return out
     gguf = _gguf_path(name)
     try:
@@ -177,8 +178,9 @@ def packaged_model_dir(name: str) -> Path:
     import copy
 
     config = copy.deepcopy(src.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    for key in ("quantization_config", "_is_quantized"):  # (transformers 5 keeps both on a GGUF-loaded config)
+        if key in vars(config):
+            delattr(config, key)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
     if unexpected:
@@ -361,3 +363,19 @@ def packaged_qwen_tokenizer() -> PreTrainedTokenizerFast:
         tok.save_pretrained(tmp)
     tok.padding_side = "left"
     return tok
+
+
+def lm_parts(model):
+    """(body, head) when logits = head(body(...).last_hidden_state) with no soft-capping or scaling after
+    the head, so a loss can be computed from hidden states chunk by chunk (the [positions, V] logits never
+    exist at once); None otherwise. A peft-wrapped model gives its base model's parts (adapters included)."""
+    base = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    if cfg is None or not hasattr(base, "model") or not hasattr(base, "get_output_embeddings"):
+        return None
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:  # (a LoRA-wrapped head is not a plain projection)
+        return None
+    return base.model, head

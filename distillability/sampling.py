@@ -8,6 +8,7 @@ prompts share its batch, on the generation batch size, or on how many processes 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,6 +79,11 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
     encoded = [encode_prompt(tokenizer, p, use_chat_template) for p in prompts]
     reps = 1 if greedy else num_return_sequences
     rows = [(i, j) for i in range(len(prompts)) for j in range(reps)]
+    hf_model = model
+    if autocast and not (use_fast and fastgen.supports(model)) and rows:
+        # Hugging Face's loop under autocast re-casts every weight to bf16 at every token, and decoding a
+        # large-vocabulary model is bound by reading those weights: decode with a bf16 copy, cast once
+        hf_model = copy.deepcopy(model).to(torch.bfloat16).eval()
     for start in range(0, len(rows), max(1, batch_size)):
         chunk = rows[start:start + batch_size]
         T = max(len(encoded[i]) for i, _ in chunk)
@@ -89,7 +95,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
             mask[r, T - len(c):] = 1
         sampler = None if greedy else GumbelSampler([row_seed(seed, index_offset + i, j) for i, j in chunk], device,
                                                     temperature, top_k, top_p)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and hf_model is model):
             if use_fast and fastgen.supports(model):
                 pick = (lambda lg: lg.argmax(-1)) if greedy else (lambda lg, fn=sampler: fn(None, lg).argmax(-1))
                 new = fastgen.Decoder(model, bf16=autocast).decode(ids.to(device), mask.to(device), max_new_tokens, eos_id, pad_id,
@@ -99,7 +105,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
                               do_sample=False, num_return_sequences=1)
                 if sampler is not None:
                     kwargs["logits_processor"] = LogitsProcessorList([sampler])
-                seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                seqs = hf_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
                 new = seqs[:, T:].cpu()
         for r, (i, _) in enumerate(chunk):
             toks = new[r].tolist()

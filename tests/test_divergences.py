@@ -124,3 +124,41 @@ def test_fused_token_divergence_equals_logits_path_with_gradients(kind):
     assert abs(out.item() - ref.item()) < 1e-10
     for a, b in zip(grads, ref_grads):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fused_nll_loss_equals_the_logits_path_with_gradients(lora):
+    """training.nll_loss from hidden states, chunked over the masked positions only (what SFT on a 262k
+    vocabulary uses), equals log_softmax of the full logits, value and gradients, in float64; a LoRA-wrapped
+    model takes the same path (its adapters included)."""
+    from distillability.models import TinyModelSpec, build_tiny_model, lm_parts, train_tokenizer
+    from distillability.training import apply_lora, nll_loss
+
+    tok = train_tokenizer(["Q: 1+2=?\nA: 3 #### 3", "abcdefghij 0123456789"], 0, "char")
+    model = build_tiny_model(TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tok, seed=4)
+    if lora:
+        model = apply_lora(model, 4, 8)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, 0, 0.1)  # (B starts at zero: make the adapters matter)
+    model = model.double()
+    assert lm_parts(model) is not None
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, len(tok), (3, 11), generator=g)
+    attn = torch.ones_like(ids)
+    attn[0, :2] = 0  # left padding
+    lmask = torch.rand(3, 10, generator=g) > 0.4
+    lmask[0, :2] = False
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    fused = nll_loss(model, ids, attn, lmask)
+    g_fused = torch.autograd.grad(fused, trainable)
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    ref = -(lp * lmask).sum() / lmask.sum()
+    g_ref = torch.autograd.grad(ref, trainable)
+    assert fused.item() == pytest.approx(ref.item(), abs=1e-10)
+    from distillability.scoring import token_logprobs
+
+    per_token = token_logprobs(model, ids, attn)  # (the scoring path: every position, fused too)
+    assert (per_token - lp).abs().max().item() < 1e-10
+    assert max((a - b).abs().max().item() for a, b in zip(g_fused, g_ref)) < 1e-10

@@ -196,7 +196,41 @@ def test_fused_kd_loss_equals_logits_loss(tiny_pair, monkeypatch):
                                                 "runtime": {"bf16": False}})
         loss = distill.TokenLoss(cfg, teacher, ttok, student, stok, kind)
         fused = loss(prompts, responses, [True, True], False)
-        monkeypatch.setattr(distill, "_fusable", lambda m: False)
+        monkeypatch.setattr(distill, "lm_parts", lambda m: None)
         plain = loss(prompts, responses, [True, True], False)
         monkeypatch.undo()
         assert abs(fused.item() - plain.item()) < 1e-5 and fused.item() > 0
+
+
+def test_distill_from_the_dataset_trains_on_reference_solutions(tiny_pair, tmp_path):
+    """teacher=dataset: SFT on the task's own worked solutions (the real-model pipeline's teacher SFT stage)."""
+    from distillability.errors import ConfigError
+    from distillability.tasks import load_task
+
+    card = distill.run(load_config(distill.DistillConfig, overrides=[
+        "teacher=dataset", f"student={tiny_pair['student_same']}", "method=sft", "max_steps=4", "num_prompts=12",
+        "per_device_train_batch_size=4", "max_new_tokens=16", "eval_prompts=4", "learning_rate=3e-3",
+        "warmup_steps=0", f"output_dir={tmp_path}", *FAST]))
+    rows = [json.loads(x) for x in (tmp_path / "teacher_samples.jsonl").read_text().splitlines()]
+    train = load_task("tiny-world", num_train=200, num_eval=16, seed=0).train[:12]
+    assert [r["response"] for r in rows] == [e.solution for e in train] and card["teacher_sample_accuracy"] == 1.0
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    with pytest.raises(ConfigError, match="'dataset' works with method=sft"):
+        distill.run(load_config(distill.DistillConfig, overrides=[
+            "teacher=dataset", f"student={tiny_pair['student_same']}", "method=kd", f"output_dir={tmp_path / 'x'}", *FAST]))
+
+
+def test_real_model_config_loads_without_typos():
+    """configs/gemma270m-smollm2-gsm.yaml is a valid pipeline config (every key known, every value in range)."""
+    import yaml
+
+    from distillability.config import from_dict
+    from distillability.recipes.pipeline import PipelineConfig, apply_preset
+
+    root = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((root / "configs" / "gemma270m-smollm2-gsm.yaml").read_text())
+    cfg = from_dict(PipelineConfig, apply_preset(data, False))
+    assert cfg.teacher == "packaged:gemma-3-270m" and cfg.teacher_sft_steps > 0 and cfg.calibrate.use_peft
+    assert cfg.task.fallback == "gym:gsm_symbolic" and cfg.distill.cross_tokenizer == "char"
+    assert cfg.calibrate.runtime.bf16 and cfg.methods == ["sft", "gkd"]

@@ -82,3 +82,18 @@ def test_data_file_errors_name_file_and_line(tmp_path):
     wrong_type.write_text('{"question": 5, "answer": "#### 1"}\n')
     with pytest.raises(DataError, match="field 'question' should be str"):
         load_task("gsm8k", str(wrong_type))
+
+
+def test_gym_worked_solutions_and_fallback_task(tmp_path):
+    pytest.importorskip("reasoning_gym")
+    from distillability.config import TaskConfig
+
+    task = load_task("gym:gsm_symbolic", num_train=6, num_eval=3, seed=0)
+    for e in task.train:
+        assert len(e.solution) > 40 and "\n#### " in e.solution  # worked steps, then the marked answer
+        assert task.score(e, e.solution) == 1.0
+    # a config that names a data file still runs where the file is absent, on its fallback task
+    cfg = TaskConfig(name="gsm8k", path=str(tmp_path / "absent.jsonl"), fallback="gym:chain_sum", num_train=4, num_eval=2)
+    assert cfg.load().name == "gym:chain_sum"
+    with pytest.raises(DataError):
+        TaskConfig(name="gsm8k", path=str(tmp_path / "absent.jsonl"), num_train=4, num_eval=2).load()

@@ -33,9 +33,10 @@ from ..evaluation import greedy_accuracy, mean_calibration_divergence
 from ..io import versions, write_json
 from ..models import check_context, pick_device, save_model
 from ..sampling import generate
-from ..scoring import encode_prompt, gather_logprobs, pad_batch, sequence_logprobs
+from ..scoring import encode_prompt, pad_batch, sequence_logprobs, token_logprobs
 from ..training import (
     StepLog,
+    apply_lora,
     autocast_ctx,
     check_finite,
     load_checkpoint,
@@ -159,8 +160,7 @@ def _completion_batch(tokenizer, prompt_ids: list[list[int]], gens, device):
 
 def _per_token_logprobs(model, ids, attn, autocast: bool):
     with autocast_ctx(ids.device, autocast):
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-    return gather_logprobs(logits, ids[:, 1:])
+        return token_logprobs(model, ids, attn)
 
 
 def calibration_reward(policy_seq_logprob: torch.Tensor, proxy_seq_logprob: torch.Tensor, texts: list[str],
@@ -187,10 +187,7 @@ def run(cfg: CalibrateConfig) -> dict:
     dist = get_dist()
     dist.start(next(policy.parameters()).device)
     if cfg.use_peft:
-        from peft import LoraConfig, get_peft_model
-
-        policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
-                                                   task_type="CAUSAL_LM"))
+        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha)
         reference = None  # pi_0 = the base weights, reached by disabling the adapter
     else:
         reference = copy.deepcopy(policy).to(pick_device(rt.frozen_device)).requires_grad_(False).eval()

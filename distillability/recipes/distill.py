@@ -32,11 +32,12 @@ from ..divergences import divergence_rows, fused_token_divergence, token_diverge
 from ..errors import ConfigError, DataError, ModelError
 from ..evaluation import greedy_accuracy
 from ..io import load_records, require_field, versions, write_json, write_jsonl
-from ..models import check_context, same_vocabulary, save_model
+from ..models import check_context, lm_parts, same_vocabulary, save_model
 from ..sampling import generate
 from ..scoring import gather_logprobs, pad_batch
 from ..training import (
     StepLog,
+    apply_lora,
     autocast_ctx,
     check_finite,
     encode_sft_batch,
@@ -51,7 +52,8 @@ from ..training import (
 
 @dataclasses.dataclass
 class DistillConfig:
-    teacher: str = opt("", "The teacher (folder, packaged:NAME or hub id).")
+    teacher: str = opt("", "The teacher (folder, packaged:NAME or hub id), or `dataset`: SFT on the task's own "
+                       "reference solutions (e.g. GSM8K's worked answers) instead of a model's samples.")
     student: str = opt("", "The student to train (its starting weights).")
     output_dir: str = opt("runs/distill", "Where the student, card, samples, logs and checkpoints go.")
     method: str = opt("sft", "How to distill.", choices=("sft", "kd", "gkd"))
@@ -78,6 +80,9 @@ class DistillConfig:
     per_device_train_batch_size: int = opt(16, "Sequences per step.", min=1)
     learning_rate: float = opt(1e-3, "AdamW learning rate.", min=0, min_exclusive=True)
     warmup_steps: int = opt(10, "Linear warm-up steps.", min=0)
+    use_peft: bool = opt(False, "Train LoRA adapters (peft) on the student instead of all weights (merged on save).")
+    lora_r: int = opt(16, "LoRA rank.", min=1)
+    lora_alpha: int = opt(32, "LoRA alpha.", min=1)
     chunk_size: int = opt(1024, "Positions per chunk of the token losses.", min=1)
     eval_prompts: int = opt(100, "Held-out prompts for the student's before/after accuracy.", min=1)
     save_steps: int = opt(25, "Checkpoint every N steps (0 = never).", min=0)
@@ -102,6 +107,14 @@ def sample_teacher(teacher, ttok, task, cfg: DistillConfig, path: Path) -> list[
             write_jsonl(path, rows)
         return rows
     dist = get_dist()
+    if teacher is None:  # teacher=dataset: the task's reference solutions
+        rows = [{"prompt": e.prompt, "response": e.solution, "finished": True, "correct": 1.0}
+                for e in task.train[: cfg.num_prompts] if e.solution]
+        if not rows:
+            raise DataError(f"task '{cfg.task.name}': no reference solutions to train on (teacher=dataset)")
+        if dist.is_main:
+            write_jsonl(path, rows)
+        return rows
     if path.exists() and cfg.resume:
         dist.barrier()
         return load_records(path)
@@ -127,16 +140,6 @@ def sample_teacher(teacher, ttok, task, cfg: DistillConfig, path: Path) -> list[
     return rows
 
 
-def _fusable(model) -> bool:
-    """logits = lm_head(model.model(...).last_hidden_state), with no soft-capping or scaling after the head."""
-    cfg = model.config
-    if hasattr(model, "peft_config") or not hasattr(model, "model"):
-        return False
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
-        return False
-    return isinstance(model.get_output_embeddings(), torch.nn.Linear)
-
-
 class TokenLoss:
     """Teacher-student token loss on (prompt, response) text, same vocabulary or across tokenizers."""
 
@@ -155,15 +158,16 @@ class TokenLoss:
         chat = cfg.task.use_chat_template
         if self.same_vocab:
             ids, attn, lmask = encode_sft_batch(self.stok, prompts, responses, dev, chat)
-            if not cfg.teacher_top_k and _fusable(self.student) and _fusable(self.teacher):
+            s_parts, t_parts = lm_parts(self.student), lm_parts(self.teacher)
+            if not cfg.teacher_top_k and s_parts and t_parts:
                 # hidden states + lm_head, chunked: the [positions, V] logits never exist at once
                 t_dev = next(self.teacher.parameters()).device
                 with torch.no_grad(), autocast_ctx(dev, cfg.runtime.bf16):
-                    t_hidden = self.teacher.model(input_ids=ids.to(t_dev), attention_mask=attn.to(t_dev)
-                                                  ).last_hidden_state[:, :-1].to(dev)
+                    t_hidden = t_parts[0](input_ids=ids.to(t_dev), attention_mask=attn.to(t_dev)
+                                          ).last_hidden_state[:, :-1].to(dev)
                 with autocast_ctx(dev, cfg.runtime.bf16):
-                    s_hidden = self.student.model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
-                    s_head, t_head = self.student.get_output_embeddings(), self.teacher.get_output_embeddings()
+                    s_hidden = s_parts[0](input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+                    s_head, t_head = s_parts[1], t_parts[1]
                     chunk = min(cfg.chunk_size, max(16, (1 << 26) // s_head.weight.shape[0]))  # <= 64M logits
                     total = fused_token_divergence(s_hidden, s_head.weight, t_hidden, t_head.weight.to(dev), self.kind,
                                                    lmask, cfg.beta, cfg.alpha, cfg.temperature, chunk, "sum",
@@ -220,14 +224,19 @@ def run(cfg: DistillConfig) -> dict:
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     t_start = time.time()
-    teacher, ttok = rt.load(cfg.teacher, frozen=True)
+    from_data = cfg.teacher == "dataset"
+    if from_data and (cfg.method != "sft" or cfg.teacher_samples):
+        raise ConfigError("config key 'teacher': 'dataset' works with method=sft and no teacher_samples")
+    teacher, ttok = (None, None) if from_data else rt.load(cfg.teacher, frozen=True)
     student, stok = rt.load(cfg.student)
+    if cfg.use_peft:
+        student = apply_lora(student, cfg.lora_r, cfg.lora_alpha)
     dist = get_dist()
     dist.start(next(student.parameters()).device)
     task = cfg.task.load()
     held_out = task.eval[: cfg.eval_prompts]
     chat = cfg.task.use_chat_template
-    if not cfg.teacher_samples:
+    if not cfg.teacher_samples and not from_data:
         check_context(teacher, ttok, task.train[: cfg.num_prompts], cfg.max_new_tokens, chat, "the teacher")
     check_context(student, stok, task.train[: cfg.num_prompts] + held_out, cfg.max_new_tokens, chat, "the student")
     token_loss = None

@@ -34,6 +34,8 @@ class PipelineConfig:
     teacher: str = opt("", "Teacher model; empty = build the tiny world's teacher.")
     proxy: str = opt("", "Calibration proxy; empty = the tiny world's proxy.")
     student: str = opt("", "Student base; empty = the tiny world's student.")
+    teacher_sft_steps: int = opt(0, "SFT steps on the task's reference solutions (teacher=dataset) that make a "
+                                 "pretrained teacher competent on the task before anything else; 0 = skip.", min=0)
     converge_steps: int = opt(25, "RL steps on task reward alone that make the teacher 'converged' "
                               "(the released-instruct-model role) before anything else; 0 = skip.", min=0)
     eta_distillable: float = opt(-1.0, "eta of the distillable calibration (< 0).", max=0)
@@ -42,6 +44,8 @@ class PipelineConfig:
     skip: list[str] = opt([], "Stages to skip.", choices=("diagnose", "calibrate", "distill"))
     threads: int = opt(2, "torch CPU threads.", min=0)
     progress: bool = opt(True, "Progress bars.")
+    teacher_sft: distill.DistillConfig = sub(distill.DistillConfig, "Settings of the teacher's SFT stage "
+                                             "(teacher_sft_steps > 0; models, method and steps are filled in).")
     world: WorldConfig = sub(WorldConfig, "The tiny world (used when teacher/proxy/student are empty).")
     task: TaskConfig = sub(TaskConfig, "The task (tiny-world by default).")
     diagnose: diagnose.DiagnoseConfig = sub(diagnose.DiagnoseConfig, "Diagnose settings (models are filled in).")
@@ -104,7 +108,7 @@ def run(cfg: PipelineConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "pipeline_config.yaml")
     n_teachers = 1 if "calibrate" in cfg.skip else len(TEACHERS)
-    stages_total = (1 + (0 if "diagnose" in cfg.skip else 1) + (0 if "calibrate" in cfg.skip else 3)
+    stages_total = (1 + (1 if cfg.teacher_sft_steps else 0) + (0 if "diagnose" in cfg.skip else 1) + (0 if "calibrate" in cfg.skip else 3)
                     + (0 if "distill" in cfg.skip else n_teachers * len(cfg.methods)) + 1)
     done = [0]
 
@@ -123,6 +127,12 @@ def run(cfg: PipelineConfig) -> dict:
         models = build_world(cfg.world, _with(cfg.task, seed=cfg.seed), progress=cfg.progress)
     task = _with(cfg.task, seed=cfg.seed)
     original = models["teacher"]
+    if cfg.teacher_sft_steps:
+        announce(f"teacher SFT: {cfg.teacher_sft_steps} steps on the task's reference solutions")
+        scfg = _with(cfg.teacher_sft, teacher="dataset", student=original, method="sft", max_steps=cfg.teacher_sft_steps,
+                     teacher_samples=None, output_dir=str(out / "teacher_sft"), task=task, runtime=runtime(cfg.teacher_sft))
+        _stage(out, "teacher_sft", scfg, "distill_card.json", distill.run)
+        original = str(out / "teacher_sft" / "model")
     if cfg.converge_steps:
         conv = _with(cfg.calibrate, model=original, proxy=models["proxy"], eta=0.0, max_steps=cfg.converge_steps,
                      output_dir=str(out / "teacher_converged"), task=task, runtime=runtime(cfg.calibrate))

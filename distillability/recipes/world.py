@@ -12,7 +12,15 @@ from pathlib import Path
 
 from ..config import TaskConfig, opt
 from ..io import write_json
-from ..models import TinyModelSpec, build_tiny_model, cache_dir, num_params, save_model, train_tokenizer
+from ..models import (
+    TinyModelSpec,
+    build_tiny_model,
+    cache_dir,
+    num_params,
+    pick_device,
+    save_model,
+    train_tokenizer,
+)
 from ..training import fit_lm, seed_everything
 
 
@@ -45,6 +53,7 @@ def build_world(cfg: WorldConfig, task: TaskConfig, progress: bool = True, cache
     if cache and all((Path(p) / "config.json").exists() for p in paths.values()):
         return paths
     seed_everything(seed)
+    device = pick_device()  # a GPU when there is one (the CPU path is unchanged)
     train = task.load().train
     rng = random.Random(seed)
     styles = ["worked", "running", "direct"]
@@ -62,11 +71,11 @@ def build_world(cfg: WorldConfig, task: TaskConfig, progress: bool = True, cache
     for i, (name, (tok, size, steps, mix, arch)) in enumerate(plan.items()):
         h, layers, mlp = size
         model = build_tiny_model(TinyModelSpec(hidden_size=h, num_layers=layers, num_heads=4, intermediate_size=mlp,
-                                               architecture=arch), tok, seed=seed + i)
+                                               architecture=arch), tok, seed=seed + i).to(device)
         chosen = [rng.choices(styles, weights=mix)[0] for _ in train]
         losses = fit_lm(model, tok, [e.prompt for e in train], [e.solutions[s] for e, s in zip(train, chosen)],
                         steps=steps, batch_size=cfg.batch_size, lr=cfg.learning_rate, seed=seed + i,
-                        desc=f"world: {name} SFT", progress=progress, autocast=False)
+                        desc=f"world: {name} SFT", progress=progress, autocast=device.type == "cuda")
         save_model(model, tok, paths[name])
         info[name] = {"params": num_params(model), "vocab": len(tok), "final_loss": losses[-1], "steps": steps}
     write_json(root / "world.json", {"config": dataclasses.asdict(cfg), "seed": seed, "models": info})

@@ -116,8 +116,12 @@ def reasoning_gym_rows(name: str, size: int, seed: int) -> list[Example]:
     for item in ds:
         ans = str(item["answer"])
         family = "math" if re.fullmatch(r"-?\d+(\.\d+)?", ans.strip()) else "open"
+        # generators with worked solutions (gsm_symbolic's answer_cot) give them as the reference solution
+        cot = str((item.get("metadata") or {}).get("answer_cot") or "").strip()
+        if cot and "####" not in cot:
+            cot += f"\n#### {ans}"
         out.append(Example(prompt=f"Question: {item['question']}\nAnswer:", reference=ans, family=family,
-                           solutions={"dataset": f" #### {ans}"}))
+                           solutions={"dataset": " " + (cot or f"#### {ans}")}, source=f"gym:{name}[{len(out)}]"))
     return out
 
 
