@@ -81,9 +81,14 @@ def nll_loss(model, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tens
 def apply_lora(model, r: int, alpha: int):
     """Wrap `model` with LoRA adapters on every linear layer (peft); only the adapters train, and
     `models.save_model` merges them into a plain model."""
+    import warnings
+
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with warnings.catch_warnings():  # (peft asks transformers 5 a deprecated question; nothing for the user to do)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"))
 
 
 def make_optimizer(params, lr: float, weight_decay: float = 0.0):

@@ -166,28 +166,25 @@ def test_fast_decoder_gives_the_tokens_of_hf_generate(arch):
     assert any(g.finished for g in fast) and not all(g.finished for g in fast)
 
 
-def test_hf_generate_under_bf16_decodes_a_bf16_copy_and_leaves_the_model_alone():
-    """Architectures without the lean decoder (here a tiny Gemma-3) generate with Hugging Face's loop; under
-    bf16 they decode a bf16 copy cast once (not a re-cast at every token): the model keeps its float32
-    weights, and greedy tokens mostly agree with float32 decoding."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+def test_lora_model_generates_from_a_merged_copy_and_keeps_its_adapters():
+    """A LoRA-wrapped policy decodes from a merged copy (unmerged adapters cost ~3x per token): the tokens
+    are those of the merged model, and the policy keeps its trainable adapters."""
+    import copy
 
-    from distillability import fastgen
+    from distillability.training import apply_lora
 
-    train, _ = world_splits(80, 4, 0)
+    train, _ = world_splits(60, 4, 0)
     tok = train_tokenizer([e.prompt + e.solutions["worked"] for e in train], 0, "char")
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=16, max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)).eval()
-    assert not fastgen.supports(model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    prompts = [e.prompt for e in train[:16]]
-    fp32 = generate(model, tok, prompts, 8, greedy=True)
-    bf16 = generate(model, tok, prompts, 8, greedy=True, autocast=True)
-    sampled = generate(model, tok, prompts, 8, 1.0, seed=2, autocast=True)
-    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    first_agree = sum(a.token_ids[:1] == b.token_ids[:1] for a, b in zip(fp32, bf16)) / len(prompts)
-    assert first_agree >= 0.75, first_agree
-    assert len({tuple(g.token_ids) for g in sampled}) > 1 and all(len(g.token_ids) <= 8 for g in sampled)
+    model = apply_lora(build_tiny_model(TinyModelSpec(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+                                        tok, seed=3), 4, 8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    merged = copy.deepcopy(model).merge_and_unload()
+    prompts = [e.prompt for e in train[:8]]
+    for kw in (dict(greedy=True), dict(seed=4)):
+        a = generate(model, tok, prompts, 10, **kw)
+        b = generate(merged, tok, prompts, 10, **kw)
+        assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert hasattr(model, "peft_config") and any(p.requires_grad and "lora" in n for n, p in model.named_parameters())

@@ -108,3 +108,49 @@ def test_distill_smollm2_from_gemma_by_sft_loss_falls(real_cache, monkeypatch, t
     assert card["num_teacher_samples"] == 4
     log = [json.loads(x)["loss"] for x in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert sum(log[-2:]) / 2 < sum(log[:2]) / 2, log
+
+
+def test_real_pipeline_config_runs_every_stage_at_reduced_budget(real_cache, monkeypatch, tmp_path):
+    """configs/gemma270m-smollm2-gsm.yaml end to end (teacher SFT, diagnose, 3 LoRA calibrations, SFT and
+    cross-tokenizer GKD from 4 teachers, evaluation, report) with a few steps and short completions: every
+    artifact is written and the losses move. (GSM8K from ../shared when present, else gym:gsm_symbolic.)"""
+    _need_real(real_cache, monkeypatch)
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from distillability.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # (the config's data path is relative to the project)
+    out = tmp_path / "run"
+    small = ["teacher_sft_steps=3", "task.num_train=24", "task.num_eval=4", "teacher_sft.num_prompts=24",
+             "teacher_sft.eval_prompts=2", "teacher_sft.max_new_tokens=24", "diagnose.num_prompts=2",
+             "diagnose.max_new_tokens=24", "calibrate.max_steps=1", "calibrate.num_generations=2",
+             "calibrate.prompts_per_step=2", "calibrate.max_completion_length=24", "calibrate.eval_prompts=2",
+             "distill.num_prompts=4", "distill.max_steps=2", "distill.per_device_train_batch_size=2",
+             "distill.eval_prompts=2", "distill.max_new_tokens=24", "distill.lmbda=1.0", "evaluate.num_prompts=2",
+             "evaluate.max_new_tokens=24", "progress=false"]
+    r = CliRunner().invoke(main, ["pipeline", "--config", "configs/gemma270m-smollm2-gsm.yaml", f"output_dir={out}",
+                                  *small])
+    assert r.exit_code == 0, r.output
+    headline = json.loads((out / "headline.json").read_text())
+    assert set(headline["teachers"]) == {"original", "control", "distillable", "undistillable"}
+    assert set(headline["students"]) == {"sft", "gkd"} and all(len(v) == 4 for v in headline["students"].values())
+    for f in ("report.md", "report.html", "diagnose/diagnose.json", "teacher_sft/model/model.safetensors",
+              "calibrate_undistillable/model/model.safetensors", "distill_gkd_undistillable/model/model.safetensors"):
+        assert (out / f).exists(), f
+
+    def losses(stage):
+        return [json.loads(x)["loss"] for x in (out / stage / "log.jsonl").read_text().splitlines()]
+
+    sft = losses("teacher_sft")
+    assert len(sft) == 3 and sft[-1] < sft[0], sft  # the teacher learns the worked solutions
+    for stage in ("distill_sft_control", "distill_gkd_undistillable"):
+        assert len(set(losses(stage))) == 2 and all(v > 0 for v in losses(stage)), stage
+    gkd_card = json.loads((out / "distill_gkd_original" / "distill_card.json").read_text())
+    assert gkd_card["cross_tokenizer"] == "char"
+    for name in ("distillable", "undistillable"):  # eta != 0: r_cal has spread even when no answer is right
+        card = json.loads((out / f"calibrate_{name}" / "calibration_card.json").read_text())
+        assert card["before_D_per_char"] != card["after_D_per_char"], name

@@ -234,3 +234,24 @@ def test_real_model_config_loads_without_typos():
     assert cfg.teacher == "packaged:gemma-3-270m" and cfg.teacher_sft_steps > 0 and cfg.calibrate.use_peft
     assert cfg.task.fallback == "gym:gsm_symbolic" and cfg.distill.cross_tokenizer == "char"
     assert cfg.calibrate.runtime.bf16 and cfg.methods == ["sft", "gkd"]
+
+
+@pytest.mark.slow
+def test_gpu_knob_script_runs_at_small_size_and_refuses_without_a_gpu(tmp_path):
+    """bench/gpu_knob.sh: --small runs the same chain at CPU smoke size and writes the headline table;
+    the GPU size refuses in one line where there is no CUDA device."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(root / "bench" / "gpu_knob.sh"), "--small", str(tmp_path / "k"), "methods=[sft]",
+                        "skip=[diagnose]"], cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (tmp_path / "k" / "headline.md").read_text()
+    assert "| student (sft) |" in table and "CPU" in table.splitlines()[0]
+    if not torch.cuda.is_available():
+        r = subprocess.run(["bash", str(root / "bench" / "gpu_knob.sh"), str(tmp_path / "g")], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "no CUDA device" in r.stderr
