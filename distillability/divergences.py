@@ -159,10 +159,9 @@ def fused_target_logprobs(hidden: torch.Tensor, head: torch.Tensor, targets: tor
     return out.view(targets.shape)
 
 
-def fused_nll(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-              chunk_size: int = 1024, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed -log softmax(hidden @ head^T + bias)[target] over the masked positions (fused_target_logprobs)."""
-    return -fused_target_logprobs(hidden, head, targets, mask, chunk_size, bias).sum()
+def head_chunk_rows(vocab_size: int) -> int:
+    """Positions per chunk of a fused head loss: at most 64M logits per chunk."""
+    return max(16, (1 << 26) // vocab_size)
 
 
 def topk_accumulated_kl(ref_logits: torch.Tensor, other_logits: torch.Tensor, ks: Sequence[int],

@@ -68,19 +68,21 @@ def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int
     return torch.cat(out)
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T-1]: log-prob of token t+1 given tokens <= t (right-padded input). Where the model allows
     (models.lm_parts) it is computed from hidden states a chunk of positions at a time, so the [B, T, V]
-    logits never exist (gigabytes for a 262k vocabulary); same values, and gradients where enabled."""
-    from .divergences import fused_target_logprobs
+    logits never exist (gigabytes for a 262k vocabulary); same values, and gradients where enabled.
+    `positions` ([B, T-1] bool): only those are needed (the fused path skips the others, leaving 0)."""
+    from .divergences import fused_target_logprobs, head_chunk_rows
     from .models import lm_parts
 
     parts = lm_parts(model)
     if parts is not None:
         body, head = parts
         hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
-        chunk = max(16, (1 << 26) // head.weight.shape[0])  # <= 64M logits per chunk
-        return fused_target_logprobs(hidden, head.weight, input_ids[:, 1:], None, chunk, head.bias)
+        return fused_target_logprobs(hidden, head.weight, input_ids[:, 1:], positions,
+                                     head_chunk_rows(head.weight.shape[0]), head.bias)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
     return gather_logprobs(logits, input_ids[:, 1:])
 

@@ -14,11 +14,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .divergences import fused_nll
 from .errors import TrainingDiverged
 from .io import append_jsonl, atomic_path
-from .models import lm_parts
-from .scoring import encode_pair, gather_logprobs, pad_batch
+from .scoring import encode_pair, pad_batch, token_logprobs
 
 
 def set_threads(n: int) -> None:
@@ -61,18 +59,10 @@ def encode_sft_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str]
 def nll_loss(model, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor, normalise=None) -> torch.Tensor:
     """Mean negative log-likelihood of the masked next-token targets (`normalise(sum, count)` replaces
     the plain mean, e.g. distributed.global_mean). Where the model allows (models.lm_parts), the loss is
-    computed from hidden states in chunks over the masked positions only (divergences.fused_nll): same
+    computed from hidden states in chunks over the masked positions only (scoring.token_logprobs): same
     value, no [B, T, V] logits (for a 262k vocabulary, gigabytes per batch)."""
-    parts = lm_parts(model)
-    if parts is not None:
-        body, head = parts
-        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-        chunk = max(16, (1 << 26) // head.weight.shape[0])  # <= 64M logits per chunk
-        total = fused_nll(hidden, head.weight, ids[:, 1:], loss_mask.bool(), chunk, head.bias)
-    else:
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        lp = gather_logprobs(logits, ids[:, 1:])
-        total = -(lp * loss_mask).sum()
+    lp = token_logprobs(model, ids, mask, positions=loss_mask.bool())
+    total = -(lp * loss_mask).sum()
     if normalise is not None:
         return normalise(total, loss_mask.sum())
     return total / loss_mask.sum().clamp(min=1)

@@ -28,7 +28,13 @@ from tqdm.auto import tqdm
 from ..config import RuntimeConfig, TaskConfig, opt, save_config, sub, to_dict
 from ..crosstok import FirstCharProjector, align_pair, uld_distance
 from ..distributed import get_dist, global_mean
-from ..divergences import divergence_rows, fused_token_divergence, token_divergence, topk_bucket_logprobs
+from ..divergences import (
+    divergence_rows,
+    fused_token_divergence,
+    head_chunk_rows,
+    token_divergence,
+    topk_bucket_logprobs,
+)
 from ..errors import ConfigError, DataError, ModelError
 from ..evaluation import greedy_accuracy
 from ..io import load_records, require_field, versions, write_json, write_jsonl
@@ -168,7 +174,7 @@ class TokenLoss:
                 with autocast_ctx(dev, cfg.runtime.bf16):
                     s_hidden = s_parts[0](input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
                     s_head, t_head = s_parts[1], t_parts[1]
-                    chunk = min(cfg.chunk_size, max(16, (1 << 26) // s_head.weight.shape[0]))  # <= 64M logits
+                    chunk = min(cfg.chunk_size, head_chunk_rows(s_head.weight.shape[0]))
                     total = fused_token_divergence(s_hidden, s_head.weight, t_hidden, t_head.weight.to(dev), self.kind,
                                                    lmask, cfg.beta, cfg.alpha, cfg.temperature, chunk, "sum",
                                                    s_head.bias, None if t_head.bias is None else t_head.bias.to(dev))
