@@ -56,13 +56,14 @@ def pad_batch(seqs: Sequence[list[int]], pad_id: int, device=None) -> tuple[torc
 
 
 def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
-    """log softmax(logits)[target] in float32, [B, T] -> [B, T], a few rows at a time so a large
+    """log softmax(logits)[target] in float32 (float64 stays float64), [B, T] -> [B, T], a few rows at a time so a large
     vocabulary never materialises a full float32 [B, T, V] copy."""
     if chunk_rows is None:
         chunk_rows = max(1, int(6e7 // max(1, logits.shape[1] * logits.shape[2])))
     out = []
     for start in range(0, logits.shape[0], chunk_rows):
-        lg = logits[start:start + chunk_rows].float()
+        lg = logits[start:start + chunk_rows]
+        lg = lg if lg.dtype == torch.float64 else lg.float()
         tgt = targets[start:start + chunk_rows]
         out.append(lg.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lg, dim=-1))
     return torch.cat(out)

@@ -188,3 +188,60 @@ def test_lora_model_generates_from_a_merged_copy_and_keeps_its_adapters():
         b = generate(merged, tok, prompts, 10, **kw)
         assert [g.token_ids for g in a] == [g.token_ids for g in b]
     assert hasattr(model, "peft_config") and any(p.requires_grad and "lora" in n for n, p in model.named_parameters())
+
+
+def test_next_character_projection_matches_a_reference_loop():
+    """FirstCharProjector: p_char(c) = sum of p(v) over tokens whose text starts with c (specials: one bucket),
+    against a float64 loop over the vocabulary; the chunked hidden-state form equals it."""
+    from distillability.crosstok import FirstCharProjector
+
+    tok_c, tok_b = train_tokenizer(CORPUS, 0, "char"), train_tokenizer(CORPUS, 300, "bpe")
+    proj = FirstCharProjector([tok_c, tok_b])
+    g = torch.Generator().manual_seed(0)
+    for which, tok in ((0, tok_c), (1, tok_b)):
+        V = len(tok)
+        logits = torch.randn(5, V, generator=g, dtype=torch.float64) * 3
+        p = logits.softmax(-1)
+        ref = torch.zeros(5, proj.size, dtype=torch.float64)
+        letters: dict[str, int] = {}
+        for v in range(V):
+            s = "" if v in tok.all_special_ids else tok.decode([v], skip_special_tokens=True)
+            letters.setdefault(s[:1] or "<end>", int(proj.index[which][v]))
+            assert letters[s[:1] or "<end>"] == int(proj.index[which][v])  # one bucket per character
+            ref[:, int(proj.index[which][v])] += p[:, v]
+        got = proj.project(logits, which)
+        assert torch.allclose(got.exp().double(), ref, atol=1e-6)
+        assert abs(got.exp().sum(-1) - 1).max() < 1e-5
+        # hidden states @ head in row chunks == projecting the logits
+        h, W = torch.randn(7, 16, generator=g), torch.randn(V, 16, generator=g)
+        assert torch.allclose(proj.project_hidden(h, W, which, 1.5, chunk_size=3), proj.project(h @ W.T, which, 1.5),
+                              atol=1e-5)
+    # the two tokenizers share their character buckets ("7" in one is "7" in the other)
+    i_c, i_b = tok_c.convert_tokens_to_ids("7"), tok_b.convert_tokens_to_ids("7")
+    assert int(proj.index[0][i_c]) == int(proj.index[1][i_b])
+
+
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_fused_cross_tokenizer_loss_equals_the_logits_path(monkeypatch, on_policy):
+    """distill's next-character loss across tokenizers from hidden states (teacher head applied chunk-wise to
+    the aligned rows only) == the same loss from full logits: value and student gradients, float64."""
+    import distillability.recipes.distill as D
+    from distillability.config import load_config
+
+    tok_c, tok_b = train_tokenizer(CORPUS, 0, "char"), train_tokenizer(CORPUS, 300, "bpe")
+    teacher, student = _model(tok_c, 1).double(), _model(tok_b, 2).double().train()
+    cfg = load_config(D.DistillConfig, None, {"teacher": "t", "student": "s", "method": "gkd", "cross_tokenizer": "char",
+                                              "temperature": 1.3, "runtime": {"bf16": False}})
+    prompts = ["Q: 3+4=?\nA:", "Q: largest? (A) 12 (B) 40 (C) 33\nA:", "Q: 9-2+5=?\nA:"]
+    responses = [" 3+4=7. #### 7", " 40 is (B). #### B", " 9-2=7, 7+5=12. #### 12"]
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(D, "lm_parts", lambda model: None)
+        student.zero_grad()
+        loss = D.TokenLoss(cfg, teacher, tok_c, student, tok_b, "jsd")(prompts, responses, [True] * 3, on_policy)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in student.parameters()]))
+    (l1, g1), (l2, g2) = results
+    assert l1 > 0 and abs(l1 - l2) < 1e-10
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g1, g2))

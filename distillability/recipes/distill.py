@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..config import RuntimeConfig, TaskConfig, opt, save_config, sub, to_dict
@@ -30,6 +31,7 @@ from ..crosstok import FirstCharProjector, align_pair, uld_distance
 from ..distributed import get_dist, global_mean
 from ..divergences import (
     divergence_rows,
+    fused_target_logprobs,
     fused_token_divergence,
     head_chunk_rows,
     token_divergence,
@@ -194,29 +196,55 @@ class TokenLoss:
             return global_mean(total, lmask.sum())
         # different tokenizers: align positions by character offsets
         pairs = [align_pair(self.ttok, self.stok, p, r, True, chat) for p, r in zip(prompts, responses)]
-        t_ids, t_attn = pad_batch([a.ids for a, _ in pairs], self.ttok.pad_token_id, next(self.teacher.parameters()).device)
+        t_dev = next(self.teacher.parameters()).device
+        t_ids, t_attn = pad_batch([a.ids for a, _ in pairs], self.ttok.pad_token_id, t_dev)
         s_ids, s_attn = pad_batch([b.ids for _, b in pairs], self.stok.pad_token_id, dev)
-        with torch.no_grad(), autocast_ctx(dev, cfg.runtime.bf16):
-            t_logits = self.teacher(input_ids=t_ids, attention_mask=t_attn).logits.to(dev)
+        s_parts, t_parts = lm_parts(self.student), lm_parts(self.teacher)
+        fused = s_parts is not None and t_parts is not None and self.projector is not None
         with autocast_ctx(dev, cfg.runtime.bf16):
-            s_logits = self.student(input_ids=s_ids, attention_mask=s_attn).logits
-        rows_t = torch.cat([t_logits[i, a.positions] for i, (a, _) in enumerate(pairs)])
-        rows_s = torch.cat([s_logits[i, b.positions] for i, (_, b) in enumerate(pairs)])
-        if self.projector is not None:
-            per_row = divergence_rows(self.projector.project(rows_s, 1, cfg.temperature),
-                                      self.projector.project(rows_t, 0, cfg.temperature), self.kind, cfg.beta, cfg.alpha)
-        else:
-            per_row = uld_distance(rows_s, rows_t, cfg.temperature)
+            if fused:
+                # hidden states, and the heads only where needed: the teacher's [positions, 262k] logits
+                # are made a chunk of aligned rows at a time and reduced to next-character distributions
+                with torch.no_grad():
+                    t_h = t_parts[0](input_ids=t_ids, attention_mask=t_attn).last_hidden_state
+                    t_rows = torch.cat([t_h[i, a.positions] for i, (a, _) in enumerate(pairs)]).to(dev)
+                    t_head = t_parts[1]
+                    t_char = self.projector.project_hidden(
+                        t_rows, t_head.weight.to(dev), 0, cfg.temperature,
+                        None if t_head.bias is None else t_head.bias.to(dev), head_chunk_rows(t_head.weight.shape[0]))
+                s_h = s_parts[0](input_ids=s_ids, attention_mask=s_attn).last_hidden_state
+                s_head = s_parts[1]
+                s_rows = F.linear(torch.cat([s_h[i, b.positions] for i, (_, b) in enumerate(pairs)]),
+                                  s_head.weight, s_head.bias)
+                per_row = divergence_rows(self.projector.project(s_rows, 1, cfg.temperature), t_char, self.kind,
+                                          cfg.beta, cfg.alpha)
+            else:
+                with torch.no_grad():
+                    t_logits = self.teacher(input_ids=t_ids, attention_mask=t_attn).logits.to(dev)
+                s_logits = self.student(input_ids=s_ids, attention_mask=s_attn).logits
+                rows_t = torch.cat([t_logits[i, a.positions] for i, (a, _) in enumerate(pairs)])
+                rows_s = torch.cat([s_logits[i, b.positions] for i, (_, b) in enumerate(pairs)])
+                if self.projector is not None:
+                    per_row = divergence_rows(self.projector.project(rows_s, 1, cfg.temperature),
+                                              self.projector.project(rows_t, 0, cfg.temperature), self.kind,
+                                              cfg.beta, cfg.alpha)
+                else:
+                    per_row = uld_distance(rows_s, rows_t, cfg.temperature)
         loss = global_mean(per_row.sum(), per_row.numel())
         if not on_policy and cfg.ce_weight:
             # identity of the tokens comes from the teacher's text itself: NLL of the student's own encoding
-            # (align_pair encodes by the same boundary rule as SFT), reusing the logits computed above
+            # (align_pair encodes by the same boundary rule as SFT), reusing the forward pass above
             T = s_ids.shape[1]
             pos = torch.arange(T - 1, device=dev).expand(len(pairs), T - 1)
             plen = torch.tensor([b.prompt_len for _, b in pairs], device=dev).unsqueeze(1)
             lens = torch.tensor([len(b.ids) for _, b in pairs], device=dev).unsqueeze(1)
             lmask = (pos >= plen - 1) & (pos < lens - 1)
-            lp = gather_logprobs(s_logits[:, :-1], s_ids[:, 1:])
+            if fused:
+                with autocast_ctx(dev, cfg.runtime.bf16):
+                    lp = fused_target_logprobs(s_h[:, :-1], s_head.weight, s_ids[:, 1:], lmask,
+                                               head_chunk_rows(s_head.weight.shape[0]), s_head.bias)
+            else:
+                lp = gather_logprobs(s_logits[:, :-1], s_ids[:, 1:])
             loss = loss + cfg.ce_weight * global_mean(-(lp * lmask).sum(), lmask.sum())
         return loss
 
