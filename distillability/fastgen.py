@@ -1,4 +1,5 @@
-"""A lean KV-cached decoder for Llama-family models (llama, qwen2, mistral): the same modules and
+"""A lean KV-cached decoder for Llama-family models (llama, qwen2, mistral) and Gemma-3 text models
+(gemma3_text: q/k norms, sandwich norms, local sliding-window and global layers): the same modules and
 weights as the Hugging Face model, without `generate`'s per-token machinery (cache objects, mask
 builders, logits-processor lists, stopping criteria), which dominates the cost of decoding small
 models. A preallocated cache, one fused attention call per layer and step, and the last position's
@@ -11,12 +12,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SUPPORTED = ("llama", "qwen2", "mistral")
+SUPPORTED = ("llama", "qwen2", "mistral", "gemma3_text")
 
 
 def supports(model) -> bool:
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED or hasattr(model, "peft_config"):
+        return False
+    if cfg.model_type == "gemma3_text" and (getattr(cfg, "attn_logit_softcapping", None)
+                                            or getattr(cfg, "use_bidirectional_attention", False)):
         return False
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
@@ -42,7 +46,12 @@ class Decoder:
         self.model = model
         self.inner = model.model
         cfg = model.config
-        self.act = ACT2FN[cfg.hidden_act]
+        self.gemma = cfg.model_type == "gemma3_text"
+        self.act = ACT2FN[cfg.hidden_activation if self.gemma else cfg.hidden_act]
+        # Gemma-3: each layer is local (sliding window) or global, with its own rotary base
+        self.layer_types = list(getattr(cfg, "layer_types", None) or []) if self.gemma else []
+        self.window = getattr(cfg, "sliding_window", None) if self.gemma else None
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
         dtype = torch.bfloat16 if bf16 else None
         cast = (lambda t: t.to(dtype)) if dtype else (lambda t: t)  # noqa: E731
         self.w = {model.lm_head: (cast(model.lm_head.weight), None if model.lm_head.bias is None else cast(model.lm_head.bias))}
@@ -64,26 +73,44 @@ class Decoder:
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = (cfg.query_pre_attn_scalar if self.gemma else self.head_dim) ** -0.5
+
+    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> dict:
+        """(cos, sin) per layer type, unsqueezed for [B, heads, t, d]."""
+        kinds = sorted(set(self.layer_types)) or [None]
+        out = {}
+        for kind in kinds:
+            cos, sin = self.inner.rotary_emb(x, pos, kind) if kind else self.inner.rotary_emb(x, pos)
+            out[kind] = (cos.unsqueeze(1), sin.unsqueeze(1))
+        return out
 
     def _lin(self, mod, x: torch.Tensor) -> torch.Tensor:
         w, b = self.w[mod]
         return F.linear(x, w, b)
 
-    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: list, v_cache: list,
+    def _layers(self, x: torch.Tensor, rope: dict, k_cache: list, v_cache: list,
                 start: int, attn_mask: torch.Tensor) -> torch.Tensor:
         """Run all layers on x [B, t, H] for cache slots start..start+t; attn_mask [B, 1, t, start+t] (True = attend)."""
         B, t, _ = x.shape
         end = start + t
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        local_mask = None
+        if self.window and "sliding_attention" in self.layer_types:
+            # local layers see the last `window` slots (a row's slots are consecutive positions)
+            q_slot = torch.arange(start, end, device=x.device)[:, None]
+            k_slot = torch.arange(end, device=x.device)[None, :]
+            local_mask = attn_mask & (k_slot > q_slot - self.window)
         for i, layer in enumerate(self.inner.layers):
             w = self.fused[i]
+            kind = self.layer_types[i] if self.layer_types else None
+            cos, sin = rope[kind]
             h = layer.input_layernorm(x)
             qkv = F.linear(h, *w["qkv"])
             nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
             q = qkv[..., :nq].reshape(B, t, self.n_heads, self.head_dim).transpose(1, 2)
             k = qkv[..., nq:nq + nk].reshape(B, t, self.n_kv, self.head_dim).transpose(1, 2)
             v = qkv[..., nq + nk:].reshape(B, t, self.n_kv, self.head_dim).transpose(1, 2)
+            if self.gemma:
+                q, k = layer.self_attn.q_norm(q), layer.self_attn.k_norm(k)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k_cache[i][:, :, start:end] = k.to(k_cache[i].dtype)
@@ -92,15 +119,26 @@ class Decoder:
             if self.n_kv != self.n_heads:
                 rep = self.n_heads // self.n_kv
                 keys, values = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
-            o = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask,
+            mask = local_mask if kind == "sliding_attention" and local_mask is not None else attn_mask
+            o = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
                                                scale=self.scale)
-            x = x + F.linear(o.transpose(1, 2).reshape(B, t, -1), *w["o"])
-            gate, up = F.linear(layer.post_attention_layernorm(x), *w["gu"]).chunk(2, dim=-1)
-            x = x + F.linear(self.act(gate) * up, *w["down"])
+            o = F.linear(o.transpose(1, 2).reshape(B, t, -1), *w["o"])
+            if self.gemma:  # sandwich norms around attention and MLP
+                x = x + layer.post_attention_layernorm(o)
+                gate, up = F.linear(layer.pre_feedforward_layernorm(x), *w["gu"]).chunk(2, dim=-1)
+                x = x + layer.post_feedforward_layernorm(F.linear(self.act(gate) * up, *w["down"]))
+            else:
+                x = x + o
+                gate, up = F.linear(layer.post_attention_layernorm(x), *w["gu"]).chunk(2, dim=-1)
+                x = x + F.linear(self.act(gate) * up, *w["down"])
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._lin(self.model.lm_head, self.inner.norm(x[:, -1:])).float()[:, 0]
+        # a 2-D [B, H] input: a 3-D [B, 1, H] one made torch's bf16 CPU matmul expand a 262k head per row
+        logits = self._lin(self.model.lm_head, self.inner.norm(x[:, -1])).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int,
@@ -122,8 +160,7 @@ class Decoder:
         attn = causal.unsqueeze(0) & valid[:, None, :T]
         attn = attn | torch.eye(T, dtype=torch.bool, device=dev).unsqueeze(0)  # padded rows attend to themselves
         x = emb(ids)
-        cos, sin = self.inner.rotary_emb(x, pos)
-        x = self._layers(x, cos, sin, k_cache, v_cache, 0, attn.unsqueeze(1))
+        x = self._layers(x, self._rope(x, pos), k_cache, v_cache, 0, attn.unsqueeze(1))
         logits = self._logits(x)
         next_pos = pos[:, -1] + 1
         done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -138,8 +175,7 @@ class Decoder:
             slot = T + step
             valid[:, slot] = True
             x = emb(tok[:, None])
-            cos, sin = self.inner.rotary_emb(x, next_pos[:, None])
-            x = self._layers(x, cos, sin, k_cache, v_cache, slot, valid[:, None, None, :slot + 1])
+            x = self._layers(x, self._rope(x, next_pos[:, None]), k_cache, v_cache, slot, valid[:, None, None, :slot + 1])
             logits = self._logits(x)
             next_pos = next_pos + 1
         return torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=dev)

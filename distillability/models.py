@@ -96,13 +96,21 @@ class TinyModelSpec:
     num_heads: int = 4
     intermediate_size: int = 1024
     max_position_embeddings: int = 256
-    architecture: str = "llama"  # or "qwen2"
+    architecture: str = "llama"  # or "qwen2", "gemma3" (Gemma-3 text: alternating local/global layers)
     num_kv_heads: int | None = None  # grouped-query attention; None = num_heads
+    sliding_window: int = 512  # gemma3: the local layers' window
 
 
 def build_tiny_model(spec: TinyModelSpec, tokenizer, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised Llama/Qwen2 causal LM sized by `spec`, matching `tokenizer`."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A randomly initialised Llama/Qwen2/Gemma-3 causal LM sized by `spec`, matching `tokenizer`."""
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
@@ -114,6 +122,11 @@ def build_tiny_model(spec: TinyModelSpec, tokenizer, seed: int = 0) -> torch.nn.
     torch.manual_seed(seed)
     if spec.architecture == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif spec.architecture == "gemma3":
+        head_dim = spec.hidden_size // spec.num_heads
+        kinds = ["full_attention" if (i + 1) % 2 == 0 else "sliding_attention" for i in range(spec.num_layers)]
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                                                   sliding_window=spec.sliding_window, layer_types=kinds))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -139,19 +139,24 @@ def test_sampling_is_batch_invariant(tmp_path):
     assert [g.token_ids for g in other_seed] != [g.token_ids for g in full]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_fast_decoder_gives_the_tokens_of_hf_generate(arch):
     """fastgen's lean KV-cached loop and Hugging Face generate: same tokens, greedy and sampled, with
-    left padding (prompts of different lengths), EOS handling and GQA."""
+    left padding (prompts of different lengths), EOS handling and GQA; for Gemma-3 also q/k norms, sandwich
+    norms and local layers whose sliding window (8) is shorter than the sequences."""
     from distillability import fastgen
 
     train, _ = world_splits(80, 4, 0)
     tok = train_tokenizer([e.prompt + e.solutions["worked"] for e in train], 0 if arch == "llama" else 300,
                           "char" if arch == "llama" else "bpe")
     model = build_tiny_model(TinyModelSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
-                                           architecture=arch, num_kv_heads=2), tok, seed=3)
+                                           architecture=arch, num_kv_heads=2, sliding_window=8), tok, seed=3)
     with torch.no_grad():
         model.lm_head.weight[tok.eos_token_id] += 0.15  # some rows finish early
+        if arch == "gemma3":  # (norm weights start at 0 = identity; make them matter)
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
         if arch == "qwen2":
             for layer in model.model.layers:
                 layer.self_attn.q_proj.bias.normal_(0, 0.5)

@@ -65,7 +65,7 @@ DEFAULT_OVERRIDES = {
     "diagnose": {"num_prompts": 32, "num_samples": 4, "runtime": {"bf16": False}},
     "calibrate": {"max_steps": 30, "num_generations": 8, "prompts_per_step": 8, "learning_rate": 1e-4,
                   "beta": 0.04, "eval_prompts": 100, "save_steps": 0, "runtime": {"bf16": False}},
-    "distill": {"max_steps": 120, "per_device_train_batch_size": 32, "num_prompts": 600, "learning_rate": 2e-3,
+    "distill": {"max_steps": 120, "per_device_train_batch_size": 32, "num_prompts": 600, "learning_rate": 5e-4,
                 "cross_tokenizer": "char", "eval_prompts": 100, "save_steps": 0, "runtime": {"bf16": False}},
     "evaluate": {"num_prompts": 100, "n_samples": 4, "k": [1, 2, 4], "runtime": {"bf16": False}},
 }

@@ -26,13 +26,14 @@ from ..training import fit_lm, seed_everything
 
 @dataclasses.dataclass
 class WorldConfig:
-    style_mix: list[float] = opt([0.5, 0.25, 0.25], "Teacher SFT mix of solution styles worked, running, direct.")
+    style_mix: list[float] = opt([0.5, 0.5, 0.0], "Teacher SFT mix of solution styles worked, running, direct "
+                                 "(running: accurate for the teacher, not learnable by the student from its samples).")
     teacher_size: list[int] = opt([192, 3, 512], "Teacher hidden size, layers, MLP size (4 heads).")
     proxy_size: list[int] = opt([96, 2, 256], "Proxy hidden size, layers, MLP size.")
     student_size: list[int] = opt([128, 2, 384], "Student hidden size, layers, MLP size.")
-    teacher_steps: int = opt(1400, "Teacher SFT steps.", min=1)
-    proxy_steps: int = opt(150, "Proxy SFT steps (worked style only).", min=1)
-    student_steps: int = opt(40, "Student base SFT steps: weak at the task, but it knows the format.", min=1)
+    teacher_steps: int = opt(2000, "Teacher SFT steps.", min=1)
+    proxy_steps: int = opt(400, "Proxy SFT steps (worked style only).", min=1)
+    student_steps: int = opt(400, "Student base SFT steps (worked style only): a competent base.", min=1)
     batch_size: int = opt(48, "SFT batch size.", min=1)
     learning_rate: float = opt(3e-3, "SFT learning rate.", min=0, min_exclusive=True)
     proxy_vocab: int = opt(300, "Proxy BPE vocabulary size.", min=260)
