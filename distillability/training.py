@@ -135,22 +135,37 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
 
 
+def write_weights(model, path: Path) -> None:
+    """The model's state as one safetensors file (tied tensors once), written to a temporary name and renamed."""
+    state = _trainable_state(model)
+    seen, dedup = set(), {}
+    for k, v in state.items():  # tied weights share storage; safetensors wants each tensor once
+        key = (v.data_ptr(), tuple(v.shape))
+        if key not in seen:
+            seen.add(key)
+            dedup[k] = v
+    with atomic_path(Path(path)) as tmp:
+        save_file(dedup, str(tmp))
+
+
+def read_weights(model, path: Path) -> None:
+    """Load a write_weights file into `model` (strict up to tied weights)."""
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    really_missing = [m for m in missing if m not in tied and "lm_head" not in m]
+    if really_missing or unexpected:
+        raise RuntimeError(f"weights {path} do not match the model: missing {really_missing[:3]}, unexpected {unexpected[:3]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, extra: dict | None = None) -> Path:
     """Write `ckpt_root/last` atomically: weights (safetensors), optimizer + scheduler state, RNG states,
     the step and any recipe state in `extra`. A kill during the write leaves the previous one intact."""
     target = ckpt_root / "last"
     with atomic_path(target) as tmp:
         tmp.mkdir()
-        state = _trainable_state(model)
-        # tied weights share storage; safetensors wants each tensor once
-        seen, dedup = {}, {}
-        for k, v in state.items():
-            key = (v.data_ptr(), tuple(v.shape))
-            if key in seen:
-                continue
-            seen[key] = k
-            dedup[k] = v
-        save_file(dedup, str(tmp / "model.safetensors"))
+        write_weights(model, tmp / "model.safetensors")
         torch.save({
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -165,14 +180,7 @@ def load_checkpoint(ckpt_root: Path, model, optimizer, scheduler) -> dict | None
     target = ckpt_root / "last"
     if not (target / "state.json").exists():
         return None
-    weights = load_file(str(target / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    really_missing = [m for m in missing if m not in tied and "lm_head" not in m]
-    if really_missing or unexpected:
-        raise RuntimeError(f"checkpoint {target} does not match the model: missing {really_missing[:3]}, unexpected {unexpected[:3]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    read_weights(model, target / "model.safetensors")
     trainer = torch.load(target / "trainer_state.pt", weights_only=False)  # our own file, written above
     optimizer.load_state_dict(trainer["optimizer"])
     if scheduler is not None and trainer["scheduler"] is not None:

@@ -12,6 +12,8 @@ from distillability.config import load_config
 from distillability.errors import ModelError
 from distillability.recipes import calibrate, diagnose, distill, evaluate
 
+from .conftest import SMALL_WORLD_TASK
+
 FAST = ["runtime.progress=false", "task.num_train=200", "task.num_eval=16"]
 
 
@@ -255,3 +257,30 @@ def test_gpu_knob_script_runs_at_small_size_and_refuses_without_a_gpu(tmp_path):
         r = subprocess.run(["bash", str(root / "bench" / "gpu_knob.sh"), str(tmp_path / "g")], cwd=root, env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "no CUDA device" in r.stderr
+
+
+def test_calibrate_utility_guard_keeps_the_last_step_that_kept_accuracy(small_world, tmp_path):
+    """min_accuracy_ratio: a destructive calibration (lr 0.02) loses the teacher's accuracy; the result is the
+    last checked step whose validation accuracy (prompts held back from the training split) was >= ratio x
+    the start's, and the saved model has exactly that accuracy."""
+    from distillability.evaluation import greedy_accuracy
+    from distillability.models import load_model
+
+    cfg = load_config(calibrate.CalibrateConfig, overrides=[
+        f"model={small_world['teacher']}", f"proxy={small_world['proxy']}", "eta=1.0", "num_generations=2",
+        "prompts_per_step=4", "max_completion_length=24", "eval_prompts=4", "eval_samples=1", "learning_rate=0.02",
+        "max_steps=6", "min_accuracy_ratio=0.9", "guard_steps=2", "guard_prompts=24", "save_steps=0",
+        f"output_dir={tmp_path}", "runtime.progress=false", *SMALL_WORLD_TASK])
+    card = calibrate.run(cfg)
+    g = card["guard"]
+    assert set(g["checks"]) == {"2", "4", "6"} and g["start_accuracy"] > 0.3
+    passed = [int(s) for s, a in g["checks"].items() if a >= g["threshold"]]
+    assert g["selected_step"] == max(passed, default=0)
+    assert g["selected_step"] < 6  # the run did lose accuracy, and the guard stepped back
+    model, tok = load_model(str(tmp_path / "model"), device="cpu")
+    task = cfg.task.load()
+    acc, _ = greedy_accuracy(model, tok, task, task.train[-24:], 24, autocast=cfg.runtime.bf16)
+    assert acc == (g["checks"][str(g["selected_step"])] if g["selected_step"] else g["start_accuracy"])
+    assert acc >= g["threshold"]
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r.get("guard_val_accuracy") is not None for r in log] == [False, True, False, True, False, True]

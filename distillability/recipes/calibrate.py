@@ -42,8 +42,10 @@ from ..training import (
     load_checkpoint,
     make_optimizer,
     make_scheduler,
+    read_weights,
     save_checkpoint,
     step_seed,
+    write_weights,
 )
 
 
@@ -75,6 +77,12 @@ class CalibrateConfig:
     lora_r: int = opt(16, "LoRA rank.", min=1)
     lora_alpha: int = opt(32, "LoRA alpha.", min=1)
     eval_prompts: int = opt(64, "Held-out prompts for the before/after accuracy and D in the card.", min=1)
+    min_accuracy_ratio: float = opt(0.0, "Utility guard: every guard_steps, greedy accuracy on guard_prompts validation "
+                                    "prompts (held back from the training split, never the held-out ones); the result "
+                                    "is the last checked step whose accuracy is >= this x the start's (no step: the "
+                                    "start). 0 = off: the final weights.", min=0, max=1)
+    guard_steps: int = opt(5, "Utility guard: steps between accuracy checks.", min=1)
+    guard_prompts: int = opt(64, "Utility guard: validation prompts taken from the end of the training split.", min=1)
     eval_samples: int = opt(2, "Samples per held-out prompt for the mean D.", min=1)
     save_steps: int = opt(10, "Checkpoint every N steps (0 = only at the end).", min=0)
     resume: bool = opt(False, "Continue from the last checkpoint in output_dir.")
@@ -193,6 +201,12 @@ def run(cfg: CalibrateConfig) -> dict:
         reference = copy.deepcopy(policy).to(pick_device(rt.frozen_device)).requires_grad_(False).eval()
     task = cfg.task.load()
     held_out = task.eval[: cfg.eval_prompts]
+    pool, val = task.train, []  # RL prompts; the utility guard's validation prompts
+    if cfg.min_accuracy_ratio > 0:
+        if len(task.train) <= cfg.guard_prompts:
+            raise ConfigError(f"config key 'guard_prompts': {cfg.guard_prompts} validation prompts leave none of the "
+                              f"{len(task.train)} training prompts for RL")
+        pool, val = task.train[: -cfg.guard_prompts], task.train[-cfg.guard_prompts:]
     check_context(policy, tok, task.train + held_out, cfg.max_completion_length, cfg.task.use_chat_template, cfg.model)
     device = next(policy.parameters()).device
     G, B = cfg.num_generations, cfg.prompts_per_step
@@ -210,16 +224,26 @@ def run(cfg: CalibrateConfig) -> dict:
     scheduler = make_scheduler(optimizer, cfg.max_steps, cfg.warmup_steps)
     log = StepLog(out / "log.jsonl", enabled=dist.is_main)
     ema: dict = {}
-    start_step, before = 0, None
+    start_step, before, guard = 0, None, None
     if cfg.resume:
         state = load_checkpoint(ckpt_root, policy, optimizer, scheduler)
         if state is not None:
-            start_step, ema, before = state["step"], state["ema"], state["before"]
+            start_step, ema, before, guard = state["step"], state["ema"], state["before"], state.get("guard")
             log.truncate_after(start_step)
     elif dist.is_main:
         log.path.unlink(missing_ok=True)
     if before is None and dist.is_main:
         before = card_metrics(policy, "before")
+    guard_file = ckpt_root / "guard_selected.safetensors"
+
+    def val_accuracy() -> float:
+        return greedy_accuracy(policy, tok, task, val, cfg.max_completion_length, rt.bf16, chat)[0]
+
+    if val and guard is None and dist.is_main:
+        start_acc = val_accuracy()
+        guard = {"ratio": cfg.min_accuracy_ratio, "start_accuracy": start_acc,
+                 "threshold": cfg.min_accuracy_ratio * start_acc, "checks": {}, "selected_step": 0}
+        write_weights(policy, guard_file)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -240,7 +264,7 @@ def run(cfg: CalibrateConfig) -> dict:
     for step in bar:
         t0 = time.time()
         rng = np.random.default_rng(step_seed(rt.seed, step))
-        batch = [task.train[i] for i in rng.choice(len(task.train), size=min(B * dist.world, len(task.train)), replace=False)][mine]
+        batch = [pool[i] for i in rng.choice(len(pool), size=min(B * dist.world, len(pool)), replace=False)][mine]
         prompts = [e.prompt for e in batch]
         prompt_ids = [encode_prompt(tok, p, chat) for p in prompts]
 
@@ -310,20 +334,30 @@ def run(cfg: CalibrateConfig) -> dict:
                "response_tokens": mask.sum(1).float().mean().item(), "adv_std": adv.std().item(),
                "clip_frac": clip_frac, "tokens_per_s": n_tokens / dt, "s_generate": t_gen, "s_score": t_score,
                "s_step": dt}
+        if guard is not None and ((step + 1) % cfg.guard_steps == 0 or step + 1 == cfg.max_steps):
+            acc = val_accuracy()
+            guard["checks"][str(step + 1)] = acc
+            row["guard_val_accuracy"] = acc
+            if acc >= guard["threshold"]:
+                guard["selected_step"] = step + 1
+                write_weights(policy, guard_file)
         log.write(row)
         bar.set_postfix(reward=f"{row['task_reward']:.2f}", r_cal=f"{row['r_cal']:.3f}", kl=f"{kl:.3f}")
         if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps) and dist.is_main:
-            save_checkpoint(ckpt_root, step + 1, policy, optimizer, scheduler, {"ema": ema, "before": before})
+            save_checkpoint(ckpt_root, step + 1, policy, optimizer, scheduler,
+                            {"ema": ema, "before": before, "guard": guard})
 
     policy.eval()
     dist.barrier()
     if not dist.is_main:
         return {}
+    if guard is not None and guard["selected_step"] != cfg.max_steps:
+        read_weights(policy, guard_file)  # the last step that kept the teacher's accuracy
     after = card_metrics(policy, "after")
     card = {"eta": cfg.eta, "beta": cfg.beta, "model": cfg.model, "proxy": cfg.proxy, "task": to_dict(cfg.task),
             "steps": cfg.max_steps, "seed": rt.seed, "loss_type": cfg.loss_type,
             "cal_normalization": cfg.cal_normalization, "num_generations": G, "learning_rate": cfg.learning_rate,
-            **before, **after, "wall_seconds": time.time() - t_start, "versions": versions()}
+            **before, **after, "guard": guard, "wall_seconds": time.time() - t_start, "versions": versions()}
     save_model(policy, tok, out / "model")
     write_json(out / "calibration_card.json", card)
     return card
