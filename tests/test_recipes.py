@@ -269,7 +269,7 @@ def test_calibrate_utility_guard_keeps_the_last_step_that_kept_accuracy(small_wo
     cfg = load_config(calibrate.CalibrateConfig, overrides=[
         f"model={small_world['teacher']}", f"proxy={small_world['proxy']}", "eta=1.0", "num_generations=2",
         "prompts_per_step=4", "max_completion_length=24", "eval_prompts=4", "eval_samples=1", "learning_rate=0.02",
-        "max_steps=6", "min_accuracy_ratio=0.9", "guard_steps=2", "guard_prompts=24", "save_steps=0",
+        "max_steps=6", "min_accuracy_ratio=0.9", "guard_steps=2", "guard_prompts=24", "guard_split=train", "save_steps=0",
         f"output_dir={tmp_path}", "runtime.progress=false", *SMALL_WORLD_TASK])
     card = calibrate.run(cfg)
     g = card["guard"]
@@ -284,3 +284,16 @@ def test_calibrate_utility_guard_keeps_the_last_step_that_kept_accuracy(small_wo
     assert acc >= g["threshold"]
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r.get("guard_val_accuracy") is not None for r in log] == [False, True, False, True, False, True]
+
+
+def test_calibrate_guard_on_held_out_prompts_needs_enough_of_them(tiny_pair, tmp_path):
+    """guard_split=held_out takes prompts after the card's eval_prompts; too few is a one-line config error."""
+    from distillability.errors import ConfigError
+
+    cfg = load_config(calibrate.CalibrateConfig, overrides=[
+        f"model={tiny_pair['teacher']}", f"proxy={tiny_pair['student']}", "max_steps=1", "eval_prompts=10",
+        "min_accuracy_ratio=0.9", "guard_prompts=8", f"output_dir={tmp_path}", *FAST])  # num_eval 16 < 10 + 8
+    with pytest.raises(ConfigError, match="guard_prompts.*task.num_eval"):
+        calibrate.run(cfg)
+    assert not (tmp_path / "model").exists()
+

@@ -78,11 +78,16 @@ class CalibrateConfig:
     lora_alpha: int = opt(32, "LoRA alpha.", min=1)
     eval_prompts: int = opt(64, "Held-out prompts for the before/after accuracy and D in the card.", min=1)
     min_accuracy_ratio: float = opt(0.0, "Utility guard: every guard_steps, greedy accuracy on guard_prompts validation "
-                                    "prompts (held back from the training split, never the held-out ones); the result "
-                                    "is the last checked step whose accuracy is >= this x the start's (no step: the "
-                                    "start). 0 = off: the final weights.", min=0, max=1)
+                                    "prompts (never the card's held-out ones); the result is the last checked step "
+                                    "whose accuracy is >= this x the start's (no step: the start). 0 = off: the final "
+                                    "weights.", min=0, max=1)
     guard_steps: int = opt(5, "Utility guard: steps between accuracy checks.", min=1)
-    guard_prompts: int = opt(64, "Utility guard: validation prompts taken from the end of the training split.", min=1)
+    guard_prompts: int = opt(64, "Utility guard: number of validation prompts.", min=1)
+    guard_split: str = opt("held_out", "Utility guard: where the validation prompts come from: held_out (the task's "
+                           "held-out prompts after the card's eval_prompts; needs task.num_eval >= eval_prompts + "
+                           "guard_prompts) or train (the end of the training split, then not used for RL; only "
+                           "meaningful when the model has not memorised its training prompts).",
+                           choices=("held_out", "train"))
     eval_samples: int = opt(2, "Samples per held-out prompt for the mean D.", min=1)
     save_steps: int = opt(10, "Checkpoint every N steps (0 = only at the end).", min=0)
     resume: bool = opt(False, "Continue from the last checkpoint in output_dir.")
@@ -202,11 +207,17 @@ def run(cfg: CalibrateConfig) -> dict:
     task = cfg.task.load()
     held_out = task.eval[: cfg.eval_prompts]
     pool, val = task.train, []  # RL prompts; the utility guard's validation prompts
-    if cfg.min_accuracy_ratio > 0:
+    if cfg.min_accuracy_ratio > 0 and cfg.guard_split == "train":
         if len(task.train) <= cfg.guard_prompts:
             raise ConfigError(f"config key 'guard_prompts': {cfg.guard_prompts} validation prompts leave none of the "
                               f"{len(task.train)} training prompts for RL")
         pool, val = task.train[: -cfg.guard_prompts], task.train[-cfg.guard_prompts:]
+    elif cfg.min_accuracy_ratio > 0:
+        val = task.eval[len(held_out): len(held_out) + cfg.guard_prompts]
+        if len(val) < cfg.guard_prompts:
+            raise ConfigError(f"config key 'guard_prompts': the guard needs {cfg.guard_prompts} held-out prompts after "
+                              f"the {len(held_out)} eval_prompts, but task.num_eval gives {len(task.eval)}; raise "
+                              f"task.num_eval or set guard_split=train")
     check_context(policy, tok, task.train + held_out, cfg.max_completion_length, cfg.task.use_chat_template, cfg.model)
     device = next(policy.parameters()).device
     G, B = cfg.num_generations, cfg.prompts_per_step
