@@ -148,6 +148,11 @@ def sample_teacher(teacher, ttok, task, cfg: DistillConfig, path: Path) -> list[
     return rows
 
 
+def _rows(x: torch.Tensor, pairs: list, side: int) -> torch.Tensor:
+    """The aligned positions of every row of x [B, T, ...] (side 0: teacher's encoding, 1: student's), stacked."""
+    return torch.cat([x[i, pair[side].positions] for i, pair in enumerate(pairs)])
+
+
 class TokenLoss:
     """Teacher-student token loss on (prompt, response) text, same vocabulary or across tokenizers."""
 
@@ -207,14 +212,14 @@ class TokenLoss:
                 # are made a chunk of aligned rows at a time and reduced to next-character distributions
                 with torch.no_grad():
                     t_h = t_parts[0](input_ids=t_ids, attention_mask=t_attn).last_hidden_state
-                    t_rows = torch.cat([t_h[i, a.positions] for i, (a, _) in enumerate(pairs)]).to(dev)
+                    t_rows = _rows(t_h, pairs, 0).to(dev)
                     t_head = t_parts[1]
                     t_char = self.projector.project_hidden(
                         t_rows, t_head.weight.to(dev), 0, cfg.temperature,
                         None if t_head.bias is None else t_head.bias.to(dev), head_chunk_rows(t_head.weight.shape[0]))
                 s_h = s_parts[0](input_ids=s_ids, attention_mask=s_attn).last_hidden_state
                 s_head = s_parts[1]
-                s_rows = F.linear(torch.cat([s_h[i, b.positions] for i, (_, b) in enumerate(pairs)]),
+                s_rows = F.linear(_rows(s_h, pairs, 1),
                                   s_head.weight, s_head.bias)
                 per_row = divergence_rows(self.projector.project(s_rows, 1, cfg.temperature), t_char, self.kind,
                                           cfg.beta, cfg.alpha)
@@ -222,8 +227,8 @@ class TokenLoss:
                 with torch.no_grad():
                     t_logits = self.teacher(input_ids=t_ids, attention_mask=t_attn).logits.to(dev)
                 s_logits = self.student(input_ids=s_ids, attention_mask=s_attn).logits
-                rows_t = torch.cat([t_logits[i, a.positions] for i, (a, _) in enumerate(pairs)])
-                rows_s = torch.cat([s_logits[i, b.positions] for i, (_, b) in enumerate(pairs)])
+                rows_t = _rows(t_logits, pairs, 0)
+                rows_s = _rows(s_logits, pairs, 1)
                 if self.projector is not None:
                     per_row = divergence_rows(self.projector.project(rows_s, 1, cfg.temperature),
                                               self.projector.project(rows_t, 0, cfg.temperature), self.kind,
