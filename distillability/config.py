@@ -270,13 +270,18 @@ class RuntimeConfig:
     trust_remote_code: bool = opt(False, "Allow model code from the model folder (off: only transformers' own code).")
     allow_pickle: bool = opt(False, "Allow loading pickle (.bin) weights; off: safetensors only.")
     progress: bool = opt(True, "Show progress bars.")
+    fsdp: bool = opt(False, "Under several processes, shard the trained model (FSDP2); also on when `accelerate "
+                            "launch` uses an FSDP config.")
 
     def start(self) -> None:
         """Threads and seeds, at the top of every recipe."""
+        from .distributed import get_dist
         from .training import seed_everything, set_threads
 
         set_threads(self.threads)
         seed_everything(self.seed)
+        if self.fsdp:
+            get_dist().fsdp = get_dist().active
 
     def load(self, spec: str, frozen: bool = False):
         """(model, tokenizer) on this runtime's device (frozen models: `frozen_device`, no gradients, eval)."""

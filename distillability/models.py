@@ -296,13 +296,15 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto", trust_re
     return model, tok
 
 
-def save_model(model, tokenizer, path: str | Path, extra_files: dict[str, str] | None = None) -> None:
-    """save_pretrained (safetensors) + tokenizer, atomically: the folder appears complete or not at all."""
+def save_model(model, tokenizer, path: str | Path, extra_files: dict[str, str] | None = None,
+               state_dict: dict | None = None) -> None:
+    """save_pretrained (safetensors) + tokenizer, atomically: the folder appears complete or not at all.
+    `state_dict`: the weights to write instead of the model's own (a sharded model's gathered full state)."""
     _quiet_transformers()
     if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
         model = model.merge_and_unload()
     with atomic_path(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
@@ -382,6 +384,10 @@ def lm_parts(model):
     """(body, head) when logits = head(body(...).last_hidden_state) with no soft-capping or scaling after
     the head, so a loss can be computed from hidden states chunk by chunk (the [positions, V] logits never
     exist at once); None otherwise. A peft-wrapped model gives its base model's parts (adapters included)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):  # sharded: the head's weight exists whole only inside the root's forward
+        return None
     base = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
     cfg = getattr(base, "config", None)
     if cfg is None or not hasattr(base, "model") or not hasattr(base, "get_output_embeddings"):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .distributed import get_dist
 from .errors import TrainingDiverged
 from .io import append_jsonl, atomic_path
 from .scoring import encode_pair, pad_batch, token_logprobs
@@ -131,43 +132,64 @@ class StepLog:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def write_weights(model, path: Path) -> None:
-    """The model's state as one safetensors file (tied tensors once), written to a temporary name and renamed."""
-    state = _trainable_state(model)
+def _write_state(state: dict[str, torch.Tensor], path: Path) -> None:
     seen, dedup = set(), {}
     for k, v in state.items():  # tied weights share storage; safetensors wants each tensor once
+        v = v.detach().contiguous()
         key = (v.data_ptr(), tuple(v.shape))
         if key not in seen:
             seen.add(key)
-            dedup[k] = v
+            dedup[k] = v.clone()
     with atomic_path(Path(path)) as tmp:
         save_file(dedup, str(tmp))
 
 
+def write_weights(model, path: Path) -> None:
+    """The model's state as one safetensors file (tied tensors once), written to a temporary name and renamed.
+    A sharded (FSDP) model: every rank calls (the full state is gathered), rank 0 writes."""
+    dist = get_dist()
+    state = dist.full_state(model)
+    if dist.sharded(model) and not dist.is_main:
+        return
+    _write_state(state, path)
+
+
 def read_weights(model, path: Path) -> None:
-    """Load a write_weights file into `model` (strict up to tied weights)."""
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    """Load a write_weights file into `model` (strict up to tied weights); a sharded model: every rank calls."""
+    state = load_file(str(path))
+    dist = get_dist()
+    if dist.sharded(model):
+        keys = set(dist.full_state_keys(model))
+        missing, unexpected = [k for k in keys if k not in state], [k for k in state if k not in keys]
+        dist.load_full_state(model, state)
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     really_missing = [m for m in missing if m not in tied and "lm_head" not in m]
     if really_missing or unexpected:
         raise RuntimeError(f"weights {path} do not match the model: missing {really_missing[:3]}, unexpected {unexpected[:3]}")
-    if hasattr(model, "tie_weights"):
+    if hasattr(model, "tie_weights") and not dist.sharded(model):
         model.tie_weights()
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, extra: dict | None = None) -> Path:
     """Write `ckpt_root/last` atomically: weights (safetensors), optimizer + scheduler state, RNG states,
-    the step and any recipe state in `extra`. A kill during the write leaves the previous one intact."""
+    the step and any recipe state in `extra`. A kill during the write leaves the previous one intact.
+    Every rank calls; rank 0 writes (a sharded model's full state is gathered first)."""
     target = ckpt_root / "last"
+    dist = get_dist()
+    sharded = dist.sharded(model)
+    if sharded:
+        weights, opt_state = dist.full_state(model), dist.full_optimizer_state(model, optimizer)
+    if not dist.is_main:
+        return target
+    if not sharded:
+        weights, opt_state = model.state_dict(), optimizer.state_dict()
     with atomic_path(target) as tmp:
         tmp.mkdir()
-        write_weights(model, tmp / "model.safetensors")
+        _write_state(weights, tmp / "model.safetensors")
         torch.save({
-            "optimizer": optimizer.state_dict(),
+            "optimizer": opt_state, "sharded": sharded,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
         }, tmp / "trainer_state.pt")
@@ -176,13 +198,23 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, ext
 
 
 def load_checkpoint(ckpt_root: Path, model, optimizer, scheduler) -> dict | None:
-    """Restore the last checkpoint into model/optimizer/scheduler; returns its state dict or None."""
+    """Restore the last checkpoint into model/optimizer/scheduler; returns its state dict or None.
+    Every rank calls (each reads the same files)."""
+    from .errors import ConfigError
+
     target = ckpt_root / "last"
     if not (target / "state.json").exists():
         return None
     read_weights(model, target / "model.safetensors")
     trainer = torch.load(target / "trainer_state.pt", weights_only=False)  # our own file, written above
-    optimizer.load_state_dict(trainer["optimizer"])
+    dist = get_dist()
+    if bool(trainer.get("sharded", False)) != dist.sharded(model):
+        raise ConfigError(f"{target}: the checkpoint was written {'with' if trainer.get('sharded') else 'without'} "
+                          f"FSDP sharding; resume it the same way")
+    if dist.sharded(model):
+        dist.load_full_optimizer_state(model, optimizer, trainer["optimizer"])
+    else:
+        optimizer.load_state_dict(trainer["optimizer"])
     if scheduler is not None and trainer["scheduler"] is not None:
         scheduler.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["rng"]["torch"])

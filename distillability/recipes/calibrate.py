@@ -204,6 +204,7 @@ def run(cfg: CalibrateConfig) -> dict:
         reference = None  # pi_0 = the base weights, reached by disabling the adapter
     else:
         reference = copy.deepcopy(policy).to(pick_device(rt.frozen_device)).requires_grad_(False).eval()
+    policy = dist.wrap(policy)  # FSDP: shard the policy (a no-op for data-parallel or one process)
     task = cfg.task.load()
     held_out = task.eval[: cfg.eval_prompts]
     pool, val = task.train, []  # RL prompts; the utility guard's validation prompts
@@ -243,18 +244,22 @@ def run(cfg: CalibrateConfig) -> dict:
             log.truncate_after(start_step)
     elif dist.is_main:
         log.path.unlink(missing_ok=True)
-    if before is None and dist.is_main:
-        before = card_metrics(policy, "before")
+    with dist.full_weights(policy):
+        if before is None and dist.is_main:
+            before = card_metrics(policy, "before")
     guard_file = ckpt_root / "guard_selected.safetensors"
 
     def val_accuracy() -> float:
-        return greedy_accuracy(policy, tok, task, val, cfg.max_completion_length, rt.bf16, chat)[0]
+        """Greedy accuracy on the guard's prompts, on rank 0 (0.0 elsewhere); every rank calls."""
+        with dist.full_weights(policy):
+            return greedy_accuracy(policy, tok, task, val, cfg.max_completion_length, rt.bf16, chat)[0] if dist.is_main else 0.0
 
-    if val and guard is None and dist.is_main:
+    if val and guard is None:
         start_acc = val_accuracy()
         guard = {"ratio": cfg.min_accuracy_ratio, "start_accuracy": start_acc,
                  "threshold": cfg.min_accuracy_ratio * start_acc, "checks": {}, "selected_step": 0}
-        write_weights(policy, guard_file)
+        if dist.sharded(policy) or dist.is_main:
+            write_weights(policy, guard_file)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -280,9 +285,10 @@ def run(cfg: CalibrateConfig) -> dict:
         prompt_ids = [encode_prompt(tok, p, chat) for p in prompts]
 
         # 1. sample G responses per prompt from the current policy (KV-cached batched generation)
-        gens = generate(policy, tok, prompts, cfg.max_completion_length, cfg.temperature, num_return_sequences=G,
-                        seed=step_seed(rt.seed, step, 1), autocast=rt.bf16, use_chat_template=chat,
-                        index_offset=mine.start)
+        with dist.full_weights(policy):
+            gens = generate(policy, tok, prompts, cfg.max_completion_length, cfg.temperature, num_return_sequences=G,
+                            seed=step_seed(rt.seed, step, 1), autocast=rt.bf16, use_chat_template=chat,
+                            index_offset=mine.start)
         texts = [g.text for g in gens]
         gen_prompts = [prompts[g.prompt_index] for g in gens]
         ids, attn, mask = _completion_batch(tok, prompt_ids, gens, device)
@@ -349,26 +355,30 @@ def run(cfg: CalibrateConfig) -> dict:
             acc = val_accuracy()
             guard["checks"][str(step + 1)] = acc
             row["guard_val_accuracy"] = acc
-            if acc >= guard["threshold"]:
+            keep = float(dist.sum(float(dist.is_main and acc >= guard["threshold"]))) > 0  # rank 0 decides
+            if keep:
                 guard["selected_step"] = step + 1
-                write_weights(policy, guard_file)
+                if dist.sharded(policy) or dist.is_main:
+                    write_weights(policy, guard_file)
         log.write(row)
         bar.set_postfix(reward=f"{row['task_reward']:.2f}", r_cal=f"{row['r_cal']:.3f}", kl=f"{kl:.3f}")
-        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps) and dist.is_main:
-            save_checkpoint(ckpt_root, step + 1, policy, optimizer, scheduler,
+        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
+            save_checkpoint(ckpt_root, step + 1, policy, optimizer, scheduler,  # (rank 0 writes)
                             {"ema": ema, "before": before, "guard": guard})
 
     policy.eval()
     dist.barrier()
+    if guard is not None and guard["selected_step"] != cfg.max_steps and (dist.sharded(policy) or dist.is_main):
+        read_weights(policy, guard_file)  # the last step that kept the teacher's accuracy
+    final_state = dist.full_state(policy) if dist.sharded(policy) else None  # (collective)
+    with dist.full_weights(policy):
+        after = card_metrics(policy, "after") if dist.is_main else None
     if not dist.is_main:
         return {}
-    if guard is not None and guard["selected_step"] != cfg.max_steps:
-        read_weights(policy, guard_file)  # the last step that kept the teacher's accuracy
-    after = card_metrics(policy, "after")
     card = {"eta": cfg.eta, "beta": cfg.beta, "model": cfg.model, "proxy": cfg.proxy, "task": to_dict(cfg.task),
             "steps": cfg.max_steps, "seed": rt.seed, "loss_type": cfg.loss_type,
             "cal_normalization": cfg.cal_normalization, "num_generations": G, "learning_rate": cfg.learning_rate,
             **before, **after, "guard": guard, "wall_seconds": time.time() - t_start, "versions": versions()}
-    save_model(policy, tok, out / "model")
+    save_model(policy, tok, out / "model", state_dict=final_state)
     write_json(out / "calibration_card.json", card)
     return card

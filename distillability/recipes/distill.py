@@ -272,6 +272,7 @@ def run(cfg: DistillConfig) -> dict:
         student = apply_lora(student, cfg.lora_r, cfg.lora_alpha)
     dist = get_dist()
     dist.start(next(student.parameters()).device)
+    student = dist.wrap(student)  # FSDP: shard the student (a no-op for data-parallel or one process)
     task = cfg.task.load()
     held_out = task.eval[: cfg.eval_prompts]
     chat = cfg.task.use_chat_template
@@ -286,7 +287,8 @@ def run(cfg: DistillConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     dist.barrier()
-    before_acc = greedy_accuracy(student, stok, task, held_out, cfg.max_new_tokens, rt.bf16, chat)[0] if dist.is_main else None
+    with dist.full_weights(student):
+        before_acc = greedy_accuracy(student, stok, task, held_out, cfg.max_new_tokens, rt.bf16, chat)[0] if dist.is_main else None
     samples = sample_teacher(teacher, ttok, task, cfg, out / "teacher_samples.jsonl")
     marked = [float(r["correct"]) for r in samples if isinstance(r.get("correct"), (int, float))]
     teacher_sample_acc = float(np.mean(marked)) if marked else None  # user-given samples may not say
@@ -315,9 +317,10 @@ def run(cfg: DistillConfig) -> dict:
         prompts = [samples[i]["prompt"] for i in pick]
         if on_policy or (cfg.method == "gkd" and cfg.seq_kd):
             model, mtok = (student, stok) if on_policy else (teacher, ttok)
-            gens = generate(model, mtok, prompts, cfg.max_new_tokens, cfg.temperature,
-                            seed=step_seed(rt.seed, step, 1), autocast=rt.bf16, use_chat_template=chat,
-                            index_offset=mine.start)
+            with dist.full_weights(model):
+                gens = generate(model, mtok, prompts, cfg.max_new_tokens, cfg.temperature,
+                                seed=step_seed(rt.seed, step, 1), autocast=rt.bf16, use_chat_template=chat,
+                                index_offset=mine.start)
             responses, finished = [g.text for g in gens], [g.finished for g in gens]
         else:
             responses = [samples[i]["response"] for i in pick]
@@ -341,14 +344,16 @@ def run(cfg: DistillConfig) -> dict:
         log.write({"step": step + 1, "loss": loss_value, "on_policy": on_policy, "s_generate": t_gen,
                    "s_step": time.time() - t0})
         bar.set_postfix(loss=f"{loss_value:.3f}")
-        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps) and dist.is_main:
-            save_checkpoint(ckpt_root, step + 1, student, optimizer, scheduler)
+        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
+            save_checkpoint(ckpt_root, step + 1, student, optimizer, scheduler)  # (rank 0 writes)
 
     student.eval()
     dist.barrier()
+    final_state = dist.full_state(student) if dist.sharded(student) else None  # (collective)
+    with dist.full_weights(student):
+        after_acc = greedy_accuracy(student, stok, task, held_out, cfg.max_new_tokens, rt.bf16, chat)[0] if dist.is_main else None
     if not dist.is_main:
         return {}
-    after_acc, _ = greedy_accuracy(student, stok, task, held_out, cfg.max_new_tokens, rt.bf16, chat)
     losses = [r["loss"] for r in log.rows()]
     card = {"teacher": cfg.teacher, "student": cfg.student, "method": cfg.method,
             "loss": "jsd" if cfg.method == "gkd" else (cfg.loss if cfg.method == "kd" else "nll"),
@@ -359,6 +364,6 @@ def run(cfg: DistillConfig) -> dict:
             "final_loss": float(np.mean(losses[-5:])) if losses else None,
             "cross_tokenizer": None if token_loss is None or token_loss.same_vocab else cfg.cross_tokenizer,
             "wall_seconds": time.time() - t_start, "versions": versions()}
-    save_model(student, stok, out / "model")
+    save_model(student, stok, out / "model", state_dict=final_state)
     write_json(out / "distill_card.json", card)
     return card
