@@ -7,8 +7,11 @@ Per seed: `distillability demo --seed S` (its world, calibrations, SFT/KD/GKD st
 the attacker the calibration never saw: SFT on only verified-correct teacher samples (`keep_correct_only`),
 into the world's student base (another size and tokenizer than the proxy), from the control,
 distillable and undistillable teachers. Writes `<out>/knob_seeds.json` (every seed's headline, the
-attacker's accuracies, ratios, means and spreads) and `<out>/knob_seeds.md` (the table for
+attacker's accuracies, ratios, means, spreads and pooled ratios) and `<out>/knob_seeds.md` (the table for
 bench/README.md), and prints the table. Overrides go to every demo run (e.g. `calibrate.max_steps=60`).
+`--student-repeats K` distills K students per (method, teacher) with different distill seeds and uses
+their mean (one student's accuracy varies by +-30% between equivalent teachers). A rerun into the same
+`--out` reuses every finished stage.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def _cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "distillability.cli", *args], check=True)
 
 
-def run_seed(seed: int, out: Path, overrides: list[str]) -> dict:
+def run_seed(seed: int, out: Path, overrides: list[str], repeats: int = 1) -> dict:
     run = out / "runs" / f"seed{seed}"
     t0 = time.time()
     _cli("demo", "--seed", str(seed), "--output-dir", str(run), "progress=false", *overrides)
@@ -45,6 +48,24 @@ def run_seed(seed: int, out: Path, overrides: list[str]) -> dict:
                  "keep_correct_only=true", f"output_dir={folder}", "runtime.progress=false", "resume=false")
         attacker[t] = json.loads(card.read_text())["student_accuracy"]
     head["students"]["sft_correct_only"] = attacker
+    if repeats > 1:
+        # more students per (method, teacher): the same distill config with other seeds (its own teacher
+        # samples and data order); the headline keeps their mean, `student_runs` every run
+        head["student_runs"] = {}
+        for method in [m for m in head["students"] if m != "sft_correct_only"]:
+            head["student_runs"][method] = {}
+            for t in TEACHERS:
+                accs = [head["students"][method][t]]
+                for r in range(1, repeats):
+                    folder = run / f"repeat{r}_{method}_{t}"
+                    card = folder / "distill_card.json"
+                    if not card.exists():
+                        _cli("distill", "--config", str(run / f"distill_{method}_{t}" / "config.yaml"),
+                             f"teacher={ev['teachers'][t]}", f"student={student}", f"runtime.seed={seed + 1000 * r}",
+                             f"output_dir={folder}", "runtime.progress=false", "resume=false")
+                    accs.append(json.loads(card.read_text())["student_accuracy"])
+                head["student_runs"][method][t] = accs
+                head["students"][method][t] = statistics.mean(accs)
     head["seed_wall_seconds"] = time.time() - t0
     return head
 
@@ -77,21 +98,31 @@ def _target(name: str):
     return None
 
 
+def pooled_head(heads: list[dict]) -> dict:
+    """Accuracies summed over seeds: ratios of these weigh each seed by its control's accuracy, so a seed
+    whose control students are near zero cannot swing the summary as it swings the mean of ratios."""
+    return {"teachers": {r: sum(h["teachers"][r] for h in heads) for r in heads[0]["teachers"]},
+            "students": {m: {r: sum(h["students"][m][r] for h in heads) for r in accs}
+                         for m, accs in heads[0]["students"].items()}}
+
+
 def table(seeds: list[int], heads: list[dict]) -> tuple[str, dict]:
     rs = [ratios(h) for h in heads]
+    pooled = ratios(pooled_head(heads))
     names = list(rs[0])
     summary = {}
-    lines = ["| ratio (vs the eta=0 control) | target | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | held in |",
-             "|---|---|" + "---|" * len(seeds) + "---|---|---|"]
+    lines = ["| ratio (vs the eta=0 control) | target | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | mean | sd | pooled | held in |",
+             "|---|---|" + "---|" * len(seeds) + "---|---|---|---|"]
     for n in names:
         vals = [r[n] for r in rs]
         op, thr = _target(n)
         held = sum((v >= thr) if op == ">=" else (v <= thr) for v in vals)
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        summary[n] = {"values": vals, "mean": statistics.mean(vals), "sd": sd, "target": f"{op} {thr}",
-                      "held_in_seeds": held}
+        summary[n] = {"values": vals, "mean": statistics.mean(vals), "sd": sd, "pooled": pooled[n],
+                      "target": f"{op} {thr}", "held_in_seeds": held}
         lines.append(f"| {n} | {op} {thr} | " + " | ".join(f"{v:.2f}" for v in vals)
-                     + f" | {statistics.mean(vals):.2f} | {sd:.2f} | {held}/{len(vals)} |")
+                     + f" | {statistics.mean(vals):.2f} | {sd:.2f} | {pooled[n]:.2f} | {held}/{len(vals)} |")
     acc = ["", "| accuracy | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for role in ("original", "control", "distillable", "undistillable"):
         acc.append(f"| teacher {role} | " + " | ".join(f"{h['teachers'][role]:.2f}" for h in heads) + " |")
@@ -106,14 +137,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--student-repeats", type=int, default=1,
+                    help="students per (method, teacher) from other distill seeds; ratios use their mean")
+    ap.add_argument("--from-json", help="tabulate an earlier knob_seeds.json again (no runs), e.g. after a table change")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every demo run")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    heads = [run_seed(s, out, args.overrides) for s in args.seeds]
-    md, summary = table(args.seeds, heads)
-    result = {"seeds": args.seeds, "overrides": args.overrides, "headlines": heads, "summary": summary,
-              "date": time.strftime("%Y-%m-%d")}
+    if args.from_json:
+        old = json.loads(Path(args.from_json).read_text())
+        seeds, overrides, heads, date = old["seeds"], old["overrides"], old["headlines"], old["date"]
+    else:
+        seeds, overrides, date = args.seeds, args.overrides, time.strftime("%Y-%m-%d")
+        heads = [run_seed(s, out, overrides, args.student_repeats) for s in seeds]
+    md, summary = table(seeds, heads)
+    result = {"seeds": seeds, "overrides": overrides, "headlines": heads, "summary": summary, "date": date}
     (out / "knob_seeds.json").write_text(json.dumps(result, indent=1))
     (out / "knob_seeds.md").write_text(md + "\n")
     print(md)
