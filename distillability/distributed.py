@@ -103,7 +103,7 @@ class Dist:
         env = os.environ
         names = [n.strip() for n in env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n.strip()]
         names = set(names or getattr(model, "_no_split_modules", None) or [])
-        kw = {"reshard_after_forward": env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0"),
+        kw = {"reshard_after_forward": self._reshard_after_forward(),
               "offload_policy": CPUOffloadPolicy() if env.get("FSDP_OFFLOAD_PARAMS", "").lower() == "true"
               else OffloadPolicy()}
         for module in list(model.modules()):
@@ -115,6 +115,10 @@ class Dist:
             if hasattr(unit, "set_force_sum_reduction_for_comms"):
                 unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
         return model
+
+    @staticmethod
+    def _reshard_after_forward() -> bool:
+        return os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0")
 
     def _units(self, model) -> list:
         if not self.fsdp:
@@ -139,8 +143,7 @@ class Dist:
         finally:
             for unit in units:
                 unit.reshard()
-                unit.set_reshard_after_forward(os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
-                                               not in ("false", "0"), recurse=False)
+                unit.set_reshard_after_forward(self._reshard_after_forward(), recurse=False)
 
     def full_state(self, model) -> dict[str, torch.Tensor]:
         """The full (unsharded) state dict, on CPU, on rank 0 ({} elsewhere) for a sharded model; the model's
@@ -157,10 +160,6 @@ class Dist:
             for name in names[1:]:
                 state.pop(name, None)
         return state
-
-    def full_state_keys(self, model) -> list[str]:
-        """The keys of `full_state(model)` (the model's own state-dict names), without gathering anything."""
-        return list(model.state_dict().keys())
 
     def load_full_state(self, model, state: dict) -> None:
         """Load a full state dict (every rank passes the same one) into a sharded model. Collective."""

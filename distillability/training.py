@@ -146,20 +146,21 @@ def _write_state(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def write_weights(model, path: Path) -> None:
     """The model's state as one safetensors file (tied tensors once), written to a temporary name and renamed.
-    A sharded (FSDP) model: every rank calls (the full state is gathered), rank 0 writes."""
+    Every rank calls; rank 0 writes (a sharded model's full state is gathered first)."""
     dist = get_dist()
-    state = dist.full_state(model)
-    if dist.sharded(model) and not dist.is_main:
+    if not dist.sharded(model) and not dist.is_main:
         return
-    _write_state(state, path)
+    state = dist.full_state(model)
+    if dist.is_main:
+        _write_state(state, path)
 
 
 def read_weights(model, path: Path) -> None:
-    """Load a write_weights file into `model` (strict up to tied weights); a sharded model: every rank calls."""
+    """Load a write_weights file into `model` (strict up to tied weights); every rank calls."""
     state = load_file(str(path))
     dist = get_dist()
     if dist.sharded(model):
-        keys = set(dist.full_state_keys(model))
+        keys = set(model.state_dict())  # (names only: nothing is gathered)
         missing, unexpected = [k for k in keys if k not in state], [k for k in state if k not in keys]
         dist.load_full_state(model, state)
     else:

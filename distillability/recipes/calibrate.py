@@ -258,8 +258,7 @@ def run(cfg: CalibrateConfig) -> dict:
         start_acc = val_accuracy()
         guard = {"ratio": cfg.min_accuracy_ratio, "start_accuracy": start_acc,
                  "threshold": cfg.min_accuracy_ratio * start_acc, "checks": {}, "selected_step": 0}
-        if dist.sharded(policy) or dist.is_main:
-            write_weights(policy, guard_file)
+        write_weights(policy, guard_file)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -358,8 +357,7 @@ def run(cfg: CalibrateConfig) -> dict:
             keep = float(dist.sum(float(dist.is_main and acc >= guard["threshold"]))) > 0  # rank 0 decides
             if keep:
                 guard["selected_step"] = step + 1
-                if dist.sharded(policy) or dist.is_main:
-                    write_weights(policy, guard_file)
+                write_weights(policy, guard_file)
         log.write(row)
         bar.set_postfix(reward=f"{row['task_reward']:.2f}", r_cal=f"{row['r_cal']:.3f}", kl=f"{kl:.3f}")
         if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
@@ -368,7 +366,7 @@ def run(cfg: CalibrateConfig) -> dict:
 
     policy.eval()
     dist.barrier()
-    if guard is not None and guard["selected_step"] != cfg.max_steps and (dist.sharded(policy) or dist.is_main):
+    if guard is not None and guard["selected_step"] != cfg.max_steps:
         read_weights(policy, guard_file)  # the last step that kept the teacher's accuracy
     final_state = dist.full_state(policy) if dist.sharded(policy) else None  # (collective)
     with dist.full_weights(policy):
