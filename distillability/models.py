@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from .attention import use_fast_attention
 from .errors import ModelError
 from .io import atomic_path
 
@@ -131,6 +132,7 @@ def build_tiny_model(spec: TinyModelSpec, tokenizer, seed: int = 0) -> torch.nn.
         model = LlamaForCausalLM(LlamaConfig(**common))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    use_fast_attention(model)
     return model
 
 
@@ -291,6 +293,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "auto", trust_re
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"{spec}: model does not load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     model.to(pick_device(device))
+    use_fast_attention(model)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok

@@ -57,6 +57,24 @@ def encode_sft_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str]
     return ids, mask, loss_mask
 
 
+def encode_generations(tokenizer, prompt_ids: list[list[int]], gens, device=None):
+    """(input_ids, attention_mask, loss_mask) of sampled responses exactly as sampled: right-padded prompt ids +
+    the generated ids (+ EOS where the model emitted it), the mask covering response positions in the shifted
+    frame (like encode_sft_batch, without re-tokenising the decoded text)."""
+    seqs, plens = [], []
+    for g in gens:
+        p = prompt_ids[g.prompt_index]
+        r = g.token_ids + ([tokenizer.eos_token_id] if g.finished else [])
+        seqs.append(p + r)
+        plens.append(len(p))
+    ids, attn = pad_batch(seqs, tokenizer.pad_token_id, device)
+    T = ids.shape[1]
+    pos = torch.arange(T - 1, device=device).expand(len(seqs), T - 1)
+    pl = torch.tensor(plens, device=device).unsqueeze(1)
+    ln = torch.tensor([len(s) for s in seqs], device=device).unsqueeze(1)
+    return ids, attn, (pos >= pl - 1) & (pos < ln - 1)
+
+
 def nll_loss(model, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor, normalise=None) -> torch.Tensor:
     """Mean negative log-likelihood of the masked next-token targets (`normalise(sum, count)` replaces
     the plain mean, e.g. distributed.global_mean). Where the model allows (models.lm_parts), the loss is
@@ -83,8 +101,19 @@ def apply_lora(model, r: int, alpha: int):
 
 
 def make_optimizer(params, lr: float, weight_decay: float = 0.0):
-    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay,
-                             betas=(0.9, 0.95))
+    """AdamW; the fused kernel (one pass over all parameters, 3-4x faster than the per-tensor loop on CPU)
+    where torch has it for these parameters (plain float32 tensors on CPU or CUDA; sharded DTensors keep
+    the default implementation)."""
+    params = [p for p in params if p.requires_grad]
+    fused = bool(params) and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda")
+                                 and p.dtype == torch.float32 for p in params)
+    kwargs = dict(lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    if fused:
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):  # an older torch without the CPU kernel
+            pass
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def make_scheduler(optimizer, total_steps: int, warmup_steps: int = 0, kind: str = "constant"):

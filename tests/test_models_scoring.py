@@ -171,6 +171,33 @@ def test_fast_decoder_gives_the_tokens_of_hf_generate(arch):
     assert any(g.finished for g in fast) and not all(g.finished for g in fast)
 
 
+def test_fast_decoder_bf16_tokens_are_the_models_own_bf16_argmax(monkeypatch):
+    """With every matmul in bf16 (the size threshold forced to 0), each greedy token of the lean decoder is
+    the argmax of the Hugging Face model's own forward under bf16 autocast over the same prefix, up to bf16
+    rounding (the chosen token's logit within 0.05 of the maximum), and nearly always exactly."""
+    from distillability import fastgen
+
+    monkeypatch.setattr(fastgen.Decoder, "BF16_MIN_MACS", 0)
+    train, _ = world_splits(80, 4, 0)
+    tok = train_tokenizer([e.prompt + e.solutions["worked"] for e in train], 0, "char")
+    model = build_tiny_model(TinyModelSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                                           num_kv_heads=2), tok, seed=3).eval()
+    prompts = [e.prompt for e in train[:8]]
+    gens = generate(model, tok, prompts, 16, greedy=True, autocast=True)
+    exact, total = 0, 0
+    for g in gens:
+        p_ids = tok(prompts[g.prompt_index])["input_ids"]
+        ids = torch.tensor([p_ids + g.token_ids])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits[0].float()
+        for k, t in enumerate(g.token_ids):
+            row = logits[len(p_ids) - 1 + k]
+            assert row.max() - row[t] < 0.05, (g.prompt_index, k)
+            exact += int(row.argmax() == t)
+            total += 1
+    assert total > 50 and exact >= 0.9 * total
+
+
 def test_lora_model_generates_from_a_merged_copy_and_keeps_its_adapters():
     """A LoRA-wrapped policy decodes from a merged copy (unmerged adapters cost ~3x per token): the tokens
     are those of the merged model, and the policy keeps its trainable adapters."""

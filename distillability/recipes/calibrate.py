@@ -33,12 +33,13 @@ from ..evaluation import greedy_accuracy, mean_calibration_divergence
 from ..io import versions, write_json
 from ..models import check_context, pick_device, save_model
 from ..sampling import generate
-from ..scoring import encode_prompt, pad_batch, sequence_logprobs, token_logprobs
+from ..scoring import encode_prompt, sequence_logprobs, token_logprobs
 from ..training import (
     StepLog,
     apply_lora,
     autocast_ctx,
     check_finite,
+    encode_generations,
     load_checkpoint,
     make_optimizer,
     make_scheduler,
@@ -153,22 +154,6 @@ def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor
         loss = global_mean((per_token * m).sum(), m.sum())
     clipped = ((ratio - 1).abs() > epsilon).to(logp.dtype)
     return loss, ((clipped * m).sum() / m.sum().clamp(min=1)).item(), ((kl * m).sum() / m.sum().clamp(min=1)).item()
-
-
-def _completion_batch(tokenizer, prompt_ids: list[list[int]], gens, device):
-    """Right-padded prompt+response(+EOS) ids and a mask of response positions in the shifted frame."""
-    seqs, plens = [], []
-    for g in gens:
-        p = prompt_ids[g.prompt_index]
-        r = g.token_ids + ([tokenizer.eos_token_id] if g.finished else [])
-        seqs.append(p + r)
-        plens.append(len(p))
-    ids, attn = pad_batch(seqs, tokenizer.pad_token_id, device)
-    T = ids.shape[1]
-    pos = torch.arange(T - 1, device=device).expand(len(seqs), T - 1)
-    pl = torch.tensor(plens, device=device).unsqueeze(1)
-    ln = torch.tensor([len(s) for s in seqs], device=device).unsqueeze(1)
-    return ids, attn, (pos >= pl - 1) & (pos < ln - 1)
 
 
 def _per_token_logprobs(model, ids, attn, autocast: bool):
@@ -290,7 +275,7 @@ def run(cfg: CalibrateConfig) -> dict:
                             index_offset=mine.start)
         texts = [g.text for g in gens]
         gen_prompts = [prompts[g.prompt_index] for g in gens]
-        ids, attn, mask = _completion_batch(tok, prompt_ids, gens, device)
+        ids, attn, mask = encode_generations(tok, prompt_ids, gens, device)
         t_gen = time.time() - t0
 
         # 2. rewards: task verifier, and r_cal from the policy's own log-probs minus the proxy's (text level)

@@ -42,12 +42,13 @@ from ..evaluation import greedy_accuracy
 from ..io import load_records, require_field, versions, write_json, write_jsonl
 from ..models import check_context, lm_parts, same_vocabulary, save_model
 from ..sampling import generate
-from ..scoring import gather_logprobs, pad_batch
+from ..scoring import encode_prompt, gather_logprobs, pad_batch
 from ..training import (
     StepLog,
     apply_lora,
     autocast_ctx,
     check_finite,
+    encode_generations,
     encode_sft_batch,
     load_checkpoint,
     make_optimizer,
@@ -166,11 +167,18 @@ class TokenLoss:
                 f"{len(stok)} tokens); set cross_tokenizer=char or uld, or use method=sft")
         self.projector = FirstCharProjector([ttok, stok]) if not self.same_vocab and cfg.cross_tokenizer == "char" else None
 
-    def __call__(self, prompts: list[str], responses: list[str], finished: list[bool], on_policy: bool) -> torch.Tensor:
+    def __call__(self, prompts: list[str], responses: list[str], finished: list[bool], on_policy: bool,
+                 gens: list | None = None) -> torch.Tensor:
+        """gens: the sampled Generations behind `responses` (on-policy or seq_kd): with a shared vocabulary the
+        loss runs on exactly the sampled tokens instead of a re-tokenisation of their decoded text."""
         cfg, dev = self.cfg, next(self.student.parameters()).device
         chat = cfg.task.use_chat_template
         if self.same_vocab:
-            ids, attn, lmask = encode_sft_batch(self.stok, prompts, responses, dev, chat)
+            if gens is not None:
+                ids, attn, lmask = encode_generations(self.stok, [encode_prompt(self.stok, p, chat) for p in prompts],
+                                                      gens, dev)
+            else:
+                ids, attn, lmask = encode_sft_batch(self.stok, prompts, responses, dev, chat)
             s_parts, t_parts = lm_parts(self.student), lm_parts(self.teacher)
             if not cfg.teacher_top_k and s_parts and t_parts:
                 # hidden states + lm_head, chunked: the [positions, V] logits never exist at once
@@ -323,6 +331,7 @@ def run(cfg: DistillConfig) -> dict:
                                 index_offset=mine.start)
             responses, finished = [g.text for g in gens], [g.finished for g in gens]
         else:
+            gens = None
             responses = [samples[i]["response"] for i in pick]
             finished = [bool(samples[i].get("finished", True)) for i in pick]
         t_gen = time.time() - t0
@@ -332,7 +341,7 @@ def run(cfg: DistillConfig) -> dict:
             with autocast_ctx(device, rt.bf16):
                 loss = nll_loss(student, ids, attn, lmask, normalise=global_mean)
         else:
-            loss = token_loss(prompts, responses, finished, on_policy)
+            loss = token_loss(prompts, responses, finished, on_policy, gens)
         check_finite(loss, step + 1, ckpt_root / "last")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
