@@ -208,9 +208,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--trl-bf16", choices=["on", "off"], default="on", help="TRL's precision (its CPU default: on)")
-    ap.add_argument("--ours-bf16", choices=["on", "off", "auto"], default="auto",
-                    help="auto: bf16 autocast when the trained model has hidden size >= 256 (the teacher), fp32 for "
-                         "the 0.56M student, whose matmuls are too small for AMX to beat the casts")
+    ap.add_argument("--ours-bf16", choices=["on", "off"], default="on",
+                    help="our runtime.bf16 (bf16 autocast for training; the decoder picks bf16 per matmul size)")
     ap.add_argument("--only", default="", help="comma list of gkd,grpo_teacher,grpo_student")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--side"), ap.add_argument("--kind"), ap.add_argument("--root")
@@ -237,8 +236,7 @@ def main() -> None:
     if args.only:
         plan = {k: v for k, v in plan.items() if k in args.only.split(",")}
     trl_bf16 = args.trl_bf16 == "on"
-    ours_bf16 = {k: args.ours_bf16 == "on" or (args.ours_bf16 == "auto" and k.startswith("grpo_teacher"))
-                 for k in ("gkd", "grpo_teacher", "grpo_teacher_eta", "grpo_student")}
+    ours_bf16 = {k: args.ours_bf16 == "on" for k in ("gkd", "grpo_teacher", "grpo_teacher_eta", "grpo_student")}
     per_round: dict[str, list[float]] = {}
     rss: dict[str, list[float]] = {}
     def med(res: dict) -> float:

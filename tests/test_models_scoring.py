@@ -277,3 +277,40 @@ def test_fused_cross_tokenizer_loss_equals_the_logits_path(monkeypatch, on_polic
     (l1, g1), (l2, g2) = results
     assert l1 > 0 and abs(l1 - l2) < 1e-10
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g1, g2))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_short_sequence_cpu_attention_matches_sdpa(arch):
+    """The attention registered for short bf16 CPU sequences (attention.py) gives the logits and gradients
+    of transformers' sdpa path under bf16 autocast (right padding, GQA, Gemma-3 local layers), and float32
+    runs take the sdpa path unchanged (bit-equal)."""
+    from distillability.attention import NAME
+
+    train, _ = world_splits(40, 4, 0)
+    tok = train_tokenizer([e.prompt + e.solutions["worked"] for e in train], 0 if arch == "llama" else 300,
+                          "char" if arch == "llama" else "bpe")
+    model = build_tiny_model(TinyModelSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                                           architecture=arch, num_kv_heads=2, sliding_window=8), tok, seed=3)
+    assert model.config._attn_implementation == NAME
+    ids, attn, _ = encode_sft_batch(tok, [e.prompt for e in train[:6]], [e.solutions["worked"] for e in train[:6]])
+    assert (attn == 0).any()
+
+    def run(impl: str, bf16: bool):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=ids, attention_mask=attn).logits.float()
+        (logits * attn.unsqueeze(-1)).square().mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return logits * attn.unsqueeze(-1), grads
+
+    for bf16 in (True, False):
+        ours, g_ours = run(NAME, bf16)
+        ref, g_ref = run("sdpa", bf16)
+        assert torch.isfinite(ours).all() and torch.isfinite(g_ours).all()
+        if bf16:
+            assert (ours - ref).abs().max() <= 0.02 * ref.abs().max()
+            assert (g_ours - g_ref).norm() <= 0.05 * g_ref.norm()
+        else:
+            assert torch.equal(ours, ref) and torch.equal(g_ours, g_ref)
+    model.set_attn_implementation(NAME)
