@@ -11,8 +11,13 @@ a group has no spread) and combined as A = A_task + eta * A_cal:
   eta > 0 pushes it away (undistillable), eta = 0 is plain GRPO on the task.
 Loss: GRPO clipped surrogate with ratio pi_theta/pi_old, plus beta * k3 KL to the frozen original
 teacher pi_0, k3 = exp(log pi_0 - log pi_theta) - (log pi_0 - log pi_theta) - 1 per token.
-Loss types (TRL's names): `grpo` (default: mean over each sequence's tokens, then over sequences),
-`dr_grpo` (sum over tokens / (num sequences * max_completion_length)), `dapo` (mean over all tokens).
+Loss types (TRL's names): `dr_grpo` (default: sum over tokens / (num sequences * max_completion_length)),
+`grpo` (mean over each sequence's tokens, then over sequences), `dapo` (mean over all tokens; TRL's default,
+the same as dr_grpo up to a per-batch constant). `grpo`'s per-sequence mean is biased toward short
+responses (a short correct answer gets a larger per-token push than a long one, a long wrong one a smaller
+penalty; Liu et al. 2025, "Understanding R1-Zero-Like Training"): with eta = 0 it drifts the teacher toward
+its short modes, which in the tiny world are the ones a small student cannot imitate, so the eta = 0
+control itself became partly undistillable (bench/README.md, knob).
 """
 
 from __future__ import annotations
@@ -66,7 +71,9 @@ class CalibrateConfig:
     temperature: float = opt(1.0, "Sampling temperature of the teacher's responses.", min=0, min_exclusive=True)
     max_completion_length: int = opt(64, "Max new tokens per response.", min=1)
     epsilon: float = opt(0.2, "PPO/GRPO clip range of the ratio.", min=0)
-    loss_type: str = opt("grpo", "Loss aggregation.", choices=("grpo", "dr_grpo", "dapo"))
+    loss_type: str = opt("dr_grpo", "Loss aggregation: dr_grpo (no length bias), grpo (per-sequence mean, "
+                         "favours short responses) or dapo (per-token mean over the batch).",
+                         choices=("grpo", "dr_grpo", "dapo"))
     cal_normalization: str = opt("char", "Length normalisation of r_cal: none (summed), token, char.",
                                  choices=("none", "token", "char"))
     cal_clip: float = opt(5.0, "Clip r_cal to [-cal_clip, cal_clip] (0 = no clipping).", min=0)

@@ -64,7 +64,8 @@ DEFAULT_OVERRIDES = {
     "task": {"num_train": 3000, "num_eval": 100, "world_max_terms": 3},
     "diagnose": {"num_prompts": 32, "num_samples": 4, "runtime": {"bf16": False}},
     # 60 calibration steps (30 until 2026-11-30): the distillable direction then holds in 3/3 seeds for every
-    # distillation method while the teachers keep >= 0.92 of the control's accuracy (bench/README.md, knob)
+    # distillation method while the teachers keep >= 0.90 of the control's accuracy; loss_type is the
+    # recipe's default dr_grpo (grpo until 2026-11-30 drifted the control to short modes; bench/README.md, knob)
     "calibrate": {"max_steps": 60, "num_generations": 8, "prompts_per_step": 8, "learning_rate": 1e-4,
                   "beta": 0.04, "eval_prompts": 100, "save_steps": 0, "runtime": {"bf16": False}},
     "distill": {"max_steps": 120, "per_device_train_batch_size": 32, "num_prompts": 600, "learning_rate": 5e-4,
