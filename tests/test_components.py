@@ -175,6 +175,22 @@ def test_k3_formula_and_loss_types():
     assert loss_dr.item() == pytest.approx((-2.0 * 2 + 0.1 * k3(ref, lp)[0, :2].sum()).item() / 4, abs=1e-6)
 
 
+def test_grpo_loss_length_bias_and_dr_grpo_without_it():
+    """Two responses of 1 and 4 tokens with the same advantage: `grpo` (per-sequence mean) gives each token of
+    the short one 4x the gradient of a token of the long one; `dr_grpo` and `dapo` give every token the same
+    (1 / (2 * max_len) and 1 / 5): the bias that drifted the eta = 0 control to short answers."""
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]])
+    adv = torch.tensor([1.0, 1.0])
+    want = {"grpo": [[1 / 2, 0, 0, 0], [1 / 8] * 4], "dr_grpo": [[1 / 8, 0, 0, 0], [1 / 8] * 4],
+            "dapo": [[1 / 5, 0, 0, 0], [1 / 5] * 4]}
+    for loss_type, grad in want.items():
+        lp = torch.full((2, 4), -1.0, dtype=torch.float64, requires_grad=True)
+        loss, _, _ = grpo_loss(lp, lp.detach(), None, adv.double(), mask, 0.2, 0.0, loss_type, 4)
+        loss.backward()
+        assert torch.allclose(-lp.grad, torch.tensor(grad, dtype=torch.float64), atol=1e-12), loss_type
+    assert CalibrateConfig().loss_type == "dr_grpo"
+
+
 def test_preset_configs_load():
     from pathlib import Path
 

@@ -152,6 +152,19 @@ def test_trl_reward_adapter_equals_recipe_reward(tiny_pair):
     assert callable(CalibrationReward(policy, tok, proxy, ptok)) and trl is not None
 
 
+def test_calibrate_logs_the_share_of_rewards_at_the_clip(tiny_pair, tmp_path):
+    """r_cal_at_clip: with a clip far below any per-character log-ratio every response sits at it (1.0); with
+    no clip none does (0.0)."""
+    common = [f"model={tiny_pair['teacher']}", f"proxy={tiny_pair['student']}", "eta=1.0", "num_generations=2",
+              "prompts_per_step=2", "max_completion_length=12", "eval_prompts=2", "eval_samples=1", "max_steps=1",
+              "save_steps=0", *FAST]
+    for clip, share in (("1e-9", 1.0), ("0", 0.0)):
+        out = tmp_path / clip
+        calibrate.run(load_config(calibrate.CalibrateConfig, overrides=[*common, f"cal_clip={clip}", f"output_dir={out}"]))
+        log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        assert log[0]["r_cal_at_clip"] == share
+
+
 def test_calibrate_with_lora_saves_a_merged_plain_model(tiny_pair, tmp_path):
     from distillability.models import load_model
 
