@@ -336,10 +336,9 @@ def run(cfg: CalibrateConfig) -> dict:
         scheduler.step()
         dt = time.time() - t0
         n_tokens = int(attn.sum())
+        at_clip = float((r_cal.abs() >= cfg.cal_clip).double().mean()) if cfg.cal_clip > 0 and cfg.eta else 0.0
         row = {"step": step + 1, "loss": float(dist.sum(loss.detach())), "task_reward": r_task.mean().item(),
-               "r_cal": r_cal.mean().item(),
-               "r_cal_at_clip": float((r_cal.abs() >= cfg.cal_clip).double().mean()) if cfg.cal_clip > 0 and cfg.eta else 0.0,
-               "kl_ref": float(dist.sum(kl)) / dist.world,
+               "r_cal": r_cal.mean().item(), "r_cal_at_clip": at_clip, "kl_ref": float(dist.sum(kl)) / dist.world,
                "response_chars": float(dist.sum(float(np.mean([len(t) for t in texts])))) / dist.world,
                "response_tokens": mask.sum(1).float().mean().item(), "adv_std": adv.std().item(),
                "clip_frac": clip_frac, "tokens_per_s": n_tokens / dt, "s_generate": t_gen, "s_score": t_score,
