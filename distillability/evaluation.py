@@ -27,6 +27,13 @@ def mean_calibration_divergence(model, tokenizer, proxy, proxy_tokenizer, exampl
     prompts = [e.prompt for e in examples]
     gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                     num_return_sequences=samples, seed=seed, autocast=autocast, use_chat_template=use_chat_template)
+    return divergence_of_samples(model, tokenizer, proxy, proxy_tokenizer, prompts, gens, use_chat_template)
+
+
+def divergence_of_samples(model, tokenizer, proxy, proxy_tokenizer, prompts: Sequence[str], gens,
+                          use_chat_template: bool = False) -> dict:
+    """D(pi || pi_C) of given samples of pi (`generate` results indexing `prompts`): the means summed and per
+    character, and every sample's log-probability under both models (a truncated sample ends without EOS)."""
     ps = [prompts[g.prompt_index] for g in gens]
     texts = [g.text for g in gens]
     eos = [g.finished for g in gens]
@@ -34,4 +41,5 @@ def mean_calibration_divergence(model, tokenizer, proxy, proxy_tokenizer, exampl
     prox = sequence_logprobs(proxy, proxy_tokenizer, ps, texts, eos, use_chat_template)
     d = own["logprob"] - prox["logprob"]
     return {"summed": d.mean().item(), "per_char": normalise(d, texts, own["num_tokens"], "char").mean().item(),
-            "mean_chars": float(torch.tensor([len(t) for t in texts], dtype=torch.float).mean())}
+            "mean_chars": float(torch.tensor([len(t) for t in texts], dtype=torch.float).mean()),
+            "logprob": own["logprob"], "proxy_logprob": prox["logprob"]}

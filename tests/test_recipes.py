@@ -96,6 +96,29 @@ def test_evaluate_and_diagnose_write_their_files(tiny_pair, tmp_path):
     assert res["pass_at_k"]["3"] >= res["pass_at_k"]["1"]
     assert sum(res["failure_modes"].values()) == pytest.approx(1.0)
     assert (tmp_path / "e" / "eval.md").exists()
+    # D(model || proxy) is computed on the evaluation's own samples: the same as sampling them again
+    from distillability.evaluation import mean_calibration_divergence
+    from distillability.models import load_model
+
+    model, tok = load_model(tiny_pair["teacher"], device="cpu")
+    proxy, ptok = load_model(tiny_pair["student"], device="cpu")
+    cfg = load_config(evaluate.EvaluateConfig, overrides=FAST)
+    task = cfg.task.load()
+    d = mean_calibration_divergence(model, tok, proxy, ptok, task.eval[:6], 16, 1.0, 3, seed=cfg.runtime.seed + 17)
+    assert res["D_to_proxy_per_char"] == pytest.approx(d["per_char"], rel=1e-6)
+    assert res["D_to_proxy_summed"] == pytest.approx(d["summed"], rel=1e-6)
+    # the failure modes' answer confidences, batched, equal one scoring pass per response
+    from distillability.scoring import sequence_logprobs
+
+    items = [(e, f" {e.solution.split('####')[0]}#### {int(v) + 1}") for e, v in
+             ((e, e.reference) for e in task.eval[:8] if e.family == "math")]
+    batched = evaluate._answer_probs(model, tok, task, items, False)
+    for (e, r), p in zip(items, batched):
+        a = task.extract(e, r)
+        cut = r.rfind(a)
+        one = sequence_logprobs(model, tok, [e.prompt + r[:cut]], [a])["token_logprobs"][0].exp().mean().item()
+        assert p == pytest.approx(one, rel=1e-4)
+    assert len(batched) >= 3 and evaluate._answer_probs(model, tok, task, [(task.eval[0], " no answer")], False) == [None]
     rep = diagnose.run(load_config(diagnose.DiagnoseConfig, overrides=[
         f"teacher={tiny_pair['teacher']}", f"student={tiny_pair['student']}", "num_prompts=4", "num_samples=2",
         "max_new_tokens=16", f"output_dir={tmp_path / 'd'}", *FAST]))
@@ -299,8 +322,46 @@ def test_calibrate_utility_guard_keeps_the_last_step_that_kept_accuracy(small_wo
     assert [r.get("guard_val_accuracy") is not None for r in log] == [False, True, False, True, False, True]
 
 
+def test_calibrate_guard_on_held_out_prompts_uses_the_last_ones(small_world, tmp_path):
+    """guard_split=held_out validates on the held-out split's *last* guard_prompts (so evaluations that take a
+    shorter prefix never score the prompts that chose the checkpoint): its start accuracy is the teacher's
+    greedy accuracy on exactly those prompts."""
+    from distillability.evaluation import greedy_accuracy
+    from distillability.models import load_model
+
+    cfg = load_config(calibrate.CalibrateConfig, overrides=[
+        f"model={small_world['teacher']}", f"proxy={small_world['proxy']}", "num_generations=2", "prompts_per_step=2",
+        "max_completion_length=24", "eval_prompts=4", "eval_samples=1", "max_steps=1", "min_accuracy_ratio=0.5",
+        "guard_prompts=20", "save_steps=0", f"output_dir={tmp_path}", "runtime.progress=false", *SMALL_WORLD_TASK])
+    g = calibrate.run(cfg)["guard"]
+    task = cfg.task.load()
+    assert g["prompts"] == f"eval[{len(task.eval) - 20}:{len(task.eval)}]" and len(task.eval) == 64
+    model, tok = load_model(small_world["teacher"], device="cpu")
+    acc, _ = greedy_accuracy(model, tok, task, task.eval[-20:], 24, autocast=cfg.runtime.bf16)
+    assert g["start_accuracy"] == acc  # (the small world scores ~0.05 here and ~0.4 on its memorised train tail)
+
+
+def test_pipeline_keeps_evaluations_off_the_guards_prompts():
+    """With the utility guard on held-out prompts, a pipeline whose evaluation would score them is a one-line
+    config error naming the key; enough held-out prompts pass."""
+    from distillability.config import from_dict
+    from distillability.errors import ConfigError
+    from distillability.recipes.pipeline import PipelineConfig, apply_preset
+
+    guard = {"min_accuracy_ratio": 0.95, "guard_prompts": 100}
+    with pytest.raises(ConfigError, match="'evaluate.num_prompts': 300 prompts reach into the utility guard's last 100"):
+        from_dict(PipelineConfig, apply_preset({"calibrate": guard, "evaluate": {"num_prompts": 300}}, False))
+    with pytest.raises(ConfigError, match="'distill.eval_prompts'"):
+        from_dict(PipelineConfig, apply_preset({"calibrate": guard, "task": {"num_eval": 150}, "evaluate": {"num_prompts": 50}},
+                                                False))
+    ok = from_dict(PipelineConfig, apply_preset({"calibrate": guard, "task": {"num_eval": 400},
+                                                 "evaluate": {"num_prompts": 300}, "distill": {"eval_prompts": 300}}, False))
+    assert ok.task.num_eval - ok.calibrate.guard_prompts == ok.evaluate.num_prompts
+    from_dict(PipelineConfig, apply_preset({"calibrate": {**guard, "guard_split": "train"}}, False))  # not held-out: no limit
+
+
 def test_calibrate_guard_on_held_out_prompts_needs_enough_of_them(tiny_pair, tmp_path):
-    """guard_split=held_out takes prompts after the card's eval_prompts; too few is a one-line config error."""
+    """guard_split=held_out takes prompts disjoint from the card's eval_prompts; too few is a one-line config error."""
     from distillability.errors import ConfigError
 
     cfg = load_config(calibrate.CalibrateConfig, overrides=[

@@ -92,8 +92,8 @@ class CalibrateConfig:
     guard_steps: int = opt(5, "Utility guard: steps between accuracy checks.", min=1)
     guard_prompts: int = opt(64, "Utility guard: number of validation prompts.", min=1)
     guard_split: str = opt("held_out", "Utility guard: where the validation prompts come from: held_out (the task's "
-                           "held-out prompts after the card's eval_prompts; needs task.num_eval >= eval_prompts + "
-                           "guard_prompts) or train (the end of the training split, then not used for RL; only "
+                           "held-out split's last guard_prompts, disjoint from the card's eval_prompts; needs task.num_eval "
+                           ">= eval_prompts + guard_prompts; the pipeline keeps its evaluations off them too) or train (the end of the training split, then not used for RL; only "
                            "meaningful when the model has not memorised its training prompts).",
                            choices=("held_out", "train"))
     eval_samples: int = opt(2, "Samples per held-out prompt for the mean D.", min=1)
@@ -205,12 +205,16 @@ def run(cfg: CalibrateConfig) -> dict:
             raise ConfigError(f"config key 'guard_prompts': {cfg.guard_prompts} validation prompts leave none of the "
                               f"{len(task.train)} training prompts for RL")
         pool, val = task.train[: -cfg.guard_prompts], task.train[-cfg.guard_prompts:]
+        val_where = f"train[{len(task.train) - cfg.guard_prompts}:{len(task.train)}]"
     elif cfg.min_accuracy_ratio > 0:
-        val = task.eval[len(held_out): len(held_out) + cfg.guard_prompts]
-        if len(val) < cfg.guard_prompts:
+        # the held-out split's *last* prompts: every evaluation that takes a prefix of the split shorter than
+        # num_eval - guard_prompts never scores the prompts that selected the checkpoint
+        if len(task.eval) < len(held_out) + cfg.guard_prompts:
             raise ConfigError(f"config key 'guard_prompts': the guard needs {cfg.guard_prompts} held-out prompts after "
                               f"the {len(held_out)} eval_prompts, but task.num_eval gives {len(task.eval)}; raise "
                               f"task.num_eval or set guard_split=train")
+        val = task.eval[len(task.eval) - cfg.guard_prompts:]
+        val_where = f"eval[{len(task.eval) - cfg.guard_prompts}:{len(task.eval)}]"
     check_context(policy, tok, task.train + held_out, cfg.max_completion_length, cfg.task.use_chat_template, cfg.model)
     device = next(policy.parameters()).device
     G, B = cfg.num_generations, cfg.prompts_per_step
@@ -248,7 +252,7 @@ def run(cfg: CalibrateConfig) -> dict:
 
     if val and guard is None:
         start_acc = val_accuracy()
-        guard = {"ratio": cfg.min_accuracy_ratio, "start_accuracy": start_acc,
+        guard = {"ratio": cfg.min_accuracy_ratio, "start_accuracy": start_acc, "prompts": val_where,
                  "threshold": cfg.min_accuracy_ratio * start_acc, "checks": {}, "selected_step": 0}
         write_weights(policy, guard_file)
     if dist.is_main:

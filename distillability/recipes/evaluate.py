@@ -13,7 +13,7 @@ import numpy as np
 
 from ..config import RuntimeConfig, TaskConfig, opt, sub, to_dict
 from ..errors import ConfigError
-from ..evaluation import mean_calibration_divergence
+from ..evaluation import divergence_of_samples
 from ..failure_modes import MODES, FailureThresholds, classify
 from ..io import versions, write_json, write_text
 from ..metrics import mean_pass_at_k, wrong_trace_preference
@@ -47,16 +47,23 @@ class EvaluateConfig:
                 raise ConfigError(f"config key 'k': pass@{k} needs 1 <= k <= n_samples ({self.n_samples})")
 
 
-def _answer_prob(model, tok, task, example, response: str, chat: bool) -> float | None:
-    """Mean token probability of the final-answer span given everything before it."""
-    answer = task.extract(example, response)
-    if not answer:
-        return None
-    cut = response.rfind(answer)
-    if cut < 0:
-        return None
-    r = sequence_logprobs(model, tok, [example.prompt + response[:cut]], [answer], False, chat)["token_logprobs"][0]
-    return float(r.exp().mean()) if r.numel() else None
+def _answer_probs(model, tok, task, items, chat: bool) -> list[float | None]:
+    """Mean token probability of each (example, response)'s final-answer span given everything before it
+    (None where there is no answer), in one batched scoring pass."""
+    spans = []
+    for ex, response in items:
+        answer = task.extract(ex, response)
+        cut = response.rfind(answer) if answer else -1
+        spans.append((ex.prompt + response[:cut], answer) if cut >= 0 else None)
+    todo = [s for s in spans if s is not None]
+    if not todo:
+        return [None] * len(items)
+    lps = iter(sequence_logprobs(model, tok, [p for p, _ in todo], [a for _, a in todo], False, chat)["token_logprobs"])
+    out = []
+    for s in spans:
+        r = next(lps) if s is not None else None
+        out.append(float(r.exp().mean()) if r is not None and r.numel() else None)
+    return out
 
 
 def evaluate_model(model, tok, task, examples, cfg: EvaluateConfig, proxy=None, ptok=None) -> dict:
@@ -70,19 +77,20 @@ def evaluate_model(model, tok, task, examples, cfg: EvaluateConfig, proxy=None, 
                        seed=rt.seed + 17, autocast=rt.bf16, use_chat_template=chat)
     correct = np.zeros(len(examples), dtype=int)
     modes, examples_by_mode = Counter(), {m: [] for m in MODES}
-    groups = [[] for _ in examples]
-    for g in samples:
+    oks = [task.score(examples[g.prompt_index], g.text) >= 1.0 for g in samples]  # per sample, `samples` order
+    answered = [task.extract(examples[g.prompt_index], g.text) is not None for g in samples]
+    wrong = [i for i, g in enumerate(samples) if answered[i] and not oks[i]]  # their answer's confidence
+    probs = dict(zip(wrong, _answer_probs(model, tok, task, [(examples[samples[i].prompt_index], samples[i].text)
+                                                              for i in wrong], chat)))
+    for i, g in enumerate(samples):
         ex = examples[g.prompt_index]
-        ok = task.score(ex, g.text) >= 1.0
-        correct[g.prompt_index] += ok
-        has_answer = task.extract(ex, g.text) is not None
-        prob = _answer_prob(model, tok, task, ex, g.text, chat) if has_answer and not ok else None
-        mode = classify(g.text, correct=ok, has_answer=has_answer, finished=g.finished,
-                        well_formed=task.well_formed(ex, g.text) or not has_answer, answer_prob=prob, thresholds=th)
+        correct[g.prompt_index] += oks[i]
+        mode = classify(g.text, correct=oks[i], has_answer=answered[i], finished=g.finished,
+                        well_formed=task.well_formed(ex, g.text) or not answered[i], answer_prob=probs.get(i),
+                        thresholds=th)
         modes[mode] += 1
         if len(examples_by_mode[mode]) < 2:
             examples_by_mode[mode].append({"prompt": ex.prompt, "response": g.text})
-        groups[g.prompt_index].append((ok, g.text))
     n = len(samples)
     result = {
         "greedy_accuracy": float(np.mean(greedy_scores)),
@@ -94,17 +102,15 @@ def evaluate_model(model, tok, task, examples, cfg: EvaluateConfig, proxy=None, 
         "num_prompts": len(examples), "n_samples": cfg.n_samples,
     }
     if proxy is not None:
-        d = mean_calibration_divergence(model, tok, proxy, ptok, examples, cfg.max_new_tokens, cfg.temperature,
-                                        1, rt.seed + 23, rt.bf16, chat)
+        # D and the wrong-trace preference score the evaluation's own samples (no second sampling pass)
+        d = divergence_of_samples(model, tok, proxy, ptok, prompts, samples, chat)
         result["D_to_proxy_per_char"], result["D_to_proxy_summed"] = d["per_char"], d["summed"]
         result["wrong_trace_preference"] = {}
-        flat = [(i, ok, text) for i, grp in enumerate(groups) for ok, text in grp]
-        for name, (m, t) in {"model": (model, tok), "proxy": (proxy, ptok)}.items():
-            lp = sequence_logprobs(m, t, [examples[i].prompt for i, _, _ in flat], [x for _, _, x in flat], True, chat)
-            per_char = (lp["logprob"] / lp["num_tokens"].new_tensor([max(1, len(x)) for _, _, x in flat])).tolist()
+        chars = d["logprob"].new_tensor([max(1, len(g.text)) for g in samples])
+        for name, lp in {"model": d["logprob"], "proxy": d["proxy_logprob"]}.items():
             by_prompt = [[] for _ in examples]
-            for (i, ok, _), s in zip(flat, per_char):
-                by_prompt[i].append((ok, s))
+            for g, ok, s in zip(samples, oks, (lp / chars).tolist()):
+                by_prompt[g.prompt_index].append((ok, s))
             result["wrong_trace_preference"][name] = wrong_trace_preference(by_prompt)
     return result
 
