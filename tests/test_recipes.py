@@ -259,8 +259,29 @@ def test_distill_from_the_dataset_trains_on_reference_solutions(tiny_pair, tmp_p
             "teacher=dataset", f"student={tiny_pair['student_same']}", "method=kd", f"output_dir={tmp_path / 'x'}", *FAST]))
 
 
-def test_real_model_config_loads_without_typos():
-    """configs/gemma270m-smollm2-gsm.yaml is a valid pipeline config (every key known, every value in range)."""
+def test_distill_from_the_dataset_mixes_reference_styles(tiny_pair, tmp_path):
+    """reference_styles: each prompt's response is one of the named styles (a seeded draw, both present);
+    a style an example lacks is a one-line data error naming it."""
+    from distillability.errors import DataError
+    from distillability.tasks import load_task
+
+    common = ["teacher=dataset", f"student={tiny_pair['student_same']}", "method=sft", "max_steps=1", "num_prompts=40",
+              "per_device_train_batch_size=4", "max_new_tokens=16", "eval_prompts=2", *FAST]
+    distill.run(load_config(distill.DistillConfig, overrides=[*common, "reference_styles=[worked,running]",
+                                                               f"output_dir={tmp_path / 'a'}"]))
+    rows = [json.loads(x) for x in (tmp_path / "a" / "teacher_samples.jsonl").read_text().splitlines()]
+    train = load_task("tiny-world", num_train=200, num_eval=16, seed=0).train[:40]
+    styles = [next(st for st in ("worked", "running") if e.solutions[st] == r["response"]) for e, r in zip(train, rows)]
+    assert len(rows) == 40 and 10 <= styles.count("running") <= 30  # a fair coin per prompt
+    with pytest.raises(DataError, match="none of the reference_styles \\['shown'\\]"):
+        distill.run(load_config(distill.DistillConfig, overrides=[*common, "reference_styles=[shown]",
+                                                                   f"output_dir={tmp_path / 'b'}"]))
+    assert not (tmp_path / "b" / "model").exists()
+
+
+def test_real_model_configs_load_without_typos():
+    """configs/gemma270m-smollm2-{gsm,tinyworld}.yaml are valid pipeline configs (every key known, every value
+    in range)."""
     import yaml
 
     from distillability.config import from_dict
@@ -272,6 +293,10 @@ def test_real_model_config_loads_without_typos():
     assert cfg.teacher == "packaged:gemma-3-270m" and cfg.teacher_sft_steps > 0 and cfg.calibrate.use_peft
     assert cfg.task.fallback == "gym:gsm_symbolic" and cfg.distill.cross_tokenizer == "char"
     assert cfg.calibrate.runtime.bf16 and cfg.methods == ["sft", "gkd"]
+    tw = from_dict(PipelineConfig, apply_preset(yaml.safe_load((root / "configs" / "gemma270m-smollm2-tinyworld.yaml")
+                                                                .read_text()), False))
+    assert tw.task.name == "tiny-world" and tw.teacher_sft.reference_styles == ["worked", "running"]
+    assert tw.teacher == cfg.teacher and tw.student == cfg.student and tw.calibrate.use_peft
 
 
 @pytest.mark.slow

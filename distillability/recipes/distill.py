@@ -18,6 +18,7 @@ All token losses are chunked over positions (divergences.token_divergence).
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from pathlib import Path
 
@@ -80,6 +81,9 @@ class DistillConfig:
     ce_weight: float = opt(1.0, "Cross-tokenizer losses: weight of the NLL on teacher text added to them.", min=0)
     teacher_samples: str | None = opt(None, "A JSONL of teacher samples (prompt, response[, finished, correct]) to "
                                       "train on instead of sampling the teacher (e.g. another run's teacher_samples.jsonl).")
+    reference_styles: list[str] = opt([], "teacher=dataset: the reference-solution styles to train on, one drawn "
+                                      "at random per prompt (tiny-world: worked, running, direct; the mix the tiny "
+                                      "world's teacher learns); empty = each example's first solution.")
     num_prompts: int = opt(512, "Training prompts the teacher answers.", min=1)
     samples_per_prompt: int = opt(1, "Teacher samples per prompt.", min=1)
     sample_temperature: float = opt(1.0, "Temperature of the teacher's samples (0 = greedy).", min=0)
@@ -117,8 +121,19 @@ def sample_teacher(teacher, ttok, task, cfg: DistillConfig, path: Path) -> list[
         return rows
     dist = get_dist()
     if teacher is None:  # teacher=dataset: the task's reference solutions
-        rows = [{"prompt": e.prompt, "response": e.solution, "finished": True, "correct": 1.0}
-                for e in task.train[: cfg.num_prompts] if e.solution]
+        rng = random.Random(cfg.runtime.seed)
+        rows = []
+        for e in task.train[: cfg.num_prompts]:
+            if cfg.reference_styles:
+                have = [st for st in cfg.reference_styles if st in e.solutions]
+                if not have:
+                    raise DataError(f"task '{cfg.task.name}' example {e.source or e.prompt[:40]!r}: none of the "
+                                    f"reference_styles {cfg.reference_styles} (it has {sorted(e.solutions)})")
+                response = e.solutions[rng.choice(have)]
+            else:
+                response = e.solution
+            if response:
+                rows.append({"prompt": e.prompt, "response": response, "finished": True, "correct": 1.0})
         if not rows:
             raise DataError(f"task '{cfg.task.name}': no reference solutions to train on (teacher=dataset)")
         if dist.is_main:
