@@ -92,8 +92,9 @@ class CalibrateConfig:
     guard_steps: int = opt(5, "Utility guard: steps between accuracy checks.", min=1)
     guard_prompts: int = opt(64, "Utility guard: number of validation prompts.", min=1)
     guard_split: str = opt("held_out", "Utility guard: where the validation prompts come from: held_out (the task's "
-                           "held-out split's last guard_prompts, disjoint from the card's eval_prompts; needs task.num_eval "
-                           ">= eval_prompts + guard_prompts; the pipeline keeps its evaluations off them too) or train (the end of the training split, then not used for RL; only "
+                           "held-out split's last guard_prompts, disjoint from the card's eval_prompts; needs "
+                           "task.num_eval >= eval_prompts + guard_prompts; the pipeline keeps its evaluations off "
+                           "them too) or train (the end of the training split, then not used for RL; only "
                            "meaningful when the model has not memorised its training prompts).",
                            choices=("held_out", "train"))
     eval_samples: int = opt(2, "Samples per held-out prompt for the mean D.", min=1)

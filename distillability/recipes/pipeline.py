@@ -58,10 +58,11 @@ class PipelineConfig:
             raise ConfigError("config keys 'teacher', 'proxy', 'student': give all three or none (tiny world)")
         c = self.calibrate
         if c.min_accuracy_ratio > 0 and c.guard_split == "held_out":
-            # the guard selects checkpoints on the held-out split's last guard_prompts: no reported number may score them
+            # the guard selects checkpoints on the held-out split's last guard_prompts: no reported number may
+            # score them
             free = self.task.num_eval - c.guard_prompts
-            for key, n in (("evaluate.num_prompts", self.evaluate.num_prompts), ("distill.eval_prompts", self.distill.eval_prompts),
-                           ("calibrate.eval_prompts", c.eval_prompts)):
+            for key, n in (("evaluate.num_prompts", self.evaluate.num_prompts),
+                           ("distill.eval_prompts", self.distill.eval_prompts), ("calibrate.eval_prompts", c.eval_prompts)):
                 if n > free:
                     raise ConfigError(f"config key '{key}': {n} prompts reach into the utility guard's last "
                                       f"{c.guard_prompts} of task.num_eval={self.task.num_eval}; raise task.num_eval "
