@@ -205,8 +205,8 @@ def run(cfg: CalibrateConfig) -> dict:
         if len(task.train) <= cfg.guard_prompts:
             raise ConfigError(f"config key 'guard_prompts': {cfg.guard_prompts} validation prompts leave none of the "
                               f"{len(task.train)} training prompts for RL")
-        pool, val = task.train[: -cfg.guard_prompts], task.train[-cfg.guard_prompts:]
-        val_where = f"train[{len(task.train) - cfg.guard_prompts}:{len(task.train)}]"
+        lo = len(task.train) - cfg.guard_prompts
+        pool, val, val_where = task.train[:lo], task.train[lo:], f"train[{lo}:{len(task.train)}]"
     elif cfg.min_accuracy_ratio > 0:
         # the held-out split's *last* prompts: every evaluation that takes a prefix of the split shorter than
         # num_eval - guard_prompts never scores the prompts that selected the checkpoint
@@ -214,8 +214,8 @@ def run(cfg: CalibrateConfig) -> dict:
             raise ConfigError(f"config key 'guard_prompts': the guard needs {cfg.guard_prompts} held-out prompts after "
                               f"the {len(held_out)} eval_prompts, but task.num_eval gives {len(task.eval)}; raise "
                               f"task.num_eval or set guard_split=train")
-        val = task.eval[len(task.eval) - cfg.guard_prompts:]
-        val_where = f"eval[{len(task.eval) - cfg.guard_prompts}:{len(task.eval)}]"
+        lo = len(task.eval) - cfg.guard_prompts
+        val, val_where = task.eval[lo:], f"eval[{lo}:{len(task.eval)}]"
     check_context(policy, tok, task.train + held_out, cfg.max_completion_length, cfg.task.use_chat_template, cfg.model)
     device = next(policy.parameters()).device
     G, B = cfg.num_generations, cfg.prompts_per_step
