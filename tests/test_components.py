@@ -11,7 +11,13 @@ from distillability.config import ConfigError, load_config, parse_overrides
 from distillability.estimators import effective_sample_size, kl_estimators, off_policy_reverse_kl
 from distillability.failure_modes import classify
 from distillability.metrics import pass_at_k, wrong_trace_preference
-from distillability.recipes.calibrate import CalibrateConfig, compute_advantages, grpo_loss, k3
+from distillability.recipes.calibrate import (
+    CalibrateConfig,
+    compute_advantages,
+    gate_calibration_reward,
+    grpo_loss,
+    k3,
+)
 from distillability.tasks.verifiers import extract_choice, extract_math_answer, math_equal, rouge_l
 
 
@@ -158,6 +164,20 @@ def test_advantages_hand_computed():
     a_cal0 = (0.2 - 0.3) / (sc + 1e-4)
     want = torch.tensor([a_task0 - 0.5 * a_cal0, -a_task0 + 0.5 * a_cal0, a_task2 - 0.5 * a_cal0, a_task2 + 0.5 * a_cal0])
     assert torch.allclose(adv.float(), want.float(), atol=1e-4)
+
+
+def test_calibration_gate_by_hand():
+    r_cal = torch.tensor([0.5, 2.0, -1.0, 3.0, 1.0, 4.0], dtype=torch.float64)  # groups of 3
+    bad = torch.tensor([False, True, False, True, False, False])  # e.g. r_task < 1 with gate_on=wrong
+    up = gate_calibration_reward(r_cal, bad, 3, eta=1.0, how="worst")  # eta > 0: the group's minimum
+    assert up.tolist() == [0.5, -1.0, -1.0, 1.0, 1.0, 4.0]
+    down = gate_calibration_reward(r_cal, bad, 3, eta=-1.0, how="worst")  # eta < 0: the group's maximum
+    assert down.tolist() == [0.5, 2.0, -1.0, 4.0, 1.0, 4.0]
+    assert gate_calibration_reward(r_cal, bad, 3, 1.0, "zero").tolist() == [0.5, 0.0, -1.0, 0.0, 1.0, 4.0]
+    assert gate_calibration_reward(r_cal, bad, 3, 1.0, "off").tolist() == r_cal.tolist()
+    # a gated wrong response never has a higher calibration advantage than a correct one in its group
+    adv = compute_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0]), up, 1.0, 3, {})
+    assert adv[1] < adv[0] and adv[3] < adv[4] < adv[5]
 
 
 def test_k3_formula_and_loss_types():

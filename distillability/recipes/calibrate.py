@@ -79,6 +79,10 @@ class CalibrateConfig:
     cal_clip: float = opt(5.0, "Clip r_cal to [-cal_clip, cal_clip] (0 = no clipping).", min=0)
     wellformed_gate: str = opt("worst", "r_cal of a response the task cannot parse: off, zero, or worst (the group's least favourable value for this eta).",
                                choices=("off", "zero", "worst"))
+    gate_on: str = opt("malformed", "Which responses the gate applies to: malformed (the task cannot parse them) or "
+                       "wrong (every response the verifier does not score 1, malformed ones included: r_cal then "
+                       "only ranks correct responses, so eta never trades accuracy for divergence).",
+                       choices=("malformed", "wrong"))
     ema_decay: float = opt(0.9, "Decay of the running reward statistics used when a group has no spread.", min=0, max=1)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm.", min=0)
     use_peft: bool = opt(False, "Train LoRA adapters (peft) instead of all weights.")
@@ -106,6 +110,8 @@ class CalibrateConfig:
     def validate(self) -> None:
         if self.num_generations < 2:
             raise ConfigError("config key 'num_generations': must be >= 2 (a group needs spread)")
+        if self.gate_on == "wrong" and self.wellformed_gate == "off":
+            raise ConfigError("config key 'gate_on': 'wrong' gates nothing while wellformed_gate is 'off' (use worst)")
 
 
 def _group_normalise(r: torch.Tensor, G: int, ema: dict, key: str, decay: float) -> torch.Tensor:
@@ -135,6 +141,18 @@ def compute_advantages(r_task: torch.Tensor, r_cal: torch.Tensor, eta: float, G:
     if eta == 0:
         return a_task
     return a_task + eta * _group_normalise(r_cal.double(), G, ema, "cal", decay)
+
+
+def gate_calibration_reward(r_cal: torch.Tensor, bad: torch.Tensor, G: int, eta: float, how: str) -> torch.Tensor:
+    """r_cal with the gated responses (`bad`) replaced: "zero", or "worst", the value their group would least like
+    under this eta (eta > 0 rewards a high r_cal, eta < 0 a low one), so a gated response never gains from r_cal."""
+    if how == "off" or not bool(bad.any()):
+        return r_cal
+    if how == "zero":
+        return torch.where(bad, torch.zeros_like(r_cal), r_cal)
+    grp = r_cal.view(-1, G)
+    worst = grp.min(1, keepdim=True).values if eta > 0 else grp.max(1, keepdim=True).values
+    return torch.where(bad, worst.expand(-1, G).reshape(-1), r_cal)
 
 
 def k3(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -314,13 +332,11 @@ def run(cfg: CalibrateConfig) -> dict:
             own = (logp_old.double() * mask).sum(1).cpu()
             r_cal = calibration_reward(own, prox, texts, mask.sum(1).cpu(), cfg.cal_normalization, cfg.cal_clip)
             if cfg.wellformed_gate != "off":
-                bad = torch.tensor([not task.well_formed(batch[g.prompt_index], g.text) for g in gens])
-                # "worst": eta > 0 rewards a high r_cal, eta < 0 a low one; a malformed response gets the
-                # value its group would least like under this eta, so malformation never pays
-                grp = r_cal.view(-1, G)
-                worst = grp.min(1, keepdim=True).values if cfg.eta > 0 else grp.max(1, keepdim=True).values
-                fill = worst.expand(-1, G).reshape(-1) if cfg.wellformed_gate == "worst" else torch.zeros_like(r_cal)
-                r_cal = torch.where(bad, fill, r_cal)
+                if cfg.gate_on == "wrong":
+                    bad = r_task < 1
+                else:
+                    bad = torch.tensor([not task.well_formed(batch[g.prompt_index], g.text) for g in gens])
+                r_cal = gate_calibration_reward(r_cal, bad, G, cfg.eta, cfg.wellformed_gate)
         # advantages from the global batch's rewards (the EMA statistics are global too), then this share
         r_task, r_cal = dist.gather(r_task), dist.gather(r_cal)
         adv = compute_advantages(r_task, r_cal, cfg.eta, G, ema, cfg.ema_decay)[rows_mine].to(device)
