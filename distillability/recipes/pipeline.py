@@ -74,11 +74,13 @@ DEFAULT_OVERRIDES = {
     # the tiny models are too small for bf16 autocast to pay off on CPU; real-model configs turn it on
     "task": {"num_train": 3000, "num_eval": 100, "world_max_terms": 3},
     "diagnose": {"num_prompts": 32, "num_samples": 4, "runtime": {"bf16": False}},
-    # 60 calibration steps (30 until 2026-11-30): the distillable direction then holds in 3/3 seeds for every
-    # distillation method while the teachers keep >= 0.90 of the control's accuracy; loss_type is the
-    # recipe's default dr_grpo (grpo until 2026-11-30 drifted the control to short modes; bench/README.md, knob)
-    "calibrate": {"max_steps": 60, "num_generations": 8, "prompts_per_step": 8, "learning_rate": 1e-4,
-                  "beta": 0.04, "eval_prompts": 100, "save_steps": 0, "runtime": {"bf16": False}},
+    # 90 calibration steps with r_cal gated to correct responses (gate_on=wrong, 2026-11-30): the undistillable
+    # teacher keeps the control's accuracy (0.97-1.06 in 3 seeds; ungated 60 steps: 0.90-0.94) while its GKD
+    # students fall to <= 0.6x in every seed; loss_type is the recipe's default dr_grpo (grpo drifted the
+    # control to short modes). bench/README.md, knob
+    "calibrate": {"max_steps": 90, "gate_on": "wrong", "num_generations": 8, "prompts_per_step": 8,
+                  "learning_rate": 1e-4, "beta": 0.04, "eval_prompts": 100, "save_steps": 0,
+                  "runtime": {"bf16": False}},
     "distill": {"max_steps": 120, "per_device_train_batch_size": 32, "num_prompts": 600, "learning_rate": 5e-4,
                 "cross_tokenizer": "char", "eval_prompts": 100, "save_steps": 0, "runtime": {"bf16": False}},
     "evaluate": {"num_prompts": 100, "n_samples": 4, "k": [1, 2, 4], "runtime": {"bf16": False}},
