@@ -131,6 +131,9 @@ def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
         if f.metadata.get("section"):
             values[key] = from_dict(hints[key], value or {}, prefix=f"{full}.", base=getattr(obj, key))
         else:
+            word = ("on" if value else "off") if isinstance(value, bool) else None
+            if word and word in (f.metadata.get("choices") or ()):
+                value = word  # YAML 1.1 reads a bare off/on as a boolean (e.g. wellformed_gate=off)
             v = _coerce(value, hints[key], full)
             _check_range(v, f.metadata, full)
             values[key] = v
