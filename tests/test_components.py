@@ -178,6 +178,9 @@ def test_calibration_gate_by_hand():
     # a gated wrong response never has a higher calibration advantage than a correct one in its group
     adv = compute_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0]), up, 1.0, 3, {})
     assert adv[1] < adv[0] and adv[3] < adv[4] < adv[5]
+
+
+def test_calibration_gate_config():
     assert load_config(CalibrateConfig, overrides=["wellformed_gate=off"]).wellformed_gate == "off"  # not False
     with pytest.raises(ConfigError, match="gate_on"):
         load_config(CalibrateConfig, overrides=["gate_on=wrong", "wellformed_gate=off"])

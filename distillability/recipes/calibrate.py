@@ -77,7 +77,8 @@ class CalibrateConfig:
     cal_normalization: str = opt("char", "Length normalisation of r_cal: none (summed), token, char.",
                                  choices=("none", "token", "char"))
     cal_clip: float = opt(5.0, "Clip r_cal to [-cal_clip, cal_clip] (0 = no clipping).", min=0)
-    wellformed_gate: str = opt("worst", "r_cal of a response the task cannot parse: off, zero, or worst (the group's least favourable value for this eta).",
+    wellformed_gate: str = opt("worst", "r_cal of a gated response (gate_on: malformed or wrong): off, zero, or worst (the "
+                               "group's least favourable value for this eta).",
                                choices=("off", "zero", "worst"))
     gate_on: str = opt("malformed", "Which responses the gate applies to: malformed (the task cannot parse them) or "
                        "wrong (every response the verifier does not score 1, malformed ones included: r_cal then "
