@@ -396,3 +396,34 @@ def test_calibrate_guard_on_held_out_prompts_needs_enough_of_them(tiny_pair, tmp
         calibrate.run(cfg)
     assert not (tmp_path / "model").exists()
 
+
+
+def test_tiny_yaml_spells_out_the_embedded_default():
+    """configs/tiny.yaml says it is the embedded default spelled out: every value it sets must be the value the
+    default (`distillability demo`) resolves to, so the file cannot drift from the defaults again."""
+    import dataclasses
+
+    import yaml
+
+    from distillability.config import from_dict
+    from distillability.recipes.pipeline import PipelineConfig, apply_preset
+
+    root = Path(__file__).resolve().parents[1]
+    spelled = yaml.safe_load((root / "configs" / "tiny.yaml").read_text())
+    default = from_dict(PipelineConfig, apply_preset({}, False))
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+    checked = 0
+    for key, value in leaves(spelled):
+        if key == "output_dir":
+            continue
+        got = default
+        for part in key.split("."):
+            got = getattr(got, part)
+        got = list(got) if isinstance(got, (list, tuple)) else got
+        assert got == value, f"configs/tiny.yaml {key}: {value!r}, the default is {got!r}"
+        checked += 1
+    assert checked >= 20 and dataclasses.is_dataclass(default)
