@@ -64,7 +64,7 @@ def small_world(tmp_path_factory):
     task = from_dict(TaskConfig, parse_overrides(SMALL_WORLD_TASK)["task"])
     world = WorldConfig(style_mix=[0.5, 0.25, 0.25], teacher_size=[128, 2, 384], proxy_size=[32, 1, 64], student_size=[48, 1, 128],
                         teacher_steps=900, proxy_steps=60, student_steps=25, batch_size=32, learning_rate=3e-3,
-                        teacher_learning_rate=3e-3, bf16=False)
+                        teacher_learning_rate=3e-3)
     old = os.environ.get("DISTILLABILITY_CACHE")
     os.environ["DISTILLABILITY_CACHE"] = str(tmp_path_factory.mktemp("world-cache"))
     try:

@@ -97,3 +97,16 @@ def test_gym_worked_solutions_and_fallback_task(tmp_path):
     assert cfg.load().name == "gym:chain_sum"
     with pytest.raises(DataError):
         TaskConfig(name="gsm8k", path=str(tmp_path / "absent.jsonl"), num_train=4, num_eval=2).load()
+
+
+def test_world_cache_key_is_stable_and_tracks_the_teacher_recipe():
+    """The embedded default world keeps the key it was measured under (bench/README.md's knob tables name
+    126a2297df63835e), and the teacher's own learning rate / bf16 build give another world."""
+    from distillability.config import TaskConfig
+    from distillability.recipes.world import WorldConfig, world_key
+
+    task = TaskConfig(num_train=3000, num_eval=100, seed=0, world_max_terms=3)
+    assert world_key(WorldConfig(), task) == "126a2297df63835e"
+    keys = {world_key(WorldConfig(teacher_learning_rate=1e-3), task), world_key(WorldConfig(bf16=True), task),
+            world_key(WorldConfig(teacher_steps=3000), task), world_key(WorldConfig(), TaskConfig(seed=1))}
+    assert len(keys) == 4 and "126a2297df63835e" not in keys
