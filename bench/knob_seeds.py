@@ -31,6 +31,12 @@ def _cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "distillability.cli", *args], check=True)
 
 
+def _fresh(card: Path, *inputs: Path) -> bool:
+    """A cached student is reused only if its card is newer than its teacher's weights and the distill config
+    it copies (the pipeline reruns those when a setting changes)."""
+    return card.exists() and all(card.stat().st_mtime_ns > p.stat().st_mtime_ns for p in inputs if p.exists())
+
+
 def run_seed(seed: int, out: Path, overrides: list[str], repeats: int = 1) -> dict:
     run = out / "runs" / f"seed{seed}"
     t0 = time.time()
@@ -42,8 +48,8 @@ def run_seed(seed: int, out: Path, overrides: list[str], repeats: int = 1) -> di
     for t in TEACHERS:
         folder = run / f"attack_sft_correct_{t}"
         card = folder / "distill_card.json"
-        if not card.exists():
-            dcfg = run / f"distill_sft_{t}" / "config.yaml"  # the pipeline's SFT settings, with the filter on
+        dcfg = run / f"distill_sft_{t}" / "config.yaml"  # the pipeline's SFT settings, with the filter on
+        if not _fresh(card, dcfg, Path(ev["teachers"][t]) / "model.safetensors"):
             _cli("distill", "--config", str(dcfg), f"teacher={ev['teachers'][t]}", f"student={student}",
                  "keep_correct_only=true", f"output_dir={folder}", "runtime.progress=false", "resume=false")
         attacker[t] = json.loads(card.read_text())["student_accuracy"]
@@ -59,7 +65,8 @@ def run_seed(seed: int, out: Path, overrides: list[str], repeats: int = 1) -> di
                 for r in range(1, repeats):
                     folder = run / f"repeat{r}_{method}_{t}"
                     card = folder / "distill_card.json"
-                    if not card.exists():
+                    if not _fresh(card, run / f"distill_{method}_{t}" / "config.yaml",
+                                  Path(ev["teachers"][t]) / "model.safetensors"):
                         _cli("distill", "--config", str(run / f"distill_{method}_{t}" / "config.yaml"),
                              f"teacher={ev['teachers'][t]}", f"student={student}", f"runtime.seed={seed + 1000 * r}",
                              f"output_dir={folder}", "runtime.progress=false", "resume=false")

@@ -146,9 +146,20 @@ def test_demo_quick_end_to_end(tmp_path):
               "calibrate_undistillable/calibration_card.json", "distill_gkd_control/distill_card.json"):
         assert (run / f).exists(), f
     assert "data:image/png;base64" in (run / "report.html").read_text()
-    # a second run with the same config reuses every stage
+    # a second run with the same config reuses every stage; a changed distill setting reruns the distillations
+    # and the evaluations of the students they rewrote (not their cached numbers), and nothing upstream
+    def stamps():
+        return {str(f.relative_to(run)): f.stat().st_mtime_ns for f in run.rglob("*.json")
+                if f.name in ("calibration_card.json", "distill_card.json", "eval.json")}
+
+    first = stamps()
     r2 = CliRunner().invoke(main, ["demo", "--quick", "--output-dir", str(run), "progress=false"])
-    assert r2.exit_code == 0
+    assert r2.exit_code == 0 and stamps() == first
+    r3 = CliRunner().invoke(main, ["demo", "--quick", "--output-dir", str(run), "progress=false", "distill.max_steps=4"])
+    assert r3.exit_code == 0, r3.output
+    changed = {k for k, v in stamps().items() if v != first[k]}
+    students = {k for k in first if k.startswith(("distill_", "eval/student_"))}
+    assert len(students) == 24 and changed == students, sorted(changed ^ students)
 
 
 def test_trl_reward_adapter_equals_recipe_reward(tiny_pair):

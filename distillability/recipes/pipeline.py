@@ -4,8 +4,8 @@ student from every teacher by SFT, KD and GKD, evaluate everything, write the pr
 
 `distillability demo` runs it on the embedded default: the tiny world (tasks and three small models
 with three different tokenizers, built from scratch and cached). Each stage writes its outputs under
-`output_dir/<stage>/` with the config it ran with; a stage whose outputs exist and whose config is
-unchanged is not rerun, so an interrupted pipeline resumes where it stopped.
+`output_dir/<stage>/` with the config it ran with; a stage whose outputs exist and whose config and
+input models are unchanged is not rerun, so an interrupted pipeline resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -99,11 +99,33 @@ QUICK_OVERRIDES = {
 }
 
 
+def _inputs(cfg) -> dict:
+    """Size and mtime of every model folder or file the stage's config points at (other than its own output
+    folder): a stage whose input an upstream stage rewrote (e.g. a distilled student after a distill setting
+    changed) is rerun, not answered from its cache."""
+    import os
+
+    found = {}
+
+    def walk(value, key):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k != "output_dir":
+                    walk(v, f"{key}.{k}" if key else k)
+        elif isinstance(value, str) and value and os.path.exists(value):
+            p = Path(value)
+            files = [p] if p.is_file() else sorted(p.glob("*.safetensors")) or sorted(p.glob("*/*.safetensors"))
+            found[key] = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+    walk(to_dict(cfg), "")
+    return found
+
+
 def _stage(out: Path, name: str, cfg, marker: str, fn):
-    """Run fn(cfg) unless out/name holds `marker` from a run with the same config."""
+    """Run fn(cfg) unless out/name holds `marker` from a run with the same config and the same inputs."""
     folder = out / name
     saved = folder / "stage_config.yaml"
-    current = yaml.safe_dump(to_dict(cfg), sort_keys=True)
+    current = yaml.safe_dump(to_dict(cfg), sort_keys=True) + yaml.safe_dump({"inputs": _inputs(cfg)}, sort_keys=True)
     if (folder / marker).exists() and saved.exists() and saved.read_text() == current:
         import json
 
