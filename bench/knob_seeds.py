@@ -65,9 +65,9 @@ def run_seed(seed: int, out: Path, overrides: list[str], repeats: int = 1) -> di
                 for r in range(1, repeats):
                     folder = run / f"repeat{r}_{method}_{t}"
                     card = folder / "distill_card.json"
-                    if not _fresh(card, run / f"distill_{method}_{t}" / "config.yaml",
-                                  Path(ev["teachers"][t]) / "model.safetensors"):
-                        _cli("distill", "--config", str(run / f"distill_{method}_{t}" / "config.yaml"),
+                    dcfg = run / f"distill_{method}_{t}" / "config.yaml"
+                    if not _fresh(card, dcfg, Path(ev["teachers"][t]) / "model.safetensors"):
+                        _cli("distill", "--config", str(dcfg),
                              f"teacher={ev['teachers'][t]}", f"student={student}", f"runtime.seed={seed + 1000 * r}",
                              f"output_dir={folder}", "runtime.progress=false", "resume=false")
                     accs.append(json.loads(card.read_text())["student_accuracy"])

@@ -19,17 +19,12 @@ import time
 from distillability.models import TinyModelSpec, build_tiny_model, train_tokenizer
 from distillability.sampling import generate
 from distillability.tasks import WorldSpec
-from distillability.tasks.world import world_splits
+from distillability.tasks.world import STYLES, style_of, world_splits
 from distillability.training import fit_lm, seed_everything, set_threads
 
 
 def _answer(text: str) -> str:
     return text.split("####")[-1].strip().split("\n")[0].strip()
-
-
-def _mode(text: str) -> str:
-    head = text.split("####")[0]
-    return "direct" if not head.strip() else ("worked" if "=" in head else "running")
 
 
 def main() -> None:
@@ -51,7 +46,7 @@ def main() -> None:
                         temperature=temperature or 1.0, seed=3, autocast=True)
         by: dict[str, list[bool]] = {}
         for g in gens:
-            by.setdefault(_mode(g.text), []).append(_answer(g.text) == ev[g.prompt_index].reference)
+            by.setdefault(style_of(g.text), []).append(_answer(g.text) == ev[g.prompt_index].reference)
         total = sum(sum(v) for v in by.values()) / len(ev)
         return round(total, 3), {k: (len(v), round(sum(v) / len(v), 2)) for k, v in by.items()}
 
@@ -63,7 +58,7 @@ def main() -> None:
                batch_size=48, lr=3e-3, seed=1, autocast=True, progress=False)
         print("base", accuracy(base, tok), flush=True)
         data = train[: args.examples]
-        for style in ("worked", "running", "direct"):
+        for style in STYLES:
             model = copy.deepcopy(base)
             fit_lm(model, tok, [e.prompt for e in data], [e.solutions[style] for e in data], steps=args.steps or 120,
                    batch_size=16, lr=1e-3, seed=5, autocast=True, progress=False, warmup_steps=10)
@@ -73,7 +68,7 @@ def main() -> None:
     tok = train_tokenizer(corpus, 0, "char")
     model = build_tiny_model(TinyModelSpec(hidden_size=192, num_layers=3, num_heads=4, intermediate_size=512), tok, seed=0)
     rng = random.Random(0)
-    pairs = [(e.prompt, e.solutions[rng.choices(["worked", "running", "direct"], weights=mix)[0]]) for e in train * 14]
+    pairs = [(e.prompt, e.solutions[rng.choices(STYLES, weights=mix)[0]]) for e in train * 14]
     steps, done, t0 = args.steps or 2000, 0, time.time()
     for upto in (steps // 2, steps):
         fit_lm(model, tok, [p for p, _ in pairs], [r for _, r in pairs], steps=upto - done, batch_size=48, lr=3e-3,

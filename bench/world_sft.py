@@ -14,19 +14,11 @@ import collections
 import random
 import time
 
-import torch
-
 from distillability.config import TaskConfig
 from distillability.evaluation import greedy_accuracy
 from distillability.models import TinyModelSpec, build_tiny_model, train_tokenizer
-from distillability.training import fit_lm, seed_everything
-
-
-def style_of(text: str) -> str:
-    head = text.split("####")[0]
-    if not head.strip():
-        return "direct"
-    return "worked" if ("=" in head or "max(" in head) else "running"
+from distillability.tasks.world import STYLES, style_of
+from distillability.training import fit_lm, seed_everything, set_threads
 
 
 def main() -> None:
@@ -44,13 +36,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     seed_everything(a.seed)
     task = TaskConfig(num_train=a.num_train, num_eval=a.num_eval, seed=a.seed, world_max_terms=a.max_terms).load()
     corpus = [e.prompt + s for e in task.train for s in e.solutions.values()]
     tok = (train_tokenizer(corpus[1::3], a.bpe_vocab, "bpe") if a.bpe_vocab else train_tokenizer(corpus, 0, "char"))
     rng = random.Random(a.seed)
-    chosen = [rng.choices(["worked", "running", "direct"], weights=a.style_mix)[0] for _ in task.train]
+    chosen = [rng.choices(STYLES, weights=a.style_mix)[0] for _ in task.train]
     h, layers, mlp = a.size
     model = build_tiny_model(TinyModelSpec(hidden_size=h, num_layers=layers, num_heads=4, intermediate_size=mlp), tok,
                              seed=a.seed)

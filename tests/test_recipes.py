@@ -408,7 +408,6 @@ def test_calibrate_guard_on_held_out_prompts_needs_enough_of_them(tiny_pair, tmp
     assert not (tmp_path / "model").exists()
 
 
-
 def test_tiny_yaml_spells_out_the_embedded_default():
     """configs/tiny.yaml says it is the embedded default spelled out: every value it sets must be the value the
     default (`distillability demo`) resolves to, so the file cannot drift from the defaults again."""

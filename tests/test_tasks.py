@@ -110,3 +110,12 @@ def test_world_cache_key_is_stable_and_tracks_the_teacher_recipe():
     keys = {world_key(WorldConfig(teacher_learning_rate=1e-3), task), world_key(WorldConfig(bf16=True), task),
             world_key(WorldConfig(teacher_steps=3000), task), world_key(WorldConfig(), TaskConfig(seed=1))}
     assert len(keys) == 4 and "126a2297df63835e" not in keys
+
+
+def test_style_of_reads_back_every_reference_style():
+    from distillability.tasks.world import STYLES, WorldSpec, generate_world, style_of
+
+    examples = generate_world(60, seed=3, spec=WorldSpec(mc_share=0.5))
+    assert {e.family for e in examples} == {"math", "mc"}
+    for e in examples:
+        assert [style_of(e.solutions[s]) for s in STYLES] == list(STYLES), e.prompt

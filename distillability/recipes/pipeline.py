@@ -103,8 +103,6 @@ def _inputs(cfg) -> dict:
     """Size and mtime of every model folder or file the stage's config points at (other than its own output
     folder): a stage whose input an upstream stage rewrote (e.g. a distilled student after a distill setting
     changed) is rerun, not answered from its cache."""
-    import os
-
     found = {}
 
     def walk(value, key):
@@ -112,8 +110,7 @@ def _inputs(cfg) -> dict:
             for k, v in value.items():
                 if k != "output_dir":
                     walk(v, f"{key}.{k}" if key else k)
-        elif isinstance(value, str) and value and os.path.exists(value):
-            p = Path(value)
+        elif isinstance(value, str) and value and (p := Path(value)).exists():
             files = [p] if p.is_file() else sorted(p.glob("*.safetensors")) or sorted(p.glob("*/*.safetensors"))
             found[key] = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 

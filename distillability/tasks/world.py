@@ -23,6 +23,15 @@ from .base import Example
 STYLES = ("worked", "running", "direct")
 
 
+def style_of(text: str) -> str:
+    """Which of the STYLES a response is written in: no work before the answer is `direct`, shown operations
+    (`7+5=12`, `max(37,52)=52`) are `worked`, anything else (running totals, "52 is (B)") is `running`."""
+    head = text.split("####")[0]
+    if not head.strip():
+        return "direct"
+    return "worked" if ("=" in head or "max(" in head) else "running"
+
+
 @dataclass
 class WorldSpec:
     min_terms: int = 2
