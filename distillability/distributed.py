@@ -18,11 +18,17 @@ process); saved weights and checkpoints go through full state dicts (`full_state
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
+
+
+def _destroy_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class Dist:
@@ -42,6 +48,10 @@ class Dist:
             return
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend=backend, rank=self.rank, world_size=self.world)
+        # Without this, gloo's worker threads can still hold tensors when the interpreter finalises and the
+        # process dies with SIGABRT ("terminate called without an active exception", pytorch#179291); the
+        # launcher then kills the other ranks, rank 0 possibly mid-write. Runs before finalisation.
+        atexit.register(_destroy_group)
 
     def share(self, n_per_rank: int) -> slice:
         """This rank's rows of a global batch of n_per_rank * world rows."""
