@@ -71,8 +71,14 @@ class PipelineConfig:
 
 # The embedded default's stage settings (sized for 2 CPU cores), and the --quick ones.
 DEFAULT_OVERRIDES = {
-    # the tiny models are too small for bf16 autocast to pay off on CPU; real-model configs turn it on
-    "task": {"num_train": 3000, "num_eval": 100, "world_max_terms": 3},
+    # the stages run the tiny models in fp32 (too small for bf16 autocast to pay off there; real-model configs
+    # turn it on); the world's SFT (thousands of steps at batch 48) runs in bf16
+    # the knob's world (session 11, bench/README.md, knob): chains of 2-4 terms and 20,000 training prompts, too
+    # many to memorise, so the teacher learns running arithmetic (0.96 held-out) that the student cannot learn
+    # from its samples (0.45) while it learns the worked style (0.99); a teacher trained at lr 1e-3 (3e-3 gave
+    # a weak one) in bf16 (2.2x faster with AMX)
+    "task": {"num_train": 20000, "num_eval": 100, "world_max_terms": 4},
+    "world": {"teacher_learning_rate": 1e-3, "teacher_steps": 3000, "bf16": True},
     "diagnose": {"num_prompts": 32, "num_samples": 4, "runtime": {"bf16": False}},
     # 90 calibration steps with r_cal gated to correct responses (gate_on=wrong, 2026-11-30): the undistillable
     # teacher keeps the control's accuracy (0.97-1.06 in 3 seeds; ungated 60 steps: 0.90-0.94) while its GKD
@@ -86,10 +92,10 @@ DEFAULT_OVERRIDES = {
     "evaluate": {"num_prompts": 100, "n_samples": 4, "k": [1, 2, 4], "runtime": {"bf16": False}},
 }
 QUICK_OVERRIDES = {
-    "world": {"teacher_steps": 40, "proxy_steps": 15, "student_steps": 10,
+    "world": {"teacher_steps": 40, "proxy_steps": 15, "student_steps": 10, "teacher_learning_rate": 3e-3, "bf16": False,
               "teacher_size": [64, 2, 128], "proxy_size": [32, 1, 64], "student_size": [48, 1, 96]},
     "converge_steps": 2,
-    "task": {"num_train": 300, "num_eval": 16},
+    "task": {"num_train": 300, "num_eval": 16, "world_max_terms": 3},
     "diagnose": {"num_prompts": 4, "num_samples": 2, "max_new_tokens": 24},
     "calibrate": {"max_steps": 2, "num_generations": 2, "prompts_per_step": 2, "eval_prompts": 8, "eval_samples": 1,
                   "max_completion_length": 24},

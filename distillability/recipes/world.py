@@ -36,12 +36,12 @@ class WorldConfig:
     student_steps: int = opt(400, "Student base SFT steps (worked style only): a competent base.", min=1)
     batch_size: int = opt(48, "SFT batch size.", min=1)
     learning_rate: float = opt(3e-3, "Proxy and student base SFT learning rate.", min=0, min_exclusive=True)
-    teacher_learning_rate: float = opt(3e-3, "Teacher SFT learning rate. 3e-3 (with 2000 steps, fp32) is the world the "
-                                       "knob was measured on; its teacher is weak (0.51-0.71 greedy). 1e-3 with 3000 "
-                                       "steps and bf16 gives a 0.82-0.94 teacher (bench/README.md, knob).",
+    teacher_learning_rate: float = opt(3e-3, "Teacher SFT learning rate. The demo's world sets 1e-3 (with 3000 steps "
+                                       "and bf16: a 0.94-0.99 teacher); 3e-3 with 2000 steps in fp32 is the 3-term "
+                                       "world of sessions 5-10, whose teacher is weak (0.51-0.71; bench/README.md, knob).",
                                        min=0, min_exclusive=True)
     bf16: bool = opt(False, "Train the world's models under bf16 autocast: 2.2x faster on a CPU with AMX (on a GPU "
-                     "the build always uses it); off keeps the measured default world.")
+                     "the build always uses it); the demo's world sets it, off rebuilds the worlds of sessions 5-10.")
     proxy_vocab: int = opt(300, "Proxy BPE vocabulary size.", min=260)
     student_vocab: int = opt(420, "Student BPE vocabulary size.", min=260)
 
