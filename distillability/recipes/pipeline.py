@@ -80,9 +80,9 @@ DEFAULT_OVERRIDES = {
     "task": {"num_train": 20000, "num_eval": 100, "world_max_terms": 4},
     "world": {"teacher_learning_rate": 1e-3, "teacher_steps": 3000, "bf16": True},
     "diagnose": {"num_prompts": 32, "num_samples": 4, "runtime": {"bf16": False}},
-    # 90 calibration steps with r_cal gated to correct responses (gate_on=wrong, 2026-11-30): the undistillable
-    # teacher keeps the control's accuracy (0.97-1.06 in 3 seeds; ungated 60 steps: 0.90-0.94) while its GKD
-    # students fall to <= 0.6x in every seed; loss_type is the recipe's default dr_grpo (grpo drifted the
+    # 90 calibration steps with r_cal gated to correct responses (gate_on=wrong): on the 4-term world the
+    # undistillable teacher keeps 0.96-0.99 of the control's accuracy in 3 seeds while its students fall to
+    # 0.35-0.40x pooled (GKD <= 0.6x in every seed); loss_type is the recipe's default dr_grpo (grpo drifted the
     # control to short modes). bench/README.md, knob
     "calibrate": {"max_steps": 90, "gate_on": "wrong", "num_generations": 8, "prompts_per_step": 8,
                   "learning_rate": 1e-4, "beta": 0.04, "eval_prompts": 100, "save_steps": 0,
