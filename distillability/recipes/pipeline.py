@@ -71,12 +71,11 @@ class PipelineConfig:
 
 # The embedded default's stage settings (sized for 2 CPU cores), and the --quick ones.
 DEFAULT_OVERRIDES = {
-    # the stages run the tiny models in fp32 (too small for bf16 autocast to pay off there; real-model configs
-    # turn it on); the world's SFT (thousands of steps at batch 48) runs in bf16
-    # the knob's world (session 11, bench/README.md, knob): chains of 2-4 terms and 20,000 training prompts, too
+    # The knob's world (session 11, bench/README.md, knob): chains of 2-4 terms and 20,000 training prompts, too
     # many to memorise, so the teacher learns running arithmetic (0.96 held-out) that the student cannot learn
     # from its samples (0.45) while it learns the worked style (0.99); a teacher trained at lr 1e-3 (3e-3 gave
-    # a weak one) in bf16 (2.2x faster with AMX)
+    # a weak one). The world's SFT (thousands of steps at batch 48) runs in bf16 (2.2x faster with AMX); the
+    # stages run the tiny models in fp32 (too small for bf16 to pay off there; real-model configs turn it on).
     "task": {"num_train": 20000, "num_eval": 100, "world_max_terms": 4},
     "world": {"teacher_learning_rate": 1e-3, "teacher_steps": 3000, "bf16": True},
     "diagnose": {"num_prompts": 32, "num_samples": 4, "runtime": {"bf16": False}},
