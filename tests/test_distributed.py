@@ -32,7 +32,8 @@ def _run(args: list[str], processes: int, cwd: Path, fsdp: bool = False) -> None
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), "-m", "distillability.cli", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:] + "\nHEAD:" + proc.stderr[:6000]
+    err = proc.stderr
+    assert proc.returncode == 0, err if len(err) <= 9000 else f"{err[:6000]}\n[...]\n{err[-3000:]}"
 
 
 def _log(folder: Path) -> list[dict]:
