@@ -54,6 +54,9 @@ def run_seed(seed: int, out: Path, overrides: list[str], repeats: int = 1) -> di
                  "keep_correct_only=true", f"output_dir={folder}", "runtime.progress=false", "resume=false")
         attacker[t] = json.loads(card.read_text())["student_accuracy"]
     head["students"]["sft_correct_only"] = attacker
+    if "student_base" not in head:  # runs from before the pipeline evaluated the base: its distill cards' "before"
+        head["student_base"] = json.loads((run / "distill_sft_control" / "distill_card.json").read_text())[
+            "student_accuracy_before"]
     if repeats > 1:
         # more students per (method, teacher): the same distill config with other seeds (its own teacher
         # samples and data order); the headline keeps their mean, `student_runs` every run
@@ -133,6 +136,8 @@ def table(seeds: list[int], heads: list[dict]) -> tuple[str, dict]:
     acc = ["", "| accuracy | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for role in ("original", "control", "distillable", "undistillable"):
         acc.append(f"| teacher {role} | " + " | ".join(f"{h['teachers'][role]:.2f}" for h in heads) + " |")
+    if all("student_base" in h for h in heads):
+        acc.append("| student base (before distillation) | " + " | ".join(f"{h['student_base']:.2f}" for h in heads) + " |")
     for method in heads[0]["students"]:
         for role in heads[0]["students"][method]:
             acc.append(f"| student {method} <- {role} | "

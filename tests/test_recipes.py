@@ -142,6 +142,9 @@ def test_demo_quick_end_to_end(tmp_path):
     assert set(headline["students"]) == {"sft", "kd", "gkd"}
     for per in headline["students"].values():
         assert all(0 <= v <= 1 for v in per.values()) and len(per) == 4
+    # the student base is evaluated on the same prompts as its distilled students
+    base = json.loads((run / "eval" / "student_base" / "eval.json").read_text())
+    assert headline["student_base"] == base["greedy_accuracy"] and base["num_prompts"] == 8
     for f in ("report.md", "report.html", "headline.png", "diagnose/diagnose.json", "evaluations.json",
               "calibrate_undistillable/calibration_card.json", "distill_gkd_control/distill_card.json"):
         assert (run / f).exists(), f
@@ -158,8 +161,8 @@ def test_demo_quick_end_to_end(tmp_path):
     r3 = CliRunner().invoke(main, ["demo", "--quick", "--output-dir", str(run), "progress=false", "distill.max_steps=4"])
     assert r3.exit_code == 0, r3.output
     changed = {k for k, v in stamps().items() if v != first[k]}
-    students = {k for k in first if k.startswith(("distill_", "eval/student_"))}
-    assert len(students) == 24 and changed == students, sorted(changed ^ students)
+    students = {k for k in first if k.startswith(("distill_", "eval/student_")) and not k.startswith("eval/student_base/")}
+    assert len(students) == 24 and changed == students, sorted(changed ^ students)  # the base is not rerun
 
 
 def test_trl_reward_adapter_equals_recipe_reward(tiny_pair):
@@ -228,7 +231,7 @@ def test_gkd_seq_kd_and_pipeline_stage_skips(tiny_pair, tmp_path):
                                   "skip=[diagnose,calibrate,distill]"])
     assert r.exit_code == 0, r.output
     headline = json.loads((tmp_path / "skip" / "headline.json").read_text())
-    assert set(headline["teachers"]) == {"original"} and headline["students"] == {}
+    assert set(headline["teachers"]) == {"original"} and headline["students"] == {} and "student_base" not in headline
 
 
 def test_fused_kd_loss_equals_logits_loss(tiny_pair, monkeypatch):

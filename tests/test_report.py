@@ -21,7 +21,8 @@ def report_dir(tmp_path):
     accs = {"original": 0.8, "control": 0.9, "distillable": 0.85, "undistillable": 0.82}
     students = {"original": 0.5, "control": 0.6, "distillable": 0.7, "undistillable": 0.2}
     evaluations = {"teachers": {t: _fake_eval(a) for t, a in accs.items()},
-                   "students": {m: {t: _fake_eval(a) for t, a in students.items()} for m in ("sft", "kd", "gkd")}}
+                   "students": {m: {t: _fake_eval(a) for t, a in students.items()} for m in ("sft", "kd", "gkd")},
+                   "student_base": _fake_eval(0.4)}
     cards = {t: {"eta": e, "before_accuracy": 0.8, "after_accuracy": accs[t], "before_D_per_char": 0.3,
                  "after_D_per_char": 0.3 + e / 10} for t, e in (("control", 0.0), ("distillable", -1.0), ("undistillable", 1.0))}
     headline = headline_table(evaluations, seed=0, wall_seconds=1.0)
@@ -36,6 +37,9 @@ def test_headline_and_ratios(report_dir):
     assert r["sft"]["undistillable"] == pytest.approx(0.2 / 0.6) and r["kd"]["control"] == pytest.approx(1.0)
     md = (report_dir[0] / "report.md").read_text()
     assert "| student (gkd) | 0.500 | 0.600 | 0.700 | 0.200 |" in md
+    assert headline["student_base"] == 0.4 and "before distillation (the base every student starts from): 0.400" in md
+    # undistillable 0.2: / control 0.6, / original 0.5, / base 0.4
+    assert "| kd | undistillable | 0.33 | 0.40 | 0.50 |" in md
 
 
 def test_html_renders_in_headless_chromium(report_dir, tmp_path):

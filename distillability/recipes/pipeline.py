@@ -224,6 +224,12 @@ def run(cfg: PipelineConfig) -> dict:
         evaluations["students"].setdefault(method, {})[tname] = _stage(
             out / "eval", f"student_{method}_{tname}", ecfg, "eval.json", evaluate.run)
 
+    if students:
+        # the student before any distillation: the floor every student is read against (a distilled student
+        # below it learned nothing usable from its teacher)
+        ecfg = _with(cfg.evaluate, model=models["student"], proxy=None, output_dir=str(out / "eval" / "student_base"),
+                     task=task, runtime=runtime(cfg.evaluate))
+        evaluations["student_base"] = _stage(out / "eval", "student_base", ecfg, "eval.json", evaluate.run)
     headline = headline_table(evaluations, cfg.seed, time.time() - t0)
     write_json(out / "headline.json", headline)
     write_json(out / "evaluations.json", {"evaluations": evaluations, "calibration_cards": cards,

@@ -20,6 +20,7 @@ def headline_table(evaluations: dict, seed: int, wall_seconds: float) -> dict:
         "seed": seed, "wall_seconds": wall_seconds,
         "teachers": {t: evaluations["teachers"][t]["greedy_accuracy"] for t in TEACHERS if t in evaluations["teachers"]},
         "students": {m: {t: r["greedy_accuracy"] for t, r in per.items()} for m, per in evaluations["students"].items()},
+        **({"student_base": evaluations["student_base"]["greedy_accuracy"]} if "student_base" in evaluations else {}),
     }
 
 
@@ -44,11 +45,14 @@ def _plot(headline: dict, out: Path) -> str:
     for i, t in enumerate(TEACHERS):
         vals = [headline["teachers"].get(t, np.nan)] + [headline["students"][m].get(t, np.nan) for m in methods]
         ax.bar(x + (i - 1.5) * width, vals, width, label=t, color=colors[t])
+    if "student_base" in headline and methods:
+        ax.hlines(headline["student_base"], 0.5, len(groups) - 0.5, colors="black", linestyles="dashed", linewidth=1,
+                  label="student before distillation")
     ax.set_xticks(x, ["teacher itself"] + [f"student ({m})" for m in methods])
     ax.set_ylabel("greedy accuracy (held-out)")
     ax.set_ylim(0, 1.05)
     ax.set_title(f"Distillability knob: teachers and their students (seed {headline['seed']})")
-    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
     name = "headline.png"
     fig.savefig(out / name, dpi=110)
@@ -62,6 +66,8 @@ def markdown_table(headline: dict) -> str:
              "| teacher | " + " | ".join(f"{headline['teachers'][t]:.3f}" for t in cols) + " |"]
     for m, per in headline["students"].items():
         lines.append(f"| student ({m}) | " + " | ".join(f"{per.get(t, float('nan')):.3f}" for t in cols) + " |")
+    if "student_base" in headline:
+        lines += ["", f"Student before distillation (the base every student starts from): {headline['student_base']:.3f}."]
     return "\n".join(lines)
 
 
@@ -71,11 +77,14 @@ def write_report(out: Path, headline: dict, evaluations: dict, cards: dict) -> N
     r_orig = ratios(headline, "original")
     md = ["# Distillability report", "", markdown_table(headline), "",
           f"Run time: {headline['wall_seconds']:.0f} s, seed {headline['seed']}.", "",
-          "## Distillability ratio (student accuracy ÷ student of the control / original teacher)", "",
-          "| method | teacher | ÷ control | ÷ original |", "|---|---|---|---|"]
+          "## Distillability ratio (student accuracy ÷ student of the control / original teacher ÷ student before "
+          "distillation)", "",
+          "| method | teacher | ÷ control | ÷ original | ÷ base |", "|---|---|---|---|---|"]
+    base = headline.get("student_base")
     for m in r_control:
         for t in r_control[m]:
-            md.append(f"| {m} | {t} | {r_control[m][t]:.2f} | {r_orig[m][t]:.2f} |")
+            vs_base = headline["students"][m][t] / base if base else float("nan")
+            md.append(f"| {m} | {t} | {r_control[m][t]:.2f} | {r_orig[m][t]:.2f} | {vs_base:.2f} |")
     md += ["", "## Teachers: utility, failure modes and causal metrics", "",
            "| teacher | greedy acc | pass@k | D to proxy /char | wrong-trace pref. (teacher / proxy) | failure modes |",
            "|---|---|---|---|---|---|"]
