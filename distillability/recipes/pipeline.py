@@ -76,7 +76,9 @@ DEFAULT_OVERRIDES = {
     # from its samples (0.45) while it learns the worked style (0.99); a teacher trained at lr 1e-3 (3e-3 gave
     # a weak one). The world's SFT (thousands of steps at batch 48) runs in bf16 (2.2x faster with AMX); the
     # stages run the tiny models in fp32 (too small for bf16 to pay off there; real-model configs turn it on).
-    "task": {"num_train": 20000, "num_eval": 100, "world_max_terms": 4},
+    # 500 held-out prompts (session 12): with 100 a per-seed student ratio carried a ~0.12 standard error from the
+    # choice of prompts alone (~0.05 with 500); evaluating them costs seconds
+    "task": {"num_train": 20000, "num_eval": 500, "world_max_terms": 4},
     "world": {"teacher_learning_rate": 1e-3, "teacher_steps": 3000, "bf16": True},
     "diagnose": {"num_prompts": 32, "num_samples": 4, "runtime": {"bf16": False}},
     # 90 calibration steps with r_cal gated to correct responses (gate_on=wrong): on the 4-term world the
@@ -84,11 +86,11 @@ DEFAULT_OVERRIDES = {
     # 0.35-0.40x pooled (GKD <= 0.6x in every seed); loss_type is the recipe's default dr_grpo (grpo drifted the
     # control to short modes). bench/README.md, knob
     "calibrate": {"max_steps": 90, "gate_on": "wrong", "num_generations": 8, "prompts_per_step": 8,
-                  "learning_rate": 1e-4, "beta": 0.04, "eval_prompts": 100, "save_steps": 0,
+                  "learning_rate": 1e-4, "beta": 0.04, "eval_prompts": 500, "save_steps": 0,
                   "runtime": {"bf16": False}},
     "distill": {"max_steps": 120, "per_device_train_batch_size": 32, "num_prompts": 600, "learning_rate": 5e-4,
-                "cross_tokenizer": "char", "eval_prompts": 100, "save_steps": 0, "runtime": {"bf16": False}},
-    "evaluate": {"num_prompts": 100, "n_samples": 4, "k": [1, 2, 4], "runtime": {"bf16": False}},
+                "cross_tokenizer": "char", "eval_prompts": 500, "save_steps": 0, "runtime": {"bf16": False}},
+    "evaluate": {"num_prompts": 500, "n_samples": 4, "k": [1, 2, 4], "runtime": {"bf16": False}},
 }
 QUICK_OVERRIDES = {
     "world": {"teacher_steps": 40, "proxy_steps": 15, "student_steps": 10, "teacher_learning_rate": 3e-3, "bf16": False,
