@@ -61,3 +61,30 @@ def test_html_renders_in_headless_chromium(report_dir, tmp_path):
 
     pixels = matplotlib.image.imread(str(shot))
     assert pixels.std() > 0.05  # not a blank page
+
+
+def test_knob_seeds_table_pools_and_counts_targets():
+    """bench/knob_seeds.py: per-seed ratios vs the control, pooled = ratio of the accuracies summed over seeds,
+    and 'held in' counts the seeds that meet issue #11's thresholds."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "knob_seeds", Path(__file__).resolve().parents[1] / "bench" / "knob_seeds.py")
+    ks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ks)
+    heads = [{"teachers": {"original": 0.9, "control": 0.9, "distillable": 0.9, "undistillable": 0.8},
+              "students": {"sft": {"original": 0.3, "control": 0.4, "distillable": 0.6, "undistillable": 0.2}},
+              "student_base": 0.45},
+             {"teachers": {"original": 0.9, "control": 1.0, "distillable": 0.95, "undistillable": 0.95},
+              "students": {"sft": {"original": 0.3, "control": 0.1, "distillable": 0.09, "undistillable": 0.07}},
+              "student_base": 0.5}]
+    md, summary = ks.table([0, 1], heads)
+    u = summary["sft_undistillable_vs_control"]
+    assert u["values"] == pytest.approx([0.5, 0.7]) and u["held_in_seeds"] == 1
+    assert u["pooled"] == pytest.approx(0.27 / 0.5) and u["mean"] == pytest.approx(0.6)
+    d = summary["sft_distillable_vs_control"]
+    assert d["values"] == pytest.approx([1.5, 0.9]) and d["held_in_seeds"] == 1 and d["target"] == ">= 1.0"
+    t = summary["teacher_undistillable_vs_control"]
+    assert t["values"] == pytest.approx([0.8 / 0.9, 0.95]) and t["held_in_seeds"] == 1
+    assert "| student base (before distillation) | 0.45 | 0.50 |" in md
