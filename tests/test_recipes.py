@@ -380,6 +380,25 @@ def test_calibrate_guard_on_held_out_prompts_uses_the_last_ones(small_world, tmp
     assert g["start_accuracy"] == acc  # (the small world scores ~0.05 here and ~0.4 on its memorised train tail)
 
 
+def test_evaluate_reports_accuracy_by_task_family(tiny_pair):
+    """A task with several families gets greedy accuracy per family: the families partition the prompts, their
+    weighted mean is the overall accuracy, and each equals an evaluation of that family's prompts alone."""
+    from distillability.models import load_model
+
+    model, tok = load_model(tiny_pair["teacher"], device="cpu")
+    cfg = load_config(evaluate.EvaluateConfig, overrides=[*FAST, "task.num_eval=24", "n_samples=1", "k=[1]", "max_new_tokens=16"])
+    task = cfg.task.load()
+    examples = task.eval[:24]
+    assert {e.family for e in examples} == {"math", "mc"}
+    res = evaluate.evaluate_model(model, tok, task, examples, cfg)
+    by = res["by_family"]
+    assert sum(v["num_prompts"] for v in by.values()) == 24
+    assert sum(v["num_prompts"] * v["greedy_accuracy"] for v in by.values()) / 24 == pytest.approx(res["greedy_accuracy"])
+    for fam, v in by.items():
+        alone = evaluate.evaluate_model(model, tok, task, [e for e in examples if e.family == fam], cfg)
+        assert alone["greedy_accuracy"] == pytest.approx(v["greedy_accuracy"]) and "by_family" not in alone
+
+
 def test_pipeline_keeps_evaluations_off_the_guards_prompts():
     """With the utility guard on held-out prompts, a pipeline whose evaluation would score them is a one-line
     config error naming the key; enough held-out prompts pass."""

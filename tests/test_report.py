@@ -13,7 +13,8 @@ def _fake_eval(acc):
     return {"greedy_accuracy": acc, "pass_at_k": {"1": acc, "4": min(1.0, acc + 0.2)},
             "failure_modes": {"degradation": 0.1, "self_correction": 0.0, "overconfident": 0.05, "wrong": 0.25,
                               "correct": 0.6},
-            "D_to_proxy_per_char": 0.3, "wrong_trace_preference": {"model": {"rate": 0.4}, "proxy": {"rate": 0.5}}}
+            "D_to_proxy_per_char": 0.3, "wrong_trace_preference": {"model": {"rate": 0.4}, "proxy": {"rate": 0.5}},
+            "by_family": {"math": {"num_prompts": 3, "greedy_accuracy": acc / 2}, "mc": {"num_prompts": 1, "greedy_accuracy": acc}}}
 
 
 @pytest.fixture()
@@ -40,6 +41,7 @@ def test_headline_and_ratios(report_dir):
     assert headline["student_base"] == 0.4 and "before distillation (the base every student starts from): 0.400" in md
     # undistillable 0.2: / control 0.6, / original 0.5, / base 0.4
     assert "| kd | undistillable | 0.33 | 0.40 | 0.50 |" in md
+    assert "| model | math | mc |" in md and "| kd ← undistillable | 0.100 | 0.200 |" in md and "| student base | 0.200 | 0.400 |" in md
 
 
 def test_html_renders_in_headless_chromium(report_dir, tmp_path):

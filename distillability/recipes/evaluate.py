@@ -101,6 +101,13 @@ def evaluate_model(model, tok, task, examples, cfg: EvaluateConfig, proxy=None, 
         "mean_response_chars": float(np.mean([len(g.text) for g in samples])) if samples else 0.0,
         "num_prompts": len(examples), "n_samples": cfg.n_samples,
     }
+    families = sorted({e.family for e in examples if e.family})
+    if len(families) > 1:
+        # a task with several families (the tiny world's math chains and multiple choice): greedy accuracy on
+        # each, since a teacher can protect (or teach) one and not the other
+        scores = {f: [s for e, s in zip((examples[g.prompt_index] for g in greedy), greedy_scores) if e.family == f]
+                  for f in families}
+        result["by_family"] = {f: {"num_prompts": len(v), "greedy_accuracy": float(np.mean(v))} for f, v in scores.items()}
     if proxy is not None:
         # D and the wrong-trace preference score the evaluation's own samples (no second sampling pass)
         d = divergence_of_samples(model, tok, proxy, ptok, prompts, samples, chat)
@@ -119,6 +126,8 @@ def markdown(result: dict, title: str) -> str:
     lines = [f"# {title}", "", "| metric | value |", "|---|---|",
              f"| greedy accuracy | {result['greedy_accuracy']:.3f} |",
              f"| sample accuracy (T>0) | {result['sample_accuracy']:.3f} |"]
+    lines += [f"| greedy accuracy, {f} ({v['num_prompts']} prompts) | {v['greedy_accuracy']:.3f} |"
+              for f, v in result.get("by_family", {}).items()]
     lines += [f"| pass@{k} | {v:.3f} |" for k, v in result["pass_at_k"].items()]
     lines += [f"| failure: {m} | {v:.3f} |" for m, v in result["failure_modes"].items()]
     if "D_to_proxy_per_char" in result:

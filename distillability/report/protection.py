@@ -101,6 +101,19 @@ def write_report(out: Path, headline: dict, evaluations: dict, cards: dict) -> N
             fm = ", ".join(f"{k} {v:.2f}" for k, v in r["failure_modes"].items() if v)
             pk = ", ".join(f"@{k} {v:.2f}" for k, v in r["pass_at_k"].items())
             md.append(f"| {m} | {t} | {r['greedy_accuracy']:.3f} | {pk} | {fm} |")
+    fams = sorted({f for per in evaluations["students"].values() for r in per.values() for f in r.get("by_family", {})})
+    if fams:
+        # where the protection (or the teaching) acts: a teacher protects only the families in which it has a
+        # correct mode the student cannot imitate
+        md += ["", "## Greedy accuracy by task family", "", "| model | " + " | ".join(fams) + " |",
+               "|---" * (len(fams) + 1) + "|"]
+        rows = [(f"teacher {t}", r) for t, r in evaluations["teachers"].items()]
+        if "student_base" in evaluations:
+            rows.append(("student base", evaluations["student_base"]))
+        rows += [(f"{m} ← {t}", r) for m, per in evaluations["students"].items() for t, r in per.items()]
+        for name, r in rows:
+            by = r.get("by_family", {})
+            md.append(f"| {name} | " + " | ".join(f"{by[f]['greedy_accuracy']:.3f}" if f in by else "-" for f in fams) + " |")
     if cards:
         md += ["", "## Calibration cards", "", "| teacher | eta | acc before → after | D/char before → after |", "|---|---|---|---|"]
         for t, c in cards.items():
