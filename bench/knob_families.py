@@ -1,0 +1,54 @@
+"""Per-family greedy accuracy of the students of a `knob_seeds.py` run (first student of each cell and the
+unseen attacker), and the style of their math answers: where the undistillable teacher's protection acts.
+
+    .venv/bin/python bench/knob_families.py OUT [--seeds 0 1 2] [--num-train 20000] [--num-eval 500]
+
+OUT is a `knob_seeds.py --out` folder; the task settings must be the run's (the held-out prompts are
+rebuilt from them). New pipeline runs report the same numbers in eval.json (`by_family`) and the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+import torch
+
+from distillability.models import load_model
+from distillability.sampling import generate
+from distillability.tasks import WorldSpec, load_task
+from distillability.tasks.world import style_of
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--num-train", type=int, default=20000)
+    ap.add_argument("--num-eval", type=int, default=500)
+    ap.add_argument("--max-terms", type=int, default=4)
+    ap.add_argument("--mc-share", type=float, default=0.25)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    for seed in args.seeds:
+        task = load_task("tiny-world", None, args.num_train, args.num_eval, seed,
+                         WorldSpec(2, args.max_terms, args.mc_share, 0))
+        ev = task.eval
+        for method in ("sft", "kd", "gkd", "attack"):
+            for teacher in ("control", "undistillable", "distillable"):
+                run = f"{args.out}/runs/seed{seed}"
+                path = f"{run}/attack_sft_correct_{teacher}/model" if method == "attack" else f"{run}/distill_{method}_{teacher}/model"
+                model, tok = load_model(path)
+                outs = generate(model, tok, [e.prompt for e in ev], 64, greedy=True)
+                acc, styles = collections.defaultdict(list), collections.Counter()
+                for g in outs:
+                    e = ev[g.prompt_index]
+                    acc[e.family].append(task.score(e, g.text))
+                    if e.family == "math":
+                        styles[style_of(g.text)] += 1
+                fams = {f: f"{sum(v) / len(v):.2f} ({len(v)})" for f, v in sorted(acc.items())}
+                print(seed, method.ljust(6), teacher.ljust(13), fams, "math styles", dict(styles), flush=True)
+
+
+if __name__ == "__main__":
+    main()
