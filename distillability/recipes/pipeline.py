@@ -82,8 +82,8 @@ DEFAULT_OVERRIDES = {
     "world": {"teacher_learning_rate": 1e-3, "teacher_steps": 3000, "bf16": True},
     "diagnose": {"num_prompts": 32, "num_samples": 4, "runtime": {"bf16": False}},
     # 90 calibration steps with r_cal gated to correct responses (gate_on=wrong): on the 4-term world the
-    # undistillable teacher keeps 0.96-0.99 of the control's accuracy in 3 seeds while its students fall to
-    # 0.35-0.40x pooled (GKD <= 0.6x in every seed); loss_type is the recipe's default dr_grpo (grpo drifted the
+    # undistillable teacher keeps 0.95-0.96 of the control's accuracy in 3 seeds while its students fall to
+    # 0.49-0.56x pooled (KD and GKD <= 0.6x in every seed; 500 held-out prompts, session 12); loss_type is the recipe's default dr_grpo (grpo drifted the
     # control to short modes). bench/README.md, knob
     "calibrate": {"max_steps": 90, "gate_on": "wrong", "num_generations": 8, "prompts_per_step": 8,
                   "learning_rate": 1e-4, "beta": 0.04, "eval_prompts": 500, "save_steps": 0,
