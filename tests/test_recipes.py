@@ -407,12 +407,16 @@ def test_pipeline_keeps_evaluations_off_the_guards_prompts():
     from distillability.recipes.pipeline import PipelineConfig, apply_preset
 
     guard = {"min_accuracy_ratio": 0.95, "guard_prompts": 100}
-    with pytest.raises(ConfigError, match="'evaluate.num_prompts': 300 prompts reach into the utility guard's last 100"):
-        from_dict(PipelineConfig, apply_preset({"calibrate": guard, "evaluate": {"num_prompts": 300}}, False))
+    with pytest.raises(ConfigError, match="'evaluate.num_prompts': 500 prompts reach into the utility guard's last 100 "
+                                          "of task.num_eval=500"):
+        from_dict(PipelineConfig, apply_preset({"calibrate": guard}, False))  # the default's 500 held-out prompts
     with pytest.raises(ConfigError, match="'distill.eval_prompts'"):
         from_dict(PipelineConfig, apply_preset({"calibrate": guard, "task": {"num_eval": 150}, "evaluate": {"num_prompts": 50}},
                                                 False))
-    ok = from_dict(PipelineConfig, apply_preset({"calibrate": guard, "task": {"num_eval": 400},
+    with pytest.raises(ConfigError, match="'calibrate.eval_prompts'"):
+        from_dict(PipelineConfig, apply_preset({"calibrate": guard, "task": {"num_eval": 400}, "evaluate": {"num_prompts": 300},
+                                                "distill": {"eval_prompts": 300}}, False))
+    ok = from_dict(PipelineConfig, apply_preset({"calibrate": {**guard, "eval_prompts": 300}, "task": {"num_eval": 400},
                                                  "evaluate": {"num_prompts": 300}, "distill": {"eval_prompts": 300}}, False))
     assert ok.task.num_eval - ok.calibrate.guard_prompts == ok.evaluate.num_prompts
     from_dict(PipelineConfig, apply_preset({"calibrate": {**guard, "guard_split": "train"}}, False))  # not held-out: no limit
