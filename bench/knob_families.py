@@ -1,22 +1,27 @@
 """Per-family greedy accuracy of the students of a `knob_seeds.py` run (first student of each cell and the
 unseen attacker), and the style of their math answers: where the undistillable teacher's protection acts.
 
-    .venv/bin/python bench/knob_families.py OUT [--seeds 0 1 2] [--num-train 20000] [--num-eval 500]
+    .venv/bin/python bench/knob_families.py OUT [--seeds 0 1 2]
 
-OUT is a `knob_seeds.py --out` folder; the task settings must be the run's (the held-out prompts are
-rebuilt from them). New pipeline runs report the same numbers in eval.json (`by_family`) and the report.
+OUT is a `knob_seeds.py --out` folder; each seed's held-out prompts are rebuilt from the task settings of its
+run (`pipeline_config.yaml`). New pipeline runs report the same numbers in eval.json (`by_family`) and the
+report.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+from pathlib import Path
 
 import torch
+import yaml
 
+from distillability.config import from_dict
 from distillability.models import load_model
+from distillability.recipes.pipeline import PipelineConfig
 from distillability.sampling import generate
-from distillability.tasks import WorldSpec, load_task
 from distillability.tasks.world import style_of
 
 
@@ -24,19 +29,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--num-train", type=int, default=20000)
-    ap.add_argument("--num-eval", type=int, default=500)
-    ap.add_argument("--max-terms", type=int, default=4)
-    ap.add_argument("--mc-share", type=float, default=0.25)
     args = ap.parse_args()
     torch.set_num_threads(2)
     for seed in args.seeds:
-        task = load_task("tiny-world", None, args.num_train, args.num_eval, seed,
-                         WorldSpec(2, args.max_terms, args.mc_share, 0))
+        run = Path(args.out) / "runs" / f"seed{seed}"
+        cfg = from_dict(PipelineConfig, yaml.safe_load((run / "pipeline_config.yaml").read_text()))
+        task = dataclasses.replace(cfg.task, seed=cfg.seed).load()
         ev = task.eval
         for method in ("sft", "kd", "gkd", "attack"):
             for teacher in ("control", "undistillable", "distillable"):
-                run = f"{args.out}/runs/seed{seed}"
                 path = f"{run}/attack_sft_correct_{teacher}/model" if method == "attack" else f"{run}/distill_{method}_{teacher}/model"
                 model, tok = load_model(path)
                 outs = generate(model, tok, [e.prompt for e in ev], 64, greedy=True)

@@ -105,8 +105,10 @@ def evaluate_model(model, tok, task, examples, cfg: EvaluateConfig, proxy=None, 
     if len(families) > 1:
         # a task with several families (the tiny world's math chains and multiple choice): greedy accuracy on
         # each, since a teacher can protect (or teach) one and not the other
-        scores = {f: [s for e, s in zip((examples[g.prompt_index] for g in greedy), greedy_scores) if e.family == f]
-                  for f in families}
+        scores = {f: [] for f in families}
+        for g, score in zip(greedy, greedy_scores):
+            if (fam := examples[g.prompt_index].family) in scores:
+                scores[fam].append(score)
         result["by_family"] = {f: {"num_prompts": len(v), "greedy_accuracy": float(np.mean(v))} for f, v in scores.items()}
     if proxy is not None:
         # D and the wrong-trace preference score the evaluation's own samples (no second sampling pass)
