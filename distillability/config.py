@@ -248,12 +248,17 @@ class TaskConfig:
     world_mc_share: float = opt(0.25, "tiny-world: share of multiple-choice examples.", min=0, max=1)
     world_modulus: int = opt(0, "tiny-world: 0 = plain arithmetic (totals 0..99); m >= 2 = arithmetic modulo m "
                              "(digits and totals 0..m-1: few facts, a huge space of chains).", min=0)
+    world_heldout: str = opt("iid", "tiny-world: how the held-out prompts are chosen: iid (a random sample of the "
+                             "world's distinct prompts, distributed like the training ones) or first (drawn first "
+                             "and excluded from training, which leaves the short chains almost all held out: the "
+                             "worlds up to session 13).", choices=("iid", "first"))
 
     def load(self):
         """The Task this section names."""
         from .tasks import WorldSpec, load_task
 
-        spec = WorldSpec(self.world_min_terms, self.world_max_terms, self.world_mc_share, self.world_modulus)
+        spec = WorldSpec(self.world_min_terms, self.world_max_terms, self.world_mc_share, self.world_modulus,
+                         self.world_heldout)
         if self.fallback and self.path and not Path(self.path).exists():
             return load_task(self.fallback, None, self.num_train, self.num_eval, self.seed, spec)
         return load_task(self.name, self.path, self.num_train, self.num_eval, self.seed, spec)

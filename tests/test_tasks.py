@@ -1,5 +1,8 @@
 """Task loaders on real rows, their verifiers, and data-file errors."""
 
+import collections
+import dataclasses
+
 import pytest
 
 from distillability.errors import DataError
@@ -105,11 +108,35 @@ def test_world_cache_key_is_stable_and_tracks_the_teacher_recipe():
     from distillability.config import TaskConfig
     from distillability.recipes.world import WorldConfig, world_key
 
-    task = TaskConfig(num_train=3000, num_eval=100, seed=0, world_max_terms=3)
+    task = TaskConfig(num_train=3000, num_eval=100, seed=0, world_max_terms=3, world_heldout="first")
     assert world_key(WorldConfig(), task) == "126a2297df63835e"
     keys = {world_key(WorldConfig(teacher_learning_rate=1e-3), task), world_key(WorldConfig(bf16=True), task),
-            world_key(WorldConfig(teacher_steps=3000), task), world_key(WorldConfig(), TaskConfig(seed=1))}
-    assert len(keys) == 4 and "126a2297df63835e" not in keys
+            world_key(WorldConfig(teacher_steps=3000), task), world_key(WorldConfig(), TaskConfig(seed=1)),
+            world_key(WorldConfig(), dataclasses.replace(task, world_heldout="iid"))}
+    assert len(keys) == 5 and "126a2297df63835e" not in keys
+
+
+def _terms(examples):
+    return collections.Counter(e.prompt.count("+") + e.prompt.count("-") + 1 for e in examples)
+
+
+def test_world_iid_heldout_follows_the_training_distribution():
+    """The default split: the held-out prompts are a random sample of the world's distinct prompts, so each
+    chain length has the same share in both splits; the legacy `first` split (held-out drawn first) takes
+    most two-term chains (96 of the world's ~126 here) and leaves training 30."""
+    from distillability.tasks import WorldSpec, world_splits
+
+    spec = WorldSpec(max_terms=4, mc_share=0.0)
+    train, held = world_splits(20000, 500, 2, spec)
+    assert len(train) == 20000 and len(held) == 500 and not {e.prompt for e in train} & {e.prompt for e in held}
+    tr, he = _terms(train), _terms(held)
+    for n in (2, 3, 4):  # binomial: 500 * share +- 4 sd
+        share = tr[n] / len(train)
+        assert abs(he[n] - 500 * share) <= 4 * (500 * share * (1 - share)) ** 0.5 + 1, (n, tr, he)
+    assert world_splits(20000, 500, 2, spec)[1] == held  # deterministic in the seed
+    train_f, held_f = world_splits(20000, 500, 2, dataclasses.replace(spec, heldout="first"))
+    assert (_terms(held_f)[2], _terms(train_f)[2]) == (96, 30)
+    assert not {e.prompt for e in train_f} & {e.prompt for e in held_f}
 
 
 def test_style_of_reads_back_every_reference_style():

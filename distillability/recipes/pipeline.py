@@ -77,8 +77,12 @@ DEFAULT_OVERRIDES = {
     # a weak one). The world's SFT (thousands of steps at batch 48) runs in bf16 (2.2x faster with AMX); the
     # stages run the tiny models in fp32 (too small for bf16 to pay off there; real-model configs turn it on).
     # 500 held-out prompts (session 12): with 100 a per-seed student ratio carried a ~0.12 standard error from the
-    # choice of prompts alone (~0.05 with 500); evaluating them costs seconds
-    "task": {"num_train": 20000, "num_eval": 500, "world_max_terms": 4},
+    # choice of prompts alone (~0.05 with 500); evaluating them costs seconds. Math chains only (session 13): on
+    # multiple choice the teacher has no correct mode a student cannot imitate (its "running" answer, `52 is (B)`,
+    # is one comparison), so that family only diluted the protection (0.49-0.99x vs 0.18-0.46x on math). The
+    # held-out prompts are an iid sample of the world (task.world_heldout, session 13): drawn first, they took
+    # most short chains out of training and the held-out accuracy measured lengths the teacher never trained on.
+    "task": {"num_train": 20000, "num_eval": 500, "world_max_terms": 4, "world_mc_share": 0.0},
     "world": {"teacher_learning_rate": 1e-3, "teacher_steps": 3000, "bf16": True},
     "diagnose": {"num_prompts": 32, "num_samples": 4, "runtime": {"bf16": False}},
     # 90 calibration steps with r_cal gated to correct responses (gate_on=wrong): on the 4-term world the

@@ -54,7 +54,10 @@ def world_key(cfg: WorldConfig, task: TaskConfig) -> str:
         d.pop("teacher_learning_rate")
     if not d["bf16"]:
         d.pop("bf16")
-    blob = json.dumps({**d, "task": dataclasses.asdict(task), "v": 2}, sort_keys=True)
+    t = dataclasses.asdict(task)
+    if t["world_heldout"] == "first":  # the split every world had before the option: those keep their key
+        t.pop("world_heldout")
+    blob = json.dumps({**d, "task": t, "v": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

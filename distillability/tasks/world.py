@@ -38,6 +38,7 @@ class WorldSpec:
     max_terms: int = 4
     mc_share: float = 0.25  # fraction of multiple-choice examples
     modulus: int = 0  # 0: plain arithmetic; m: every step modulo m, numbers 0..m-1
+    heldout: str = "iid"  # iid: a random sample of the distinct prompts; first: drawn first (see world_splits)
 
 
 def _math_example(rng: random.Random, spec: WorldSpec) -> Example:
@@ -107,7 +108,20 @@ def generate_world(n: int, seed: int, spec: WorldSpec | None = None, exclude: se
 
 
 def world_splits(num_train: int, num_eval: int, seed: int, spec: WorldSpec | None = None):
-    """Held-out eval prompts are drawn first and excluded from training, so no training stage sees them."""
-    eval_set = generate_world(num_eval, seed=10_000 + seed, spec=spec)
-    train = generate_world(num_train, seed=seed, spec=spec, exclude={e.prompt for e in eval_set})
-    return train, eval_set
+    """(train, held-out), disjoint in prompts. `spec.heldout`:
+    - iid: one pool of num_train + num_eval distinct prompts, split at random, so the held-out prompts follow
+      the training distribution (chain lengths included);
+    - first: the held-out prompts are drawn first and excluded from training. Short chains have few distinct
+      prompts (~130 with 2 terms), so the held-out draw takes most of them and training sees almost none: the
+      held-out accuracy then measures generalisation to chain lengths the models hardly trained on (the worlds
+      up to session 13)."""
+    spec = spec or WorldSpec()
+    if spec.heldout == "first":
+        eval_set = generate_world(num_eval, seed=10_000 + seed, spec=spec)
+        train = generate_world(num_train, seed=seed, spec=spec, exclude={e.prompt for e in eval_set})
+        return train, eval_set
+    if spec.heldout != "iid":
+        raise ValueError(f"tiny world: unknown held-out split '{spec.heldout}' (iid, first)")
+    pool = generate_world(num_train + num_eval, seed=seed, spec=spec)
+    random.Random(10_000 + seed).shuffle(pool)
+    return pool[num_eval:], pool[:num_eval]
