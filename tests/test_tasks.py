@@ -146,3 +146,14 @@ def test_style_of_reads_back_every_reference_style():
     assert {e.family for e in examples} == {"math", "mc"}
     for e in examples:
         assert [style_of(e.solutions[s]) for s in STYLES] == list(STYLES), e.prompt
+
+
+def test_world_too_small_for_the_split_is_a_config_error():
+    """Two-term chains have ~130 distinct prompts: asking for more is the user's config, named in one line."""
+    from distillability.errors import ConfigError
+    from distillability.tasks import WorldSpec, world_splits
+
+    for heldout in ("iid", "first"):
+        with pytest.raises(ConfigError, match="task.num_train"):
+            world_splits(400, 16, 0, WorldSpec(max_terms=2, mc_share=0.0, heldout=heldout))
+    assert len(world_splits(100, 16, 0, WorldSpec(max_terms=2, mc_share=0.0))[0]) == 100

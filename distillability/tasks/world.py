@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ..errors import ConfigError
 from .base import Example
 
 STYLES = ("worked", "running", "direct")
@@ -98,7 +99,10 @@ def generate_world(n: int, seed: int, spec: WorldSpec | None = None, exclude: se
     while len(out) < n:
         attempts += 1
         if attempts > 50 * n + 1000:
-            raise ValueError(f"tiny world: cannot draw {n} distinct prompts (space too small)")
+            raise ConfigError(f"config key 'task.num_train': the tiny world has fewer than {n} distinct prompts with "
+                              f"world_min_terms={spec.min_terms}, world_max_terms={spec.max_terms}, "
+                              f"world_mc_share={spec.mc_share:g}; lower task.num_train + task.num_eval or widen "
+                              f"the world")
         ex = _mc_example(rng) if rng.random() < spec.mc_share else _math_example(rng, spec)
         if ex.prompt in seen:
             continue
@@ -121,7 +125,7 @@ def world_splits(num_train: int, num_eval: int, seed: int, spec: WorldSpec | Non
         train = generate_world(num_train, seed=seed, spec=spec, exclude={e.prompt for e in eval_set})
         return train, eval_set
     if spec.heldout != "iid":
-        raise ValueError(f"tiny world: unknown held-out split '{spec.heldout}' (iid, first)")
+        raise ConfigError(f"config key 'task.world_heldout': unknown split '{spec.heldout}' (iid, first)")
     pool = generate_world(num_train + num_eval, seed=seed, spec=spec)
     random.Random(10_000 + seed).shuffle(pool)
     return pool[num_eval:], pool[:num_eval]
