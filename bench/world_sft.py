@@ -26,6 +26,9 @@ def main() -> None:
     ap.add_argument("--num-train", type=int, default=3000)
     ap.add_argument("--num-eval", type=int, default=200)
     ap.add_argument("--max-terms", type=int, default=3)
+    ap.add_argument("--mc-share", type=float, default=0.25, help="share of multiple choice (the default world: 0)")
+    ap.add_argument("--heldout", choices=("first", "iid"), default="first",
+                    help="held-out split (task.world_heldout): first, as in the bench/README numbers; the default world: iid")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=int, default=48)
@@ -38,7 +41,8 @@ def main() -> None:
     a = ap.parse_args()
     set_threads(a.threads)
     seed_everything(a.seed)
-    task = TaskConfig(num_train=a.num_train, num_eval=a.num_eval, seed=a.seed, world_max_terms=a.max_terms).load()
+    task = TaskConfig(num_train=a.num_train, num_eval=a.num_eval, seed=a.seed, world_max_terms=a.max_terms,
+                      world_mc_share=a.mc_share, world_heldout=a.heldout).load()
     corpus = [e.prompt + s for e in task.train for s in e.solutions.values()]
     tok = (train_tokenizer(corpus[1::3], a.bpe_vocab, "bpe") if a.bpe_vocab else train_tokenizer(corpus, 0, "char"))
     rng = random.Random(a.seed)
