@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from .config import ConfigError, _merge, describe, from_dict, load_config, parse_overrides
+from .config import describe, load_config, parse_overrides
 from .errors import UserError
 
 RECIPES = {
@@ -48,22 +48,9 @@ def _run(recipe: str, config_path: str | None, extra: list[str], preset_quick: b
     module, cls = _load(recipe)
     overrides = parse_overrides(extra)
     if recipe == "pipeline":
-        import yaml
+        from .recipes.pipeline import load_pipeline_config
 
-        from .recipes.pipeline import apply_preset
-
-        data = {}
-        if config_path:
-            if not os.path.isfile(config_path):
-                raise ConfigError(f"{config_path}: config file not found")
-            data = yaml.safe_load(open(config_path, encoding="utf-8")) or {}
-            if not isinstance(data, dict):
-                raise ConfigError(f"{config_path}: expected a mapping of config keys")
-        data = _merge(data, overrides)
-        quick = preset_quick if preset_quick is not None else bool(data.get("quick", False))
-        if preset_quick:
-            data["quick"] = True
-        cfg = from_dict(cls, apply_preset(data, quick))
+        cfg = load_pipeline_config(config_path, overrides, preset_quick)
     else:
         cfg = load_config(cls, config_path, overrides)
     result = module.run(cfg)

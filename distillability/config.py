@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -83,14 +84,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{key}': {value!r} is not a finite number")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -131,9 +137,12 @@ def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
         if f.metadata.get("section"):
             values[key] = from_dict(hints[key], value or {}, prefix=f"{full}.", base=getattr(obj, key))
         else:
-            word = ("on" if value else "off") if isinstance(value, bool) else None
-            if word and word in (f.metadata.get("choices") or ()):
-                value = word  # YAML 1.1 reads a bare off/on as a boolean (e.g. wellformed_gate=off)
+            if isinstance(value, bool):
+                # YAML 1.1 reads a bare off/on/true/false as a boolean (e.g. wellformed_gate=off, bf16=true)
+                for word in (("on", "off"), ("true", "false")):
+                    if word[not value] in (f.metadata.get("choices") or ()):
+                        value = word[not value]
+                        break
             v = _coerce(value, hints[key], full)
             _check_range(v, f.metadata, full)
             values[key] = v
@@ -176,32 +185,58 @@ def parse_overrides(args: list[str]) -> dict:
     return out
 
 
-def _merge(a: dict, b: dict) -> dict:
+def merge(a: dict, b: dict) -> dict:
+    """`b` over `a`, nested sections merged key by key."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a mapping; a missing, unreadable, binary or malformed file is a one-line
+    ConfigError naming it (every config file the CLI reads comes through here)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{path}: config file not found")
+    if p.is_dir():
+        raise ConfigError(f"{path}: is a folder, expected a YAML config file")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    if b"\x00" in raw:
+        raise ConfigError(f"{path}: not a text file (binary bytes), expected a YAML config file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}), expected a YAML config file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_data(path: str | None = None, overrides: list[str] | dict | None = None, base: dict | None = None) -> dict:
+    """`base`, then the YAML file, then the overrides, as one nested dict (not yet checked)."""
+    data = dict(base or {})
+    if path:
+        data = merge(data, read_yaml(path))
+    if overrides:
+        data = merge(data, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)))
+    return data
 
 
 def load_config(cls: type, path: str | None = None, overrides: list[str] | dict | None = None) -> Any:
     """Defaults, then the YAML file, then overrides."""
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys")
-    if overrides:
-        ov = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
-        data = _merge(data, ov)
-    return from_dict(cls, data)
+    return from_dict(cls, load_data(path, overrides))
 
 
 def to_dict(cfg: Any) -> dict:
@@ -272,7 +307,9 @@ class TaskConfig:
 class RuntimeConfig:
     device: str = opt("auto", "Device for the trained model: auto, cpu, cuda, cuda:1, ...")
     frozen_device: str = opt("auto", "Device for frozen models (reference, proxy, teacher).")
-    bf16: bool = opt(True, "bf16 autocast (fast on CPUs with AMX and on GPUs); weights stay float32.")
+    bf16: str = opt("auto", "bf16 autocast (weights stay float32): auto = where the device computes bf16 natively "
+                    "(a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16, else a cached micro-benchmark), true or "
+                    "false to force it.", choices=("auto", "true", "false"))
     threads: int = opt(2, "torch CPU threads (0 = torch's default).", min=0)
     seed: int = opt(0, "Random seed.")
     trust_remote_code: bool = opt(False, "Allow model code from the model folder (off: only transformers' own code).")
@@ -288,8 +325,24 @@ class RuntimeConfig:
 
         set_threads(self.threads)
         seed_everything(self.seed)
+        _ = self.autocast  # resolve the precision now (printed once, with its reason)
         if self.fsdp:
             get_dist().fsdp = get_dist().active
+
+    @property
+    def autocast(self) -> bool:
+        """The resolved bf16 choice for the trained model's device (printed once per run)."""
+        from .models import pick_device
+        from .precision import use_bf16
+
+        return use_bf16(self.bf16, pick_device(self.device))
+
+    def precision(self) -> dict:
+        """The precision record every stage card carries."""
+        from .models import pick_device
+        from .precision import record
+
+        return record(self.bf16, pick_device(self.device))
 
     def load(self, spec: str, frozen: bool = False):
         """(model, tokenizer) on this runtime's device (frozen models: `frozen_device`, no gradients, eval)."""

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 
 def _read_text(path: Path) -> str:
@@ -27,6 +27,23 @@ def _read_text(path: Path) -> str:
     if not text.strip():
         raise DataError(f"{path}: data file is empty")
     return text
+
+
+def check_output_dir(path: str | os.PathLike, key: str = "output_dir") -> Path:
+    """Refuse, before any work, an output folder that cannot be one: an existing file, a path under a file, or
+    a folder that is not writable. Creates nothing."""
+    p = Path(path)
+    if not str(path).strip():
+        raise ConfigError(f"config key '{key}': empty path")
+    for q in (p, *p.parents):
+        if q.exists() or q.is_symlink():
+            if not q.is_dir():
+                what = "is an existing file" if q == p else f"is under {q}, an existing file"
+                raise ConfigError(f"config key '{key}': {path} {what}, not a folder")
+            if not os.access(q, os.W_OK | os.X_OK):
+                raise ConfigError(f"config key '{key}': {q} is not writable")
+            break
+    return p
 
 
 def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:

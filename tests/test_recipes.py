@@ -306,7 +306,7 @@ def test_real_model_configs_load_without_typos():
     cfg = from_dict(PipelineConfig, apply_preset(data, False))
     assert cfg.teacher == "packaged:gemma-3-270m" and cfg.teacher_sft_steps > 0 and cfg.calibrate.use_peft
     assert cfg.task.fallback == "gym:gsm_symbolic" and cfg.distill.cross_tokenizer == "char"
-    assert cfg.calibrate.runtime.bf16 and cfg.methods == ["sft", "gkd"]
+    assert cfg.calibrate.runtime.bf16 == "auto" and cfg.methods == ["sft", "gkd"]
     tw = from_dict(PipelineConfig, apply_preset(yaml.safe_load((root / "configs" / "gemma270m-smollm2-tinyworld.yaml")
                                                                 .read_text()), False))
     assert tw.task.name == "tiny-world" and tw.teacher_sft.reference_styles == ["worked", "running"]
@@ -354,7 +354,7 @@ def test_calibrate_utility_guard_keeps_the_last_step_that_kept_accuracy(small_wo
     assert g["selected_step"] < 6  # the run did lose accuracy, and the guard stepped back
     model, tok = load_model(str(tmp_path / "model"), device="cpu")
     task = cfg.task.load()
-    acc, _ = greedy_accuracy(model, tok, task, task.train[-24:], 24, autocast=cfg.runtime.bf16)
+    acc, _ = greedy_accuracy(model, tok, task, task.train[-24:], 24, autocast=cfg.runtime.autocast)
     assert acc == (g["checks"][str(g["selected_step"])] if g["selected_step"] else g["start_accuracy"])
     assert acc >= g["threshold"]
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -376,7 +376,7 @@ def test_calibrate_guard_on_held_out_prompts_uses_the_last_ones(small_world, tmp
     task = cfg.task.load()
     assert g["prompts"] == f"eval[{len(task.eval) - 20}:{len(task.eval)}]" and len(task.eval) == 64
     model, tok = load_model(small_world["teacher"], device="cpu")
-    acc, _ = greedy_accuracy(model, tok, task, task.eval[-20:], 24, autocast=cfg.runtime.bf16)
+    acc, _ = greedy_accuracy(model, tok, task, task.eval[-20:], 24, autocast=cfg.runtime.autocast)
     assert g["start_accuracy"] == acc  # (the small world scores ~0.05 here and ~0.4 on its memorised train tail)
 
 

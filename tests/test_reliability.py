@@ -101,6 +101,74 @@ def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):
         assert needle in lines[0]
 
 
+def _prepare(tmp: Path) -> dict[str, str]:
+    """Files the config-level bad-input cases point at."""
+    (tmp / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    (tmp / "latin1.yaml").write_bytes(b"eta: 1  # caf\xe9\n")
+    (tmp / "malformed.yaml").write_text("calibrate:\n  eta: [1,\n  beta: 0.1\n")
+    (tmp / "list.yaml").write_text("- eta\n- beta\n")
+    (tmp / "typo.yaml").write_text("calibrate:\n  max_stepz: 3\n")
+    (tmp / "nan.yaml").write_text("eta: .nan\n")
+    (tmp / "a_folder.yaml").mkdir()
+    (tmp / "taken").write_text("a user's file\n")
+    return {"taken": str(tmp / "taken"), "under": str(tmp / "taken" / "run")}
+
+
+CONFIG_CASES = [  # (args, text the one-line error must name); every recipe and demo; no models are loaded
+    (["pipeline", "--config", "binary.yaml"], "binary.yaml"),
+    (["demo", "--config", "binary.yaml"], "binary.yaml"),
+    (["calibrate", "--config", "binary.yaml"], "binary.yaml"),
+    (["evaluate", "--config", "latin1.yaml"], "latin1.yaml"),
+    (["pipeline", "--config", "malformed.yaml"], "malformed.yaml:"),
+    (["demo", "--config", "malformed.yaml"], "malformed.yaml:"),
+    (["distill", "--config", "malformed.yaml"], "malformed.yaml:"),
+    (["pipeline", "--config", "list.yaml"], "list.yaml"),
+    (["diagnose", "--config", "a_folder.yaml"], "a_folder.yaml"),
+    (["demo", "--config", "typo.yaml"], "calibrate.max_stepz"),
+    (["calibrate", "--config", "nan.yaml", "model=a", "proxy=b"], "'eta'"),
+    (["calibrate", "model=a", "proxy=b", "eta=nan"], "'eta'"),
+    (["calibrate", "model=a", "proxy=b", "eta=inf"], "'eta'"),
+    (["pipeline", "eta_undistillable=.inf"], "eta_undistillable"),
+    (["distill", "teacher=a", "student=b", "learning_rate=NaN"], "learning_rate"),
+    (["evaluate", "model=a", "temperature=-inf"], "temperature"),
+    (["diagnose", "teacher=a", "student=b", "temperature=nan"], "temperature"),
+    (["demo", "world.style_mix=[nan,0.5,0]"], "world.style_mix[0]"),
+    (["demo", "calibrate.beta=inf"], "calibrate.beta"),
+    (["evaluate", "model=a", "output_dir={taken}"], "output_dir"),
+    (["distill", "teacher=a", "student=b", "output_dir={taken}"], "output_dir"),
+    (["calibrate", "model=a", "proxy=b", "output_dir={taken}"], "output_dir"),
+    (["diagnose", "teacher=a", "student=b", "output_dir={taken}"], "output_dir"),
+    (["pipeline", "output_dir={taken}"], "output_dir"),
+    (["demo", "--output-dir", "{taken}"], "output_dir"),
+    (["evaluate", "model=a", "output_dir={under}"], "output_dir"),
+    (["pipeline", "calibrate.task.num_eval=10"], "calibrate.task"),
+    (["demo", "distill.teacher=x"], "distill.teacher"),
+    (["pipeline", "evaluate.runtime.seed=3"], "evaluate.runtime.seed"),
+    (["pipeline", "teacher=/some/model"], "teacher"),
+    (["pipeline", "methods=[sft,dpo]"], "methods"),
+    (["evaluate", "model"], "model"),
+    (["distill", "teacher=dataset", "student=b", "method=kd"], "teacher"),
+]
+
+
+@pytest.mark.parametrize("args,needle", CONFIG_CASES, ids=[" ".join(a) for a, _ in CONFIG_CASES])
+def test_bad_config_is_one_line_exit_2_and_writes_nothing(args, needle, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from distillability.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    paths = _prepare(tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    r = CliRunner().invoke(main, [a.format(**paths) for a in args])
+    assert not r.exception or isinstance(r.exception, SystemExit), repr(r.exception)  # no traceback
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert r.exit_code == 2 and len(lines) == 1, r.stderr
+    assert needle in lines[0], lines[0]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    assert (tmp_path / "taken").read_text() == "a user's file\n"
+
+
 def _bad_case(name: str, tiny_pair, tmp: Path) -> tuple[list[str], str]:
     """(CLI args, text the one-line error must contain) for a bad-input case needing models or files."""
     teacher, data = tiny_pair["teacher"], tmp / "data.jsonl"
@@ -121,6 +189,15 @@ def _bad_case(name: str, tiny_pair, tmp: Path) -> tuple[list[str], str]:
     if name == "prompt longer than context":
         data.write_text(json.dumps({"question": "1+" * 200 + "1", "answer": "#### 201"}) + "\n")
         return ev + gsm + ["task.num_eval=1"], "context"
+    if name == "empty JSON list":
+        (tmp / "data.json").write_text("[]")
+        return ev + ["task.name=gsm8k", f"task.path={tmp / 'data.json'}"], "data.json: no examples"
+    if name == "data path is a folder":
+        (tmp / "dir.jsonl").mkdir()
+        return ev + ["task.name=gsm8k", f"task.path={tmp / 'dir.jsonl'}"], "dir.jsonl"
+    if name == "answer without ####":
+        data.write_text('{"question": "q", "answer": "42"}\n')
+        return ev + gsm, "####"
     if name == "not a causal LM":
         (tmp / "vit").mkdir()
         (tmp / "vit" / "config.json").write_text(json.dumps({"model_type": "vit"}))
@@ -150,7 +227,8 @@ def _bad_case(name: str, tiny_pair, tmp: Path) -> tuple[list[str], str]:
 
 @pytest.mark.parametrize("name", ["empty file", "not utf-8", "missing field", "wrong type", "prompt longer than context",
                                   "not a causal LM", "tokenizer without eos", "vocabulary mismatch",
-                                  "nothing left after filtering"])
+                                  "nothing left after filtering", "empty JSON list", "data path is a folder",
+                                  "answer without ####"])
 def test_bad_input_with_models_is_one_line_exit_2(tiny_pair, tmp_path, name):
     args, needle = _bad_case(name, tiny_pair, tmp_path)
     r = subprocess.run(CLI + args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)

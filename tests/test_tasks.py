@@ -102,18 +102,23 @@ def test_gym_worked_solutions_and_fallback_task(tmp_path):
         TaskConfig(name="gsm8k", path=str(tmp_path / "absent.jsonl"), num_train=4, num_eval=2).load()
 
 
-def test_world_cache_key_is_stable_and_tracks_the_teacher_recipe():
-    """The embedded default world keeps the key it was measured under (bench/README.md's knob tables name
-    126a2297df63835e), and the teacher's own learning rate / bf16 build give another world."""
+def test_world_cache_key_tracks_every_setting_and_the_resolved_precision():
+    """Every world setting, the task and the precision the world is built in give another key; whether the
+    shipped world is consulted does not."""
     from distillability.config import TaskConfig
     from distillability.recipes.world import WorldConfig, world_key
 
-    task = TaskConfig(num_train=3000, num_eval=100, seed=0, world_max_terms=3, world_heldout="first")
-    assert world_key(WorldConfig(), task) == "126a2297df63835e"
-    keys = {world_key(WorldConfig(teacher_learning_rate=1e-3), task), world_key(WorldConfig(bf16=True), task),
-            world_key(WorldConfig(teacher_steps=3000), task), world_key(WorldConfig(), TaskConfig(seed=1)),
-            world_key(WorldConfig(), dataclasses.replace(task, world_heldout="iid"))}
-    assert len(keys) == 5 and "126a2297df63835e" not in keys
+    task = TaskConfig(num_train=3000, num_eval=100, seed=0, world_max_terms=3)
+    base = world_key(WorldConfig(), task, bf16=True)
+    assert base == world_key(WorldConfig(), task, bf16=True) and len(base) == 16
+    assert world_key(WorldConfig(shipped=False), task, bf16=True) == base
+    keys = {world_key(WorldConfig(teacher_learning_rate=1e-3), task, True), world_key(WorldConfig(), task, False),
+            world_key(WorldConfig(teacher_steps=3000), task, True), world_key(WorldConfig(), TaskConfig(seed=1), True),
+            world_key(WorldConfig(), dataclasses.replace(task, world_heldout="first"), True),
+            world_key(WorldConfig(bf16="false"), task, True)}
+    # bf16 setting vs resolved: the key follows what the world is built in, not how that was asked for
+    assert world_key(WorldConfig(bf16="false"), task, True) == base
+    assert len(keys) == 6 and base in keys
 
 
 def _terms(examples):

@@ -35,7 +35,7 @@ from ..config import RuntimeConfig, TaskConfig, opt, save_config, sub, to_dict
 from ..distributed import get_dist, global_mean
 from ..errors import ConfigError
 from ..evaluation import greedy_accuracy, mean_calibration_divergence
-from ..io import versions, write_json
+from ..io import check_output_dir, versions, write_json
 from ..models import check_context, pick_device, save_model
 from ..sampling import generate
 from ..scoring import encode_prompt, sequence_logprobs, token_logprobs
@@ -202,6 +202,7 @@ def run(cfg: CalibrateConfig) -> dict:
     if not cfg.model or not cfg.proxy:
         raise ConfigError("config keys 'model' and 'proxy' are required")
     rt = cfg.runtime
+    check_output_dir(cfg.output_dir)
     rt.start()
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
@@ -241,9 +242,9 @@ def run(cfg: CalibrateConfig) -> dict:
     chat = cfg.task.use_chat_template
 
     def card_metrics(model, tag: str) -> dict:
-        acc, _ = greedy_accuracy(model, tok, task, held_out, cfg.max_completion_length, rt.bf16, chat)
+        acc, _ = greedy_accuracy(model, tok, task, held_out, cfg.max_completion_length, rt.autocast, chat)
         d = mean_calibration_divergence(model, tok, proxy, ptok, held_out, cfg.max_completion_length,
-                                        cfg.temperature, cfg.eval_samples, seed=rt.seed + 99, autocast=rt.bf16,
+                                        cfg.temperature, cfg.eval_samples, seed=rt.seed + 99, autocast=rt.autocast,
                                         use_chat_template=chat)
         return {f"{tag}_accuracy": acc, f"{tag}_D_per_char": d["per_char"], f"{tag}_D_summed": d["summed"],
                 f"{tag}_mean_chars": d["mean_chars"]}
@@ -268,7 +269,7 @@ def run(cfg: CalibrateConfig) -> dict:
     def val_accuracy() -> float:
         """Greedy accuracy on the guard's prompts, on rank 0 (0.0 elsewhere); every rank calls."""
         with dist.full_weights(policy):
-            return greedy_accuracy(policy, tok, task, val, cfg.max_completion_length, rt.bf16, chat)[0] if dist.is_main else 0.0
+            return greedy_accuracy(policy, tok, task, val, cfg.max_completion_length, rt.autocast, chat)[0] if dist.is_main else 0.0
 
     if val and guard is None:
         start_acc = val_accuracy()
@@ -284,9 +285,9 @@ def run(cfg: CalibrateConfig) -> dict:
         with torch.no_grad():
             if reference is not None:
                 return _per_token_logprobs(reference, ids.to(next(reference.parameters()).device),
-                                           attn.to(next(reference.parameters()).device), rt.bf16).to(device)
+                                           attn.to(next(reference.parameters()).device), rt.autocast).to(device)
             with policy.disable_adapter():
-                return _per_token_logprobs(policy, ids, attn, rt.bf16)
+                return _per_token_logprobs(policy, ids, attn, rt.autocast)
 
     mine = dist.share(B)  # this process's prompts of the global B * world
     rows_mine = dist.share(B * G)
@@ -302,7 +303,7 @@ def run(cfg: CalibrateConfig) -> dict:
         # 1. sample G responses per prompt from the current policy (KV-cached batched generation)
         with dist.full_weights(policy):
             gens = generate(policy, tok, prompts, cfg.max_completion_length, cfg.temperature, num_return_sequences=G,
-                            seed=step_seed(rt.seed, step, 1), autocast=rt.bf16, use_chat_template=chat,
+                            seed=step_seed(rt.seed, step, 1), autocast=rt.autocast, use_chat_template=chat,
                             index_offset=mine.start)
         texts = [g.text for g in gens]
         gen_prompts = [prompts[g.prompt_index] for g in gens]
@@ -316,18 +317,18 @@ def run(cfg: CalibrateConfig) -> dict:
         prox = None
         if cfg.eta != 0:
             prox = sequence_logprobs(proxy, ptok, gen_prompts, texts, [g.finished for g in gens], chat,
-                                     autocast=rt.bf16)["logprob"]
+                                     autocast=rt.autocast)["logprob"]
         logp_first = None
         if cfg.num_iterations == 1:
             # one forward serves as pi_old (detached), as the policy's own log-prob for r_cal, and as the
             # graph of the single update: ratio = 1, the same gradient as a second forward, one forward less
             policy.train()
-            logp_first = _per_token_logprobs(policy, ids, attn, rt.bf16)
+            logp_first = _per_token_logprobs(policy, ids, attn, rt.autocast)
             logp_old = logp_first.detach()
         else:
             policy.eval()
             with torch.no_grad():
-                logp_old = _per_token_logprobs(policy, ids, attn, rt.bf16)
+                logp_old = _per_token_logprobs(policy, ids, attn, rt.autocast)
         r_cal = torch.zeros(len(gens), dtype=torch.float64)
         if cfg.eta != 0:
             own = (logp_old.double() * mask).sum(1).cpu()
@@ -346,7 +347,7 @@ def run(cfg: CalibrateConfig) -> dict:
         # 3. policy-gradient update(s)
         policy.train()
         for it in range(cfg.num_iterations):
-            logp = logp_first if it == 0 and logp_first is not None else _per_token_logprobs(policy, ids, attn, rt.bf16)
+            logp = logp_first if it == 0 and logp_first is not None else _per_token_logprobs(policy, ids, attn, rt.autocast)
             loss, clip_frac, kl = grpo_loss(logp, logp_old, logp_ref, adv, mask, cfg.epsilon, cfg.beta,
                                             cfg.loss_type, cfg.max_completion_length)
             check_finite(loss, step + 1, ckpt_root / "last")
@@ -391,7 +392,7 @@ def run(cfg: CalibrateConfig) -> dict:
     card = {"eta": cfg.eta, "beta": cfg.beta, "model": cfg.model, "proxy": cfg.proxy, "task": to_dict(cfg.task),
             "steps": cfg.max_steps, "seed": rt.seed, "loss_type": cfg.loss_type,
             "cal_normalization": cfg.cal_normalization, "num_generations": G, "learning_rate": cfg.learning_rate,
-            **before, **after, "guard": guard, "wall_seconds": time.time() - t_start, "versions": versions()}
+            **before, **after, "guard": guard, "wall_seconds": time.time() - t_start, "versions": versions(), "precision": rt.precision()}
     save_model(policy, tok, out / "model", state_dict=final_state)
     write_json(out / "calibration_card.json", card)
     return card

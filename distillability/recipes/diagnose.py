@@ -27,7 +27,7 @@ from ..crosstok import FirstCharProjector, align_pair
 from ..divergences import divergence_rows, topk_accumulated_kl
 from ..errors import ConfigError
 from ..estimators import kl_estimators, off_policy_reverse_kl
-from ..io import versions, write_json, write_text
+from ..io import check_output_dir, versions, write_json, write_text
 from ..metrics import wrong_trace_preference
 from ..models import check_context, same_vocabulary
 from ..sampling import generate
@@ -153,6 +153,7 @@ def run(cfg: DiagnoseConfig) -> dict:
     if not cfg.teacher or not cfg.student:
         raise ConfigError("config keys 'teacher' and 'student' are required")
     rt = cfg.runtime
+    check_output_dir(cfg.output_dir)
     rt.start()
     t0 = time.time()
     chat = cfg.task.use_chat_template
@@ -168,7 +169,7 @@ def run(cfg: DiagnoseConfig) -> dict:
 
     def sample(model, tok, salt):
         g = generate(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, num_return_sequences=cfg.num_samples,
-                     seed=rt.seed + salt, autocast=rt.bf16, use_chat_template=chat)
+                     seed=rt.seed + salt, autocast=rt.autocast, use_chat_template=chat)
         return [prompts[x.prompt_index] for x in g], [x.text for x in g], [x.finished for x in g], [x.prompt_index for x in g]
 
     tP, tR, tF, tI = sample(teacher, ttok, 1)
@@ -238,7 +239,7 @@ def run(cfg: DiagnoseConfig) -> dict:
     report = {"teacher": cfg.teacher, "student": cfg.student, "task": to_dict(cfg.task), "kl": kl,
               "tail_noise": tail_noise, "sparsity": {"per_family": per_family}, "off_policy": kl["seq_rkl_off_policy"],
               "wrong_trace_preference": wtp, "teacher_sample_accuracy": float(np.mean(correct)),
-              "wall_seconds": time.time() - t0, "versions": versions()}
+              "wall_seconds": time.time() - t0, "versions": versions(), "precision": rt.precision()}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     report["plots"] = _plots(report, out)

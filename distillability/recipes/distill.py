@@ -40,7 +40,7 @@ from ..divergences import (
 )
 from ..errors import ConfigError, DataError, ModelError
 from ..evaluation import greedy_accuracy
-from ..io import load_records, require_field, versions, write_json, write_jsonl
+from ..io import check_output_dir, load_records, require_field, versions, write_json, write_jsonl
 from ..models import check_context, lm_parts, same_vocabulary, save_model
 from ..sampling import generate
 from ..scoring import encode_prompt, gather_logprobs, pad_batch
@@ -149,7 +149,7 @@ def sample_teacher(teacher, ttok, task, cfg: DistillConfig, path: Path) -> list[
     mine = dist.share(per)
     gens = generate(teacher, ttok, [e.prompt for e in prompts[mine]], cfg.max_new_tokens, cfg.sample_temperature or 1.0,
                     num_return_sequences=1 if greedy else cfg.samples_per_prompt, greedy=greedy,
-                    seed=step_seed(cfg.runtime.seed, 0, 7), autocast=cfg.runtime.bf16,
+                    seed=step_seed(cfg.runtime.seed, 0, 7), autocast=cfg.runtime.autocast,
                     use_chat_template=cfg.task.use_chat_template, index_offset=mine.start)
     part = prompts[mine]
     rows = [{"prompt": part[g.prompt_index].prompt, "response": g.text, "finished": g.finished,
@@ -198,10 +198,10 @@ class TokenLoss:
             if not cfg.teacher_top_k and s_parts and t_parts:
                 # hidden states + lm_head, chunked: the [positions, V] logits never exist at once
                 t_dev = next(self.teacher.parameters()).device
-                with torch.no_grad(), autocast_ctx(dev, cfg.runtime.bf16):
+                with torch.no_grad(), autocast_ctx(dev, cfg.runtime.autocast):
                     t_hidden = t_parts[0](input_ids=ids.to(t_dev), attention_mask=attn.to(t_dev)
                                           ).last_hidden_state[:, :-1].to(dev)
-                with autocast_ctx(dev, cfg.runtime.bf16):
+                with autocast_ctx(dev, cfg.runtime.autocast):
                     s_hidden = s_parts[0](input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
                     s_head, t_head = s_parts[1], t_parts[1]
                     chunk = min(cfg.chunk_size, head_chunk_rows(s_head.weight.shape[0]))
@@ -209,10 +209,10 @@ class TokenLoss:
                                                    lmask, cfg.beta, cfg.alpha, cfg.temperature, chunk, "sum",
                                                    s_head.bias, None if t_head.bias is None else t_head.bias.to(dev))
                 return global_mean(total, lmask.sum())
-            with torch.no_grad(), autocast_ctx(dev, cfg.runtime.bf16):
+            with torch.no_grad(), autocast_ctx(dev, cfg.runtime.autocast):
                 t_logits = self.teacher(input_ids=ids.to(next(self.teacher.parameters()).device),
                                         attention_mask=attn.to(next(self.teacher.parameters()).device)).logits[:, :-1].to(dev)
-            with autocast_ctx(dev, cfg.runtime.bf16):
+            with autocast_ctx(dev, cfg.runtime.autocast):
                 s_logits = self.student(input_ids=ids, attention_mask=attn).logits[:, :-1]
             if cfg.teacher_top_k:
                 s_lp, t_lp = topk_bucket_logprobs(s_logits, t_logits, cfg.teacher_top_k, cfg.temperature)
@@ -229,7 +229,7 @@ class TokenLoss:
         s_ids, s_attn = pad_batch([b.ids for _, b in pairs], self.stok.pad_token_id, dev)
         s_parts, t_parts = lm_parts(self.student), lm_parts(self.teacher)
         fused = s_parts is not None and t_parts is not None and self.projector is not None
-        with autocast_ctx(dev, cfg.runtime.bf16):
+        with autocast_ctx(dev, cfg.runtime.autocast):
             if fused:
                 # hidden states, and the heads only where needed: the teacher's [positions, 262k] logits
                 # are made a chunk of aligned rows at a time and reduced to next-character distributions
@@ -268,7 +268,7 @@ class TokenLoss:
             lens = torch.tensor([len(b.ids) for _, b in pairs], device=dev).unsqueeze(1)
             lmask = (pos >= plen - 1) & (pos < lens - 1)
             if fused:
-                with autocast_ctx(dev, cfg.runtime.bf16):
+                with autocast_ctx(dev, cfg.runtime.autocast):
                     lp = fused_target_logprobs(s_h[:, :-1], s_head.weight, s_ids[:, 1:], lmask,
                                                head_chunk_rows(s_head.weight.shape[0]), s_head.bias)
             else:
@@ -282,6 +282,7 @@ def run(cfg: DistillConfig) -> dict:
     if not cfg.teacher or not cfg.student:
         raise ConfigError("config keys 'teacher' and 'student' are required")
     rt = cfg.runtime
+    check_output_dir(cfg.output_dir)
     rt.start()
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
@@ -311,7 +312,7 @@ def run(cfg: DistillConfig) -> dict:
         save_config(cfg, out / "config.yaml")
     dist.barrier()
     with dist.full_weights(student):
-        before_acc = greedy_accuracy(student, stok, task, held_out, cfg.max_new_tokens, rt.bf16, chat)[0] if dist.is_main else None
+        before_acc = greedy_accuracy(student, stok, task, held_out, cfg.max_new_tokens, rt.autocast, chat)[0] if dist.is_main else None
     samples = sample_teacher(teacher, ttok, task, cfg, out / "teacher_samples.jsonl")
     marked = [float(r["correct"]) for r in samples if isinstance(r.get("correct"), (int, float))]
     teacher_sample_acc = float(np.mean(marked)) if marked else None  # user-given samples may not say
@@ -342,7 +343,7 @@ def run(cfg: DistillConfig) -> dict:
             model, mtok = (student, stok) if on_policy else (teacher, ttok)
             with dist.full_weights(model):
                 gens = generate(model, mtok, prompts, cfg.max_new_tokens, cfg.temperature,
-                                seed=step_seed(rt.seed, step, 1), autocast=rt.bf16, use_chat_template=chat,
+                                seed=step_seed(rt.seed, step, 1), autocast=rt.autocast, use_chat_template=chat,
                                 index_offset=mine.start)
             responses, finished = [g.text for g in gens], [g.finished for g in gens]
         else:
@@ -353,7 +354,7 @@ def run(cfg: DistillConfig) -> dict:
         student.train()
         if cfg.method == "sft":
             ids, attn, lmask = encode_sft_batch(stok, prompts, responses, device, chat)
-            with autocast_ctx(device, rt.bf16):
+            with autocast_ctx(device, rt.autocast):
                 loss = nll_loss(student, ids, attn, lmask, normalise=global_mean)
         else:
             loss = token_loss(prompts, responses, finished, on_policy, gens)
@@ -375,7 +376,7 @@ def run(cfg: DistillConfig) -> dict:
     dist.barrier()
     final_state = dist.full_state(student) if dist.sharded(student) else None  # (collective)
     with dist.full_weights(student):
-        after_acc = greedy_accuracy(student, stok, task, held_out, cfg.max_new_tokens, rt.bf16, chat)[0] if dist.is_main else None
+        after_acc = greedy_accuracy(student, stok, task, held_out, cfg.max_new_tokens, rt.autocast, chat)[0] if dist.is_main else None
     if not dist.is_main:
         return {}
     losses = [r["loss"] for r in log.rows()]
@@ -387,7 +388,7 @@ def run(cfg: DistillConfig) -> dict:
             "student_accuracy": after_acc, "first_loss": losses[0] if losses else None,
             "final_loss": float(np.mean(losses[-5:])) if losses else None,
             "cross_tokenizer": None if token_loss is None or token_loss.same_vocab else cfg.cross_tokenizer,
-            "wall_seconds": time.time() - t_start, "versions": versions()}
+            "wall_seconds": time.time() - t_start, "versions": versions(), "precision": rt.precision()}
     save_model(student, stok, out / "model", state_dict=final_state)
     write_json(out / "distill_card.json", card)
     return card

@@ -15,7 +15,7 @@ from ..config import RuntimeConfig, TaskConfig, opt, sub, to_dict
 from ..errors import ConfigError
 from ..evaluation import divergence_of_samples
 from ..failure_modes import MODES, FailureThresholds, classify
-from ..io import versions, write_json, write_text
+from ..io import check_output_dir, versions, write_json, write_text
 from ..metrics import mean_pass_at_k, wrong_trace_preference
 from ..models import check_context
 from ..sampling import generate
@@ -71,10 +71,10 @@ def evaluate_model(model, tok, task, examples, cfg: EvaluateConfig, proxy=None, 
     rt, chat = cfg.runtime, cfg.task.use_chat_template
     th = FailureThresholds(cfg.ngram, cfg.repeats, cfg.min_distinct3, cfg.restatements, cfg.confident_prob)
     prompts = [e.prompt for e in examples]
-    greedy = generate(model, tok, prompts, cfg.max_new_tokens, greedy=True, autocast=rt.bf16, use_chat_template=chat)
+    greedy = generate(model, tok, prompts, cfg.max_new_tokens, greedy=True, autocast=rt.autocast, use_chat_template=chat)
     greedy_scores = [task.score(examples[g.prompt_index], g.text) for g in greedy]
     samples = generate(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, num_return_sequences=cfg.n_samples,
-                       seed=rt.seed + 17, autocast=rt.bf16, use_chat_template=chat)
+                       seed=rt.seed + 17, autocast=rt.autocast, use_chat_template=chat)
     correct = np.zeros(len(examples), dtype=int)
     modes, examples_by_mode = Counter(), {m: [] for m in MODES}
     oks = [task.score(examples[g.prompt_index], g.text) >= 1.0 for g in samples]  # per sample, `samples` order
@@ -147,6 +147,7 @@ def run(cfg: EvaluateConfig) -> dict:
     if not cfg.model:
         raise ConfigError("config key 'model' is required")
     rt = cfg.runtime
+    check_output_dir(cfg.output_dir)
     rt.start()
     t0 = time.time()
     model, tok = rt.load(cfg.model, frozen=True)
@@ -155,7 +156,7 @@ def run(cfg: EvaluateConfig) -> dict:
     check_context(model, tok, task.eval[: cfg.num_prompts], cfg.max_new_tokens, cfg.task.use_chat_template, cfg.model)
     result = evaluate_model(model, tok, task, task.eval[: cfg.num_prompts], cfg, proxy, ptok)
     result.update({"model": cfg.model, "proxy": cfg.proxy, "task": to_dict(cfg.task),
-                   "wall_seconds": time.time() - t0, "versions": versions()})
+                   "wall_seconds": time.time() - t0, "versions": versions(), "precision": rt.precision()})
     out = Path(cfg.output_dir)
     write_json(out / "eval.json", result)
     write_text(out / "eval.md", markdown(result, f"Evaluation of {cfg.model}"))

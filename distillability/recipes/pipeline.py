@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from ..config import TaskConfig, opt, save_config, sub, to_dict
+from ..config import TaskConfig, from_dict, load_data, merge, opt, read_yaml, save_config, sub, to_dict
 from ..errors import ConfigError
-from ..io import versions, write_json
+from ..io import check_output_dir, versions, write_json
 from ..report.protection import headline_table, write_report
 from . import calibrate, diagnose, distill, evaluate
 from .world import WorldConfig, build_world
@@ -69,47 +69,6 @@ class PipelineConfig:
                                       f"to >= {n + c.guard_prompts} or lower {key}")
 
 
-# The embedded default's stage settings (sized for 2 CPU cores), and the --quick ones.
-DEFAULT_OVERRIDES = {
-    # The knob's world (session 11, bench/README.md, knob): chains of 2-4 terms and 20,000 training prompts, too
-    # many to memorise, so the teacher learns running arithmetic (0.96 held-out) that the student cannot learn
-    # from its samples (0.45) while it learns the worked style (0.99); a teacher trained at lr 1e-3 (3e-3 gave
-    # a weak one). The world's SFT (thousands of steps at batch 48) runs in bf16 (2.2x faster with AMX); the
-    # stages run the tiny models in fp32 (too small for bf16 to pay off there; real-model configs turn it on).
-    # 500 held-out prompts (session 12): with 100 a per-seed student ratio carried a ~0.12 standard error from the
-    # choice of prompts alone (~0.05 with 500); evaluating them costs seconds. Math chains only (session 13): on
-    # multiple choice the teacher has no correct mode a student cannot imitate (its "running" answer, `52 is (B)`,
-    # is one comparison), so that family only diluted the protection (0.49-0.99x vs 0.18-0.46x on math). The
-    # held-out prompts are an iid sample of the world (task.world_heldout, session 13): drawn first, they took
-    # most short chains out of training and the held-out accuracy measured lengths the teacher never trained on.
-    "task": {"num_train": 20000, "num_eval": 500, "world_max_terms": 4, "world_mc_share": 0.0},
-    "world": {"teacher_learning_rate": 1e-3, "teacher_steps": 3000, "bf16": True},
-    "diagnose": {"num_prompts": 32, "num_samples": 4, "runtime": {"bf16": False}},
-    # 90 calibration steps with r_cal gated to correct responses (gate_on=wrong): on this world the undistillable
-    # teacher keeps 0.97-0.99 of the control's accuracy in 3 seeds while its students fall to 0.11-0.16x pooled
-    # (every method and seed <= 0.20x; the distillable teacher's >= 1.19x; session 13); loss_type is the recipe's
-    # default dr_grpo (grpo drifted the control to short modes). bench/README.md, knob
-    "calibrate": {"max_steps": 90, "gate_on": "wrong", "num_generations": 8, "prompts_per_step": 8,
-                  "learning_rate": 1e-4, "beta": 0.04, "eval_prompts": 500, "save_steps": 0,
-                  "runtime": {"bf16": False}},
-    "distill": {"max_steps": 120, "per_device_train_batch_size": 32, "num_prompts": 600, "learning_rate": 5e-4,
-                "cross_tokenizer": "char", "eval_prompts": 500, "save_steps": 0, "runtime": {"bf16": False}},
-    "evaluate": {"num_prompts": 500, "n_samples": 4, "k": [1, 2, 4], "runtime": {"bf16": False}},
-}
-QUICK_OVERRIDES = {
-    "world": {"teacher_steps": 40, "proxy_steps": 15, "student_steps": 10, "teacher_learning_rate": 3e-3, "bf16": False,
-              "teacher_size": [64, 2, 128], "proxy_size": [32, 1, 64], "student_size": [48, 1, 96]},
-    "converge_steps": 2,
-    "task": {"num_train": 300, "num_eval": 16, "world_max_terms": 3},
-    "diagnose": {"num_prompts": 4, "num_samples": 2, "max_new_tokens": 24},
-    "calibrate": {"max_steps": 2, "num_generations": 2, "prompts_per_step": 2, "eval_prompts": 8, "eval_samples": 1,
-                  "max_completion_length": 24},
-    "distill": {"max_steps": 3, "per_device_train_batch_size": 4, "num_prompts": 16, "eval_prompts": 8,
-                "max_new_tokens": 24},
-    "evaluate": {"num_prompts": 8, "n_samples": 2, "k": [1, 2], "max_new_tokens": 24},
-}
-
-
 def _inputs(cfg) -> dict:
     """Size and mtime of every model folder or file the stage's config points at (other than its own output
     folder): a stage whose input an upstream stage rewrote (e.g. a distilled student after a distill setting
@@ -150,7 +109,7 @@ def _with(cfg, **changes):
 
 def run(cfg: PipelineConfig) -> dict:
     t0 = time.time()
-    out = Path(cfg.output_dir)
+    out = check_output_dir(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "pipeline_config.yaml")
     n_teachers = 1 if "calibrate" in cfg.skip else len(TEACHERS)
@@ -244,9 +203,50 @@ def run(cfg: PipelineConfig) -> dict:
     return headline
 
 
-def apply_preset(overrides: dict, quick: bool) -> dict:
-    """The embedded default (and --quick) settings under the user's own overrides."""
-    from ..config import _merge
+PRESETS = Path(__file__).resolve().parent.parent / "presets"
+# what the pipeline fills into each stage's config itself: a user value there would be silently replaced
+FILLED_IN = {
+    "teacher_sft": ("teacher", "student", "method", "max_steps", "teacher_samples", "output_dir", "task"),
+    "diagnose": ("teacher", "student", "output_dir", "task"),
+    "calibrate": ("model", "proxy", "eta", "output_dir", "task"),
+    "distill": ("teacher", "student", "method", "output_dir", "task", "teacher_samples"),
+    "evaluate": ("model", "proxy", "output_dir", "task"),
+}
+FILLED_IN_RUNTIME = ("seed", "threads", "progress")
+SET_BY = {"task": "task.*", "eta": "eta_distillable / eta_undistillable", "max_steps": "teacher_sft_steps",
+          "seed": "seed", "threads": "threads", "progress": "progress", "method": "methods"}
 
-    base = _merge(DEFAULT_OVERRIDES, QUICK_OVERRIDES) if quick else dict(DEFAULT_OVERRIDES)
-    return _merge(base, overrides)
+
+def refuse_filled_in(data: dict) -> None:
+    """A ConfigError for a stage key the pipeline overwrites (e.g. calibrate.task.num_eval), naming the key to use."""
+    for section, keys in FILLED_IN.items():
+        sub_data = data.get(section)
+        if not isinstance(sub_data, dict):
+            continue
+        for key in keys:
+            if key in sub_data:
+                use = SET_BY.get(key, "the pipeline's own keys (teacher, proxy, student, output_dir)")
+                raise ConfigError(f"config key '{section}.{key}': the pipeline sets it for every stage; use {use}")
+        rt = sub_data.get("runtime")
+        for key in FILLED_IN_RUNTIME if isinstance(rt, dict) else ():
+            if key in rt:
+                raise ConfigError(f"config key '{section}.runtime.{key}': the pipeline sets it for every stage; use {key}")
+
+
+def apply_preset(data: dict, quick: bool) -> dict:
+    """The embedded default (presets/default.yaml; with --quick presets/quick.yaml over it) under the user's
+    config, after refusing the stage keys the pipeline fills in itself."""
+    refuse_filled_in(data)
+    base = read_yaml(PRESETS / "default.yaml")
+    if quick:
+        base = merge(base, read_yaml(PRESETS / "quick.yaml"))
+    return merge(base, data)
+
+
+def load_pipeline_config(path: str | None, overrides: list[str] | dict | None, quick: bool | None = None):
+    """The pipeline's config: the embedded default, the YAML file, the overrides (`quick`: the preset; None =
+    the config's own `quick` key)."""
+    data = load_data(path, overrides)
+    if quick:
+        data["quick"] = True
+    return from_dict(PipelineConfig, apply_preset(data, bool(data.get("quick", False))))

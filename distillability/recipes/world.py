@@ -36,41 +36,69 @@ class WorldConfig:
     student_steps: int = opt(400, "Student base SFT steps (worked style only): a competent base.", min=1)
     batch_size: int = opt(48, "SFT batch size.", min=1)
     learning_rate: float = opt(3e-3, "Proxy and student base SFT learning rate.", min=0, min_exclusive=True)
-    teacher_learning_rate: float = opt(3e-3, "Teacher SFT learning rate. The demo's world sets 1e-3 (with 3000 steps "
-                                       "and bf16: a 0.94-0.99 teacher); 3e-3 with 2000 steps in fp32 is the 3-term "
-                                       "world of sessions 5-10, whose teacher is weak (0.51-0.71; bench/README.md, knob).",
-                                       min=0, min_exclusive=True)
-    bf16: bool = opt(False, "Train the world's models under bf16 autocast: 2.2x faster on a CPU with AMX (on a GPU "
-                     "the build always uses it); the demo's world sets it, off rebuilds the worlds of sessions 5-10.")
+    teacher_learning_rate: float = opt(3e-3, "Teacher SFT learning rate (a large teacher is weak at 3e-3: the "
+                                       "embedded default sets 1e-3).", min=0, min_exclusive=True)
+    bf16: str = opt("auto", "Train the world's models under bf16 autocast: auto = where the device computes bf16 "
+                    "natively (a GPU, a CPU with AMX or AVX512-BF16), true or false to force it. A shipped world "
+                    "built with the same settings is used whatever this resolves to (see `shipped`).",
+                    choices=("auto", "true", "false"))
+    shipped: bool = opt(True, "Use the world shipped inside the package when one was built with these settings "
+                        "(the embedded default, seed 0: the same models on every machine, no build); false = "
+                        "build here (or reuse this machine's cache).")
     proxy_vocab: int = opt(300, "Proxy BPE vocabulary size.", min=260)
     student_vocab: int = opt(420, "Student BPE vocabulary size.", min=260)
 
 
-def world_key(cfg: WorldConfig, task: TaskConfig) -> str:
+SHIPPED = Path(__file__).resolve().parent.parent / "worlds"
+
+
+def world_key(cfg: WorldConfig, task: TaskConfig, bf16: bool) -> str:
+    """The cache key of a world: its settings, the task and the precision it is built in (resolved)."""
     d = dataclasses.asdict(cfg)
-    # teacher_learning_rate and bf16 (added later) enter the key only where they change the build, so the worlds
-    # built before them (and the numbers measured on them) keep their key
-    if d["teacher_learning_rate"] == d["learning_rate"]:
-        d.pop("teacher_learning_rate")
-    if not d["bf16"]:
-        d.pop("bf16")
-    t = dataclasses.asdict(task)
-    if t["world_heldout"] == "first":  # the split every world had before the option: those keep their key
-        t.pop("world_heldout")
-    blob = json.dumps({**d, "task": t, "v": 2}, sort_keys=True)
+    d.pop("shipped")
+    d["bf16"] = bf16
+    blob = json.dumps({**d, "task": dataclasses.asdict(task), "v": 3}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+MODELS = ("teacher", "proxy", "student")
+
+
+def _complete(root: Path) -> bool:
+    return all((root / name / "config.json").exists() for name in MODELS) and (root / "world.json").exists()
+
+
+def shipped_world(cfg: WorldConfig, task: TaskConfig) -> Path | None:
+    """The folder of a world shipped with the package that was built with these settings, or None. With
+    bf16=auto either precision's shipped world is taken (it is the same world on every machine)."""
+    if not cfg.shipped:
+        return None
+    options = (True, False) if cfg.bf16 == "auto" else (cfg.bf16 == "true",)
+    for bf16 in options:
+        root = SHIPPED / world_key(cfg, task, bf16)
+        if _complete(root):
+            return root
+    return None
+
+
 def build_world(cfg: WorldConfig, task: TaskConfig, progress: bool = True, cache: bool = True) -> dict[str, str]:
-    """Paths of the teacher, proxy and student base folders (built once per config + task + seed),
-    trained on the task's training split only (its held-out prompts are never seen)."""
+    """Paths of the teacher, proxy and student base folders: the shipped world where one matches, else built
+    once per config + task + seed + precision and cached, trained on the task's training split only (its
+    held-out prompts are never seen)."""
+    from ..precision import use_bf16
+
+    if cache and (root := shipped_world(cfg, task)) is not None:
+        print(f"world: the shipped world {root.name} (built with these settings; world.shipped=false builds one)",
+              flush=True)
+        return {name: str(root / name) for name in MODELS}
     seed = task.seed
-    root = cache_dir() / "worlds" / world_key(cfg, task)
-    paths = {name: str(root / name) for name in ("teacher", "proxy", "student")}
-    if cache and all((Path(p) / "config.json").exists() for p in paths.values()):
+    device = pick_device()  # a GPU when there is one
+    bf16 = use_bf16(cfg.bf16, device)
+    root = cache_dir() / "worlds" / world_key(cfg, task, bf16)
+    paths = {name: str(root / name) for name in MODELS}
+    if cache and _complete(root):
         return paths
     seed_everything(seed)
-    device = pick_device()  # a GPU when there is one (the CPU path is unchanged)
     train = task.load().train
     rng = random.Random(seed)
     styles = ["worked", "running", "direct"]
@@ -92,8 +120,13 @@ def build_world(cfg: WorldConfig, task: TaskConfig, progress: bool = True, cache
         chosen = [rng.choices(styles, weights=mix)[0] for _ in train]
         losses = fit_lm(model, tok, [e.prompt for e in train], [e.solutions[s] for e, s in zip(train, chosen)],
                         steps=steps, batch_size=cfg.batch_size, lr=lr, seed=seed + i,
-                        desc=f"world: {name} SFT", progress=progress, autocast=cfg.bf16 or device.type == "cuda")
+                        desc=f"world: {name} SFT", progress=progress, autocast=bf16)
         save_model(model, tok, paths[name])
         info[name] = {"params": num_params(model), "vocab": len(tok), "final_loss": losses[-1], "steps": steps}
-    write_json(root / "world.json", {"config": dataclasses.asdict(cfg), "seed": seed, "models": info})
+    from ..io import versions
+    from ..precision import record
+
+    write_json(root / "world.json", {"config": dataclasses.asdict(cfg), "task": dataclasses.asdict(task), "seed": seed,
+                                     "key": root.name, "models": info, "precision": record(cfg.bf16, device),
+                                     "versions": versions()})
     return paths

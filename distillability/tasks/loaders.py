@@ -15,9 +15,9 @@ from .world import WorldSpec, world_splits
 LETTERS = "ABCDEFGHIJ"
 
 
-def _split(rows: list[Example], num_train: int, num_eval: int, seed: int, name: str) -> tuple[list, list]:
+def _split(rows: list[Example], num_train: int, num_eval: int, seed: int, name: str, path: str) -> tuple[list, list]:
     if not rows:
-        raise DataError(f"task '{name}': no examples left after loading/filtering")
+        raise DataError(f"{path}: no examples in the file (task '{name}')")
     rng = random.Random(seed)
     rows = list(rows)
     rng.shuffle(rows)
@@ -144,5 +144,5 @@ def load_task(name: str, path: str | None = None, num_train: int = 1000, num_eva
         raise DataError(f"unknown task '{name}' (known: tiny-world, gym:<name>, {', '.join(loaders)})")
     if not path:
         raise DataError(f"task '{name}' needs a data file: set task.path")
-    train, ev = _split(loaders[name](path), num_train, num_eval, seed, name)
+    train, ev = _split(loaders[name](path), num_train, num_eval, seed, name, path)
     return Task(name=name, train=train, eval=ev)
