@@ -27,7 +27,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from distillability.config import TaskConfig, load_config
-    from distillability.recipes.distill import DistillConfig, TokenLoss
+    from distillability.kd_loss import token_loss
+    from distillability.recipes.distill import DistillConfig
     from distillability.sampling import generate
 
     cfg = load_config(DistillConfig, None, {"teacher": "packaged:gemma-3-270m", "student": "packaged:smollm2-135m-instruct",
@@ -41,7 +42,7 @@ def main() -> None:
     student, stok = cfg.runtime.load(cfg.student)
     t_load = time.time() - t0
     t0 = time.time()
-    loss_fn = TokenLoss(cfg, teacher, ttok, student, stok, "jsd")
+    loss_fn = token_loss(cfg, teacher, ttok, student, stok, "jsd")
     t_init = time.time() - t0
     prompts = [e.prompt for e in rows]
     # off-policy responses: the reference solutions cut to about `tokens` student tokens

@@ -62,8 +62,8 @@ def main() -> None:
     ap.add_argument("--from", dest="src", type=Path, help="an already built world folder to ship")
     ap.add_argument("--check", action="store_true", help="rebuild and compare with the shipped world")
     args = ap.parse_args()
-    from distillability.recipes.world import SHIPPED, shipped_world, world_key
     from distillability.precision import record
+    from distillability.recipes.world import SHIPPED, shipped_world, world_key
 
     world, task, _ = default_world()
     if args.check:

@@ -189,15 +189,6 @@ def topk_accumulated_kl(ref_logits: torch.Tensor, other_logits: torch.Tensor, ks
     return torch.cat(out) if out else torch.zeros(0, len(ks))
 
 
-def response_mask(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
-    """Bool mask [B, T] of positions whose *next-token* prediction is a response token, for right-padded
-    sequences: position t predicts token t+1, so the mask covers t in [prompt_len - 1, len - 2]."""
-    B, T = attention_mask.shape
-    pos = torch.arange(T, device=attention_mask.device).expand(B, T)
-    lengths = attention_mask.sum(-1, keepdim=True)
-    return (pos >= prompt_lengths.unsqueeze(-1) - 1) & (pos <= lengths - 2)
-
-
 def topk_bucket_logprobs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int,
                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Reduce both distributions to the teacher's top-k tokens plus one tail bucket (the rest of the

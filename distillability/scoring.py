@@ -55,6 +55,15 @@ def pad_batch(seqs: Sequence[list[int]], pad_id: int, device=None) -> tuple[torc
     return ids.to(device), mask.to(device)
 
 
+def response_positions(prompt_lengths: Sequence[int], lengths: Sequence[int], T: int, device=None) -> torch.Tensor:
+    """Bool mask [B, T - 1] of the positions, in the shifted frame (position t predicts token t + 1), whose
+    next token is a response token of a right-padded sequence: t in [prompt_len - 1, len - 2]."""
+    pos = torch.arange(T - 1, device=device).expand(len(lengths), T - 1)
+    pl = torch.tensor(list(prompt_lengths), device=device).unsqueeze(1)
+    ln = torch.tensor(list(lengths), device=device).unsqueeze(1)
+    return (pos >= pl - 1) & (pos < ln - 1)
+
+
 def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
     """log softmax(logits)[target] in float32 (float64 stays float64), [B, T] -> [B, T], a few rows at a time so a large
     vocabulary never materialises a full float32 [B, T, V] copy."""

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from .distributed import get_dist
 from .errors import TrainingDiverged
 from .io import append_jsonl, atomic_path
-from .scoring import encode_pair, pad_batch, token_logprobs
+from .scoring import encode_pair, pad_batch, response_positions, token_logprobs
 
 
 def set_threads(n: int) -> None:
@@ -49,12 +49,7 @@ def encode_sft_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str]
     if max_length:
         pairs = [(ids[:max_length], min(pl, max_length)) for ids, pl in pairs]
     ids, mask = pad_batch([p[0] for p in pairs], tokenizer.pad_token_id, device)
-    T = ids.shape[1]
-    pos = torch.arange(T - 1, device=ids.device).expand(len(pairs), T - 1)
-    plen = torch.tensor([p[1] for p in pairs], device=ids.device).unsqueeze(1)
-    lens = torch.tensor([len(p[0]) for p in pairs], device=ids.device).unsqueeze(1)
-    loss_mask = (pos >= plen - 1) & (pos < lens - 1)
-    return ids, mask, loss_mask
+    return ids, mask, response_positions([p[1] for p in pairs], [len(p[0]) for p in pairs], ids.shape[1], ids.device)
 
 
 def encode_generations(tokenizer, prompt_ids: list[list[int]], gens, device=None):
@@ -68,11 +63,7 @@ def encode_generations(tokenizer, prompt_ids: list[list[int]], gens, device=None
         seqs.append(p + r)
         plens.append(len(p))
     ids, attn = pad_batch(seqs, tokenizer.pad_token_id, device)
-    T = ids.shape[1]
-    pos = torch.arange(T - 1, device=device).expand(len(seqs), T - 1)
-    pl = torch.tensor(plens, device=device).unsqueeze(1)
-    ln = torch.tensor([len(s) for s in seqs], device=device).unsqueeze(1)
-    return ids, attn, (pos >= pl - 1) & (pos < ln - 1)
+    return ids, attn, response_positions(plens, [len(s) for s in seqs], ids.shape[1], device)
 
 
 def nll_loss(model, ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor, normalise=None) -> torch.Tensor:
@@ -132,6 +123,19 @@ def check_finite(loss: torch.Tensor, step: int, ckpt_dir: Path | None = None) ->
     if not torch.isfinite(loss).all():
         where = f"; last good checkpoint kept in {ckpt_dir}" if ckpt_dir and ckpt_dir.exists() else ""
         raise TrainingDiverged(f"loss is {loss.item()} at step {step}: training stopped{where}")
+
+
+def optimizer_step(model, optimizer, loss: torch.Tensor, max_grad_norm: float, step: int,
+                   ckpt_dir: Path | None = None) -> None:
+    """One update: refuse a non-finite loss (naming the step), backward, average gradients over processes, clip
+    to `max_grad_norm` (0 = no clipping), step."""
+    check_finite(loss, step, ckpt_dir)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    get_dist().sync_gradients(list(model.parameters()))
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
 
 
 class StepLog:

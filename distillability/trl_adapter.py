@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .scoring import normalise, sequence_logprobs
+from .grpo import calibration_reward
+from .scoring import sequence_logprobs
 
 
 def _text(x) -> str:
@@ -49,7 +50,5 @@ class CalibrationReward:
         own = sequence_logprobs(self.policy, self.policy_tokenizer, p, c, True, self.use_chat_template)
         self.policy.train(was_training)
         prox = sequence_logprobs(self.proxy, self.proxy_tokenizer, p, c, True, self.use_chat_template)
-        r = normalise(own["logprob"] - prox["logprob"], c, own["num_tokens"], self.normalization)
-        if self.clip > 0:
-            r = r.clamp(-self.clip, self.clip)
-        return r.tolist()
+        return calibration_reward(own["logprob"], prox["logprob"], c, own["num_tokens"], self.normalization,
+                                  self.clip).tolist()

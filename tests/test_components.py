@@ -10,14 +10,14 @@ import torch
 from distillability.config import ConfigError, load_config, parse_overrides
 from distillability.estimators import effective_sample_size, kl_estimators, off_policy_reverse_kl
 from distillability.failure_modes import classify
-from distillability.metrics import pass_at_k, wrong_trace_preference
-from distillability.recipes.calibrate import (
-    CalibrateConfig,
+from distillability.grpo import (
     compute_advantages,
     gate_calibration_reward,
     grpo_loss,
     k3,
 )
+from distillability.metrics import pass_at_k, wrong_trace_preference
+from distillability.recipes.calibrate import CalibrateConfig
 from distillability.tasks.verifiers import extract_choice, extract_math_answer, math_equal, rouge_l
 
 
@@ -220,11 +220,8 @@ def test_grpo_loss_length_bias_and_dr_grpo_without_it():
 def test_preset_configs_load():
     from pathlib import Path
 
-    import yaml
-
-    from distillability.config import from_dict
-    from distillability.recipes.pipeline import PipelineConfig, apply_preset
+    from distillability.recipes.pipeline import load_pipeline_config
 
     for f in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
-        cfg = from_dict(PipelineConfig, apply_preset(yaml.safe_load(f.read_text()), quick=False))
+        cfg = load_pipeline_config(str(f), None)
         assert cfg.output_dir

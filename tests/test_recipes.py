@@ -1,6 +1,7 @@
 """The recipes on tiny models: calibrate (resume = uninterrupted), distill (each method, cross-tokenizer,
 refusal), evaluate, diagnose, and the --quick pipeline end to end."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -40,19 +41,20 @@ def test_calibrate_resume_equals_uninterrupted(tiny_pair, tmp_path):
 
 
 def test_gradients_reach_only_the_policy(tiny_pair):
+    from distillability.grpo import grpo_loss, per_token_logprobs
     from distillability.models import load_model
 
     policy, tok = load_model(tiny_pair["teacher"], device="cpu")
     proxy, _ = load_model(tiny_pair["student"], device="cpu")
     proxy.requires_grad_(False)
     ids = torch.tensor([tok("Q: 1+2=?\nA: #### 3")["input_ids"]])
-    lp = calibrate._per_token_logprobs(policy, ids, torch.ones_like(ids), False)
+    lp = per_token_logprobs(policy, ids, torch.ones_like(ids), False)
     import copy
 
     reference = copy.deepcopy(policy).requires_grad_(False)
     with torch.no_grad():
-        ref = calibrate._per_token_logprobs(reference, ids, torch.ones_like(ids), False)
-    loss, _, _ = calibrate.grpo_loss(lp, lp.detach(), ref, torch.tensor([1.0]), torch.ones_like(lp), 0.2, 0.1, "grpo", 8)
+        ref = per_token_logprobs(reference, ids, torch.ones_like(ids), False)
+    loss, _, _ = grpo_loss(lp, lp.detach(), ref, torch.tensor([1.0]), torch.ones_like(lp), 0.2, 0.1, "grpo", 8)
     loss.backward()
     assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
     assert all(p.grad is None for p in proxy.parameters())
@@ -166,8 +168,8 @@ def test_demo_quick_end_to_end(tmp_path):
 
 
 def test_trl_reward_adapter_equals_recipe_reward(tiny_pair):
+    from distillability.grpo import calibration_reward
     from distillability.models import load_model
-    from distillability.recipes.calibrate import calibration_reward
     from distillability.scoring import sequence_logprobs
     from distillability.trl_adapter import CalibrationReward
 
@@ -237,6 +239,7 @@ def test_gkd_seq_kd_and_pipeline_stage_skips(tiny_pair, tmp_path):
 def test_fused_kd_loss_equals_logits_loss(tiny_pair, monkeypatch):
     """distill's same-vocabulary token loss from hidden states + lm_head (chunked) equals the logits path."""
     from distillability.config import from_dict
+    from distillability import kd_loss
     from distillability.models import load_model
     from distillability.recipes import distill
 
@@ -246,9 +249,10 @@ def test_fused_kd_loss_equals_logits_loss(tiny_pair, monkeypatch):
     for kind, method in (("fkl", "kd"), ("jsd", "gkd")):
         cfg = from_dict(distill.DistillConfig, {"teacher": "t", "student": "s", "method": method, "chunk_size": 3,
                                                 "runtime": {"bf16": False}})
-        loss = distill.TokenLoss(cfg, teacher, ttok, student, stok, kind)
+        loss = kd_loss.token_loss(cfg, teacher, ttok, student, stok, kind)
+        assert isinstance(loss, kd_loss.SameVocabLoss)
         fused = loss(prompts, responses, [True, True], False)
-        monkeypatch.setattr(distill, "lm_parts", lambda m: None)
+        monkeypatch.setattr(kd_loss, "lm_parts", lambda m: None)
         plain = loss(prompts, responses, [True, True], False)
         monkeypatch.undo()
         assert abs(fused.item() - plain.item()) < 1e-5 and fused.item() > 0
@@ -434,32 +438,22 @@ def test_calibrate_guard_on_held_out_prompts_needs_enough_of_them(tiny_pair, tmp
     assert not (tmp_path / "model").exists()
 
 
-def test_tiny_yaml_spells_out_the_embedded_default():
-    """configs/tiny.yaml says it is the embedded default spelled out: every value it sets must be the value the
-    default (`distillability demo`) resolves to, so the file cannot drift from the defaults again."""
-    import dataclasses
+def test_the_embedded_default_comes_from_the_packaged_presets_and_uses_the_shipped_world():
+    """`demo` reads presets/default.yaml (with --quick, quick.yaml over it); the default's world is the one shipped
+    in the package (no build on the user's machine), the quick one is not."""
+    from distillability.config import read_yaml
+    from distillability.recipes.pipeline import PRESETS, load_pipeline_config
+    from distillability.recipes.world import shipped_world
 
-    import yaml
-
-    from distillability.config import from_dict
-    from distillability.recipes.pipeline import PipelineConfig, apply_preset
-
-    root = Path(__file__).resolve().parents[1]
-    spelled = yaml.safe_load((root / "configs" / "tiny.yaml").read_text())
-    default = from_dict(PipelineConfig, apply_preset({}, False))
-
-    def leaves(d, prefix=""):
-        for k, v in d.items():
-            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
-
-    checked = 0
-    for key, value in leaves(spelled):
-        if key == "output_dir":
-            continue
-        got = default
-        for part in key.split("."):
-            got = getattr(got, part)
-        got = list(got) if isinstance(got, (list, tuple)) else got
-        assert got == value, f"configs/tiny.yaml {key}: {value!r}, the default is {got!r}"
-        checked += 1
-    assert checked >= 20 and dataclasses.is_dataclass(default)
+    preset = read_yaml(PRESETS / "default.yaml")
+    cfg = load_pipeline_config(None, None)
+    assert cfg.calibrate.max_steps == preset["calibrate"]["max_steps"] == 90
+    assert cfg.task.num_eval == 500 and cfg.world.teacher_steps == 3000 and cfg.world.bf16 == "auto"
+    root = shipped_world(cfg.world, dataclasses.replace(cfg.task, seed=cfg.seed))
+    assert root is not None and (root / "teacher" / "model.safetensors").is_file()
+    quick = load_pipeline_config(None, ["seed=0"], quick=True)
+    assert quick.quick and quick.calibrate.max_steps == 2 and quick.calibrate.learning_rate == 1e-4
+    assert shipped_world(quick.world, quick.task) is None
+    # a world setting changed by the user is built, not answered by the shipped one
+    other = load_pipeline_config(None, ["world.teacher_steps=2999"])
+    assert shipped_world(other.world, dataclasses.replace(other.task, seed=0)) is None

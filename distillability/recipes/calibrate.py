@@ -26,28 +26,35 @@ import copy
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..config import RuntimeConfig, TaskConfig, opt, save_config, sub, to_dict
-from ..distributed import get_dist, global_mean
+from ..distributed import get_dist
 from ..errors import ConfigError
 from ..evaluation import greedy_accuracy, mean_calibration_divergence
+from ..grpo import (
+    calibration_reward,
+    compute_advantages,
+    gate_calibration_reward,
+    grpo_loss,
+    per_token_logprobs,
+)
 from ..io import check_output_dir, versions, write_json
 from ..models import check_context, pick_device, save_model
 from ..sampling import generate
-from ..scoring import encode_prompt, sequence_logprobs, token_logprobs
+from ..scoring import encode_prompt, sequence_logprobs
 from ..training import (
     StepLog,
     apply_lora,
-    autocast_ctx,
-    check_finite,
     encode_generations,
     load_checkpoint,
     make_optimizer,
     make_scheduler,
+    optimizer_step,
     read_weights,
     save_checkpoint,
     step_seed,
@@ -115,99 +122,53 @@ class CalibrateConfig:
             raise ConfigError("config key 'gate_on': 'wrong' gates nothing while wellformed_gate is 'off' (use worst)")
 
 
-def _group_normalise(r: torch.Tensor, G: int, ema: dict, key: str, decay: float) -> torch.Tensor:
-    """(r - mean_group) / (std_group + eps); groups with zero spread use the running EMA statistics."""
-    groups = r.view(-1, G)
-    mean, std = groups.mean(1, keepdim=True), groups.std(1, keepdim=True)
-    m_b, s_b = r.mean().item(), r.std().item() if r.numel() > 1 else 0.0
-    if key in ema:
-        ema[key] = [decay * ema[key][0] + (1 - decay) * m_b, decay * ema[key][1] + (1 - decay) * s_b]
-    else:
-        ema[key] = [m_b, s_b]
-    flat = std < 1e-6
-    run_mean = torch.full_like(mean, ema[key][0])
-    run_std = torch.full_like(std, max(ema[key][1], 1e-6))
-    out_mean = torch.where(flat, run_mean, mean)
-    out_std = torch.where(flat, run_std, std)
-    adv = (groups - out_mean) / (out_std + 1e-4)
-    # a flat group whose running spread is ~0 carries no signal at all
-    adv = torch.where(flat & (run_std <= 1e-6), torch.zeros_like(adv), adv)
-    return adv.view(-1)
+@dataclasses.dataclass
+class Run:
+    """What one calibration works with: the config, the models and the prompts."""
+    cfg: CalibrateConfig
+    policy: Any
+    tok: Any
+    proxy: Any
+    ptok: Any
+    reference: Any  # a frozen copy of pi_0, or None with LoRA (pi_0 = the adapter disabled)
+    task: Any
+    held_out: list
+    pool: list  # the RL prompts
+    dist: Any
+    device: torch.device
+
+    @property
+    def rt(self) -> RuntimeConfig:
+        return self.cfg.runtime
 
 
-def compute_advantages(r_task: torch.Tensor, r_cal: torch.Tensor, eta: float, G: int, ema: dict,
-                       decay: float = 0.9) -> torch.Tensor:
-    """A_i = Ahat_task,i + eta * Ahat_cal,i with the two rewards standardised separately per group."""
-    a_task = _group_normalise(r_task.double(), G, ema, "task", decay)
-    if eta == 0:
-        return a_task
-    return a_task + eta * _group_normalise(r_cal.double(), G, ema, "cal", decay)
+def guard_prompts(cfg: CalibrateConfig, task, held_out: list) -> tuple[list, list, str]:
+    """(RL prompts, the utility guard's validation prompts, where those come from)."""
+    if cfg.min_accuracy_ratio <= 0:
+        return task.train, [], ""
+    if cfg.guard_split == "train":
+        if len(task.train) <= cfg.guard_prompts:
+            raise ConfigError(f"config key 'guard_prompts': {cfg.guard_prompts} validation prompts leave none of the "
+                              f"{len(task.train)} training prompts for RL")
+        lo = len(task.train) - cfg.guard_prompts
+        return task.train[:lo], task.train[lo:], f"train[{lo}:{len(task.train)}]"
+    # the held-out split's *last* prompts: every evaluation that takes a prefix of the split shorter than
+    # num_eval - guard_prompts never scores the prompts that selected the checkpoint
+    if len(task.eval) < len(held_out) + cfg.guard_prompts:
+        raise ConfigError(f"config key 'guard_prompts': the guard needs {cfg.guard_prompts} held-out prompts after "
+                          f"the {len(held_out)} eval_prompts, but task.num_eval gives {len(task.eval)}; raise "
+                          f"task.num_eval or set guard_split=train")
+    lo = len(task.eval) - cfg.guard_prompts
+    return task.train, task.eval[lo:], f"eval[{lo}:{len(task.eval)}]"
 
 
-def gate_calibration_reward(r_cal: torch.Tensor, bad: torch.Tensor, G: int, eta: float, how: str) -> torch.Tensor:
-    """r_cal with the gated responses (`bad`) replaced: "zero", or "worst", the value their group would least like
-    under this eta (eta > 0 rewards a high r_cal, eta < 0 a low one), so a gated response never gains from r_cal."""
-    if how == "off" or not bool(bad.any()):
-        return r_cal
-    if how == "zero":
-        return torch.where(bad, torch.zeros_like(r_cal), r_cal)
-    grp = r_cal.view(-1, G)
-    worst = grp.min(1, keepdim=True).values if eta > 0 else grp.max(1, keepdim=True).values
-    return torch.where(bad, worst.expand(-1, G).reshape(-1), r_cal)
-
-
-def k3(logp_ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """k3 = exp(log pi_0 - log pi) - (log pi_0 - log pi) - 1 (per token, >= 0)."""
-    d = logp_ref - logp
-    return torch.exp(d) - d - 1
-
-
-def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor | None, adv: torch.Tensor,
-              mask: torch.Tensor, epsilon: float, beta: float, loss_type: str, max_len: int):
-    """Clipped surrogate + beta * k3 per token, aggregated by `loss_type`. Returns (loss, clip_fraction, kl)."""
-    ratio = torch.exp(logp - logp_old)
-    a = adv.unsqueeze(1).to(logp.dtype)
-    per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * a)
-    kl = k3(logp_ref, logp) if logp_ref is not None else torch.zeros_like(logp)
-    if beta:
-        per_token = per_token + beta * kl
-    m = mask.to(logp.dtype)
-    # normalised by global counts (sequences / tokens over all processes; with one process the plain means)
-    if loss_type == "grpo":
-        loss = global_mean(((per_token * m).sum(1) / m.sum(1).clamp(min=1)).sum(), logp.shape[0])
-    elif loss_type == "dr_grpo":
-        loss = global_mean((per_token * m).sum(), logp.shape[0] * max_len)
-    else:  # dapo
-        loss = global_mean((per_token * m).sum(), m.sum())
-    clipped = ((ratio - 1).abs() > epsilon).to(logp.dtype)
-    return loss, ((clipped * m).sum() / m.sum().clamp(min=1)).item(), ((kl * m).sum() / m.sum().clamp(min=1)).item()
-
-
-def _per_token_logprobs(model, ids, attn, autocast: bool):
-    with autocast_ctx(ids.device, autocast):
-        return token_logprobs(model, ids, attn)
-
-
-def calibration_reward(policy_seq_logprob: torch.Tensor, proxy_seq_logprob: torch.Tensor, texts: list[str],
-                       num_tokens: torch.Tensor, how: str, clip: float) -> torch.Tensor:
-    """r_cal = (log pi_theta(y|x) - log pi_C(y|x)) normalised by `how` and clipped to [-clip, clip]."""
-    from ..scoring import normalise
-
-    r = normalise((policy_seq_logprob - proxy_seq_logprob).double(), texts, num_tokens, how)
-    return r.clamp(-clip, clip) if clip > 0 else r
-
-
-def run(cfg: CalibrateConfig) -> dict:
-    """Calibrate `cfg.model` against `cfg.proxy`; returns the calibration card."""
+def setup(cfg: CalibrateConfig) -> tuple[Run, list, str]:
+    """Load the policy, its frozen reference and the proxy, the task and its prompt pools."""
     if not cfg.model or not cfg.proxy:
         raise ConfigError("config keys 'model' and 'proxy' are required")
     rt = cfg.runtime
     check_output_dir(cfg.output_dir)
     rt.start()
-    out = Path(cfg.output_dir)
-    ckpt_root = out / "checkpoints"
-    t_start = time.time()
-
     policy, tok = rt.load(cfg.model)
     proxy, ptok = rt.load(cfg.proxy, frozen=True)
     dist = get_dist()
@@ -220,179 +181,216 @@ def run(cfg: CalibrateConfig) -> dict:
     policy = dist.wrap(policy)  # FSDP: shard the policy (a no-op for data-parallel or one process)
     task = cfg.task.load()
     held_out = task.eval[: cfg.eval_prompts]
-    pool, val = task.train, []  # RL prompts; the utility guard's validation prompts
-    if cfg.min_accuracy_ratio > 0 and cfg.guard_split == "train":
-        if len(task.train) <= cfg.guard_prompts:
-            raise ConfigError(f"config key 'guard_prompts': {cfg.guard_prompts} validation prompts leave none of the "
-                              f"{len(task.train)} training prompts for RL")
-        lo = len(task.train) - cfg.guard_prompts
-        pool, val, val_where = task.train[:lo], task.train[lo:], f"train[{lo}:{len(task.train)}]"
-    elif cfg.min_accuracy_ratio > 0:
-        # the held-out split's *last* prompts: every evaluation that takes a prefix of the split shorter than
-        # num_eval - guard_prompts never scores the prompts that selected the checkpoint
-        if len(task.eval) < len(held_out) + cfg.guard_prompts:
-            raise ConfigError(f"config key 'guard_prompts': the guard needs {cfg.guard_prompts} held-out prompts after "
-                              f"the {len(held_out)} eval_prompts, but task.num_eval gives {len(task.eval)}; raise "
-                              f"task.num_eval or set guard_split=train")
-        lo = len(task.eval) - cfg.guard_prompts
-        val, val_where = task.eval[lo:], f"eval[{lo}:{len(task.eval)}]"
+    pool, val, val_where = guard_prompts(cfg, task, held_out)
     check_context(policy, tok, task.train + held_out, cfg.max_completion_length, cfg.task.use_chat_template, cfg.model)
-    device = next(policy.parameters()).device
-    G, B = cfg.num_generations, cfg.prompts_per_step
-    chat = cfg.task.use_chat_template
+    run_ = Run(cfg, policy, tok, proxy, ptok, reference, task, held_out, pool, dist, next(policy.parameters()).device)
+    return run_, val, val_where
 
-    def card_metrics(model, tag: str) -> dict:
-        acc, _ = greedy_accuracy(model, tok, task, held_out, cfg.max_completion_length, rt.autocast, chat)
-        d = mean_calibration_divergence(model, tok, proxy, ptok, held_out, cfg.max_completion_length,
-                                        cfg.temperature, cfg.eval_samples, seed=rt.seed + 99, autocast=rt.autocast,
-                                        use_chat_template=chat)
-        return {f"{tag}_accuracy": acc, f"{tag}_D_per_char": d["per_char"], f"{tag}_D_summed": d["summed"],
-                f"{tag}_mean_chars": d["mean_chars"]}
 
-    optimizer = make_optimizer(policy.parameters(), cfg.learning_rate)
-    scheduler = make_scheduler(optimizer, cfg.max_steps, cfg.warmup_steps)
-    log = StepLog(out / "log.jsonl", enabled=dist.is_main)
-    ema: dict = {}
-    start_step, before, guard = 0, None, None
-    if cfg.resume:
-        state = load_checkpoint(ckpt_root, policy, optimizer, scheduler)
-        if state is not None:
-            start_step, ema, before, guard = state["step"], state["ema"], state["before"], state.get("guard")
-            log.truncate_after(start_step)
-    elif dist.is_main:
-        log.path.unlink(missing_ok=True)
-    with dist.full_weights(policy):
-        if before is None and dist.is_main:
-            before = card_metrics(policy, "before")
-    guard_file = ckpt_root / "guard_selected.safetensors"
+def card_metrics(r: Run, tag: str) -> dict:
+    """Greedy accuracy and mean D(pi_theta || pi_C) on the held-out prompts (rank 0)."""
+    cfg, rt, chat = r.cfg, r.rt, r.cfg.task.use_chat_template
+    acc, _ = greedy_accuracy(r.policy, r.tok, r.task, r.held_out, cfg.max_completion_length, rt.autocast, chat)
+    d = mean_calibration_divergence(r.policy, r.tok, r.proxy, r.ptok, r.held_out, cfg.max_completion_length,
+                                    cfg.temperature, cfg.eval_samples, seed=rt.seed + 99, autocast=rt.autocast,
+                                    use_chat_template=chat)
+    return {f"{tag}_accuracy": acc, f"{tag}_D_per_char": d["per_char"], f"{tag}_D_summed": d["summed"],
+            f"{tag}_mean_chars": d["mean_chars"]}
 
-    def val_accuracy() -> float:
+
+class UtilityGuard:
+    """Every guard_steps, greedy accuracy on validation prompts; the run's result is the last checked step whose
+    accuracy is >= ratio x the start's (its weights kept in `file`)."""
+
+    def __init__(self, r: Run, val: list, where: str, file: Path, state: dict | None):
+        self.r, self.val, self.file, self.state = r, val, file, state
+        if state is None:
+            start = self.accuracy()
+            self.state = {"ratio": r.cfg.min_accuracy_ratio, "start_accuracy": start, "prompts": where,
+                          "threshold": r.cfg.min_accuracy_ratio * start, "checks": {}, "selected_step": 0}
+            write_weights(r.policy, file)
+
+    def accuracy(self) -> float:
         """Greedy accuracy on the guard's prompts, on rank 0 (0.0 elsewhere); every rank calls."""
-        with dist.full_weights(policy):
-            return greedy_accuracy(policy, tok, task, val, cfg.max_completion_length, rt.autocast, chat)[0] if dist.is_main else 0.0
+        r = self.r
+        with r.dist.full_weights(r.policy):
+            if not r.dist.is_main:
+                return 0.0
+            return greedy_accuracy(r.policy, r.tok, r.task, self.val, r.cfg.max_completion_length, r.rt.autocast,
+                                   r.cfg.task.use_chat_template)[0]
 
-    if val and guard is None:
-        start_acc = val_accuracy()
-        guard = {"ratio": cfg.min_accuracy_ratio, "start_accuracy": start_acc, "prompts": val_where,
-                 "threshold": cfg.min_accuracy_ratio * start_acc, "checks": {}, "selected_step": 0}
-        write_weights(policy, guard_file)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    dist.barrier()
+    def check(self, step: int) -> float:
+        acc = self.accuracy()
+        self.state["checks"][str(step)] = acc
+        if float(self.r.dist.sum(float(self.r.dist.is_main and acc >= self.state["threshold"]))) > 0:  # rank 0 decides
+            self.state["selected_step"] = step
+            write_weights(self.r.policy, self.file)
+        return acc
 
-    def ref_logprobs(ids, attn):
+    def restore(self) -> None:
+        if self.state["selected_step"] != self.r.cfg.max_steps:
+            read_weights(self.r.policy, self.file)  # the last step that kept the teacher's accuracy
+
+
+def reference_logprobs(r: Run, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Per-token log pi_0 of the sampled sequences (frozen copy, or the LoRA policy with its adapter off)."""
+    with torch.no_grad():
+        if r.reference is not None:
+            dev = next(r.reference.parameters()).device
+            return per_token_logprobs(r.reference, ids.to(dev), attn.to(dev), r.rt.autocast).to(r.device)
+        with r.policy.disable_adapter():
+            return per_token_logprobs(r.policy, ids, attn, r.rt.autocast)
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One generation round: the samples, their encodings, rewards, advantages and log-probs."""
+    texts: list[str]
+    ids: torch.Tensor
+    attn: torch.Tensor
+    mask: torch.Tensor
+    r_task: torch.Tensor
+    r_cal: torch.Tensor
+    adv: torch.Tensor
+    logp_old: torch.Tensor
+    logp_first: torch.Tensor | None  # the graph of the single update when num_iterations == 1
+    logp_ref: torch.Tensor | None
+    s_generate: float
+    s_score: float
+
+
+def rollout(r: Run, step: int, ema: dict, mine: slice, rows_mine: slice) -> Rollout:
+    """Sample G responses per prompt from the current policy, score r_task and r_cal, and the advantages."""
+    cfg, rt, dist, chat, G = r.cfg, r.rt, r.dist, r.cfg.task.use_chat_template, r.cfg.num_generations
+    t0 = time.time()
+    rng = np.random.default_rng(step_seed(rt.seed, step))
+    pick = rng.choice(len(r.pool), size=min(cfg.prompts_per_step * dist.world, len(r.pool)), replace=False)
+    batch = [r.pool[i] for i in pick][mine]
+    prompts = [e.prompt for e in batch]
+    with dist.full_weights(r.policy):  # KV-cached batched generation
+        gens = generate(r.policy, r.tok, prompts, cfg.max_completion_length, cfg.temperature, num_return_sequences=G,
+                        seed=step_seed(rt.seed, step, 1), autocast=rt.autocast, use_chat_template=chat,
+                        index_offset=mine.start)
+    texts = [g.text for g in gens]
+    ids, attn, mask = encode_generations(r.tok, [encode_prompt(r.tok, p, chat) for p in prompts], gens, r.device)
+    t_gen = time.time() - t0
+    r_task = torch.tensor([r.task.score(batch[g.prompt_index], g.text) for g in gens], dtype=torch.float64)
+    # the frozen models first, so their activations are gone before the policy's graph is built
+    logp_ref = reference_logprobs(r, ids, attn) if cfg.beta else None
+    prox = None
+    if cfg.eta != 0:
+        prox = sequence_logprobs(r.proxy, r.ptok, [prompts[g.prompt_index] for g in gens], texts,
+                                 [g.finished for g in gens], chat, autocast=rt.autocast)["logprob"]
+    logp_first = None
+    if cfg.num_iterations == 1:
+        # one forward serves as pi_old (detached), as the policy's own log-prob for r_cal, and as the graph of
+        # the single update: ratio = 1, the same gradient as a second forward, one forward less
+        r.policy.train()
+        logp_first = per_token_logprobs(r.policy, ids, attn, rt.autocast)
+        logp_old = logp_first.detach()
+    else:
+        r.policy.eval()
         with torch.no_grad():
-            if reference is not None:
-                return _per_token_logprobs(reference, ids.to(next(reference.parameters()).device),
-                                           attn.to(next(reference.parameters()).device), rt.autocast).to(device)
-            with policy.disable_adapter():
-                return _per_token_logprobs(policy, ids, attn, rt.autocast)
+            logp_old = per_token_logprobs(r.policy, ids, attn, rt.autocast)
+    r_cal = torch.zeros(len(gens), dtype=torch.float64)
+    if cfg.eta != 0:
+        own = (logp_old.double() * mask).sum(1).cpu()
+        r_cal = calibration_reward(own, prox, texts, mask.sum(1).cpu(), cfg.cal_normalization, cfg.cal_clip)
+        if cfg.wellformed_gate != "off":
+            bad = r_task < 1 if cfg.gate_on == "wrong" else torch.tensor(
+                [not r.task.well_formed(batch[g.prompt_index], g.text) for g in gens])
+            r_cal = gate_calibration_reward(r_cal, bad, G, cfg.eta, cfg.wellformed_gate)
+    # advantages from the global batch's rewards (the EMA statistics are global too), then this share
+    r_task, r_cal = dist.gather(r_task), dist.gather(r_cal)
+    adv = compute_advantages(r_task, r_cal, cfg.eta, G, ema, cfg.ema_decay)[rows_mine].to(r.device)
+    return Rollout(texts, ids, attn, mask, r_task, r_cal, adv, logp_old, logp_first, logp_ref, t_gen,
+                   time.time() - t0 - t_gen)
 
-    mine = dist.share(B)  # this process's prompts of the global B * world
-    rows_mine = dist.share(B * G)
-    bar = tqdm(range(start_step, cfg.max_steps), desc=f"calibrate eta={cfg.eta:+g}", disable=not rt.progress or not dist.is_main,
-               initial=start_step, total=cfg.max_steps)
-    for step in bar:
-        t0 = time.time()
-        rng = np.random.default_rng(step_seed(rt.seed, step))
-        batch = [pool[i] for i in rng.choice(len(pool), size=min(B * dist.world, len(pool)), replace=False)][mine]
-        prompts = [e.prompt for e in batch]
-        prompt_ids = [encode_prompt(tok, p, chat) for p in prompts]
 
-        # 1. sample G responses per prompt from the current policy (KV-cached batched generation)
-        with dist.full_weights(policy):
-            gens = generate(policy, tok, prompts, cfg.max_completion_length, cfg.temperature, num_return_sequences=G,
-                            seed=step_seed(rt.seed, step, 1), autocast=rt.autocast, use_chat_template=chat,
-                            index_offset=mine.start)
-        texts = [g.text for g in gens]
-        gen_prompts = [prompts[g.prompt_index] for g in gens]
-        ids, attn, mask = encode_generations(tok, prompt_ids, gens, device)
-        t_gen = time.time() - t0
+def update(r: Run, ro: Rollout, optimizer, step: int, ckpt: Path) -> tuple[torch.Tensor, float, float]:
+    """num_iterations policy-gradient steps on one rollout: (last loss, clip fraction, KL to pi_0)."""
+    cfg = r.cfg
+    r.policy.train()
+    for it in range(cfg.num_iterations):
+        logp = ro.logp_first if it == 0 and ro.logp_first is not None else per_token_logprobs(
+            r.policy, ro.ids, ro.attn, r.rt.autocast)
+        loss, clip_frac, kl = grpo_loss(logp, ro.logp_old, ro.logp_ref, ro.adv, ro.mask, cfg.epsilon, cfg.beta,
+                                        cfg.loss_type, cfg.max_completion_length)
+        optimizer_step(r.policy, optimizer, loss, cfg.max_grad_norm, step + 1, ckpt)
+    return loss, clip_frac, kl
 
-        # 2. rewards: task verifier, and r_cal from the policy's own log-probs minus the proxy's (text level)
-        r_task = torch.tensor([task.score(batch[g.prompt_index], g.text) for g in gens], dtype=torch.float64)
-        # the frozen models first, so their activations are gone before the policy's graph is built
-        logp_ref = ref_logprobs(ids, attn) if cfg.beta else None
-        prox = None
-        if cfg.eta != 0:
-            prox = sequence_logprobs(proxy, ptok, gen_prompts, texts, [g.finished for g in gens], chat,
-                                     autocast=rt.autocast)["logprob"]
-        logp_first = None
-        if cfg.num_iterations == 1:
-            # one forward serves as pi_old (detached), as the policy's own log-prob for r_cal, and as the
-            # graph of the single update: ratio = 1, the same gradient as a second forward, one forward less
-            policy.train()
-            logp_first = _per_token_logprobs(policy, ids, attn, rt.autocast)
-            logp_old = logp_first.detach()
-        else:
-            policy.eval()
-            with torch.no_grad():
-                logp_old = _per_token_logprobs(policy, ids, attn, rt.autocast)
-        r_cal = torch.zeros(len(gens), dtype=torch.float64)
-        if cfg.eta != 0:
-            own = (logp_old.double() * mask).sum(1).cpu()
-            r_cal = calibration_reward(own, prox, texts, mask.sum(1).cpu(), cfg.cal_normalization, cfg.cal_clip)
-            if cfg.wellformed_gate != "off":
-                if cfg.gate_on == "wrong":
-                    bad = r_task < 1
-                else:
-                    bad = torch.tensor([not task.well_formed(batch[g.prompt_index], g.text) for g in gens])
-                r_cal = gate_calibration_reward(r_cal, bad, G, cfg.eta, cfg.wellformed_gate)
-        # advantages from the global batch's rewards (the EMA statistics are global too), then this share
-        r_task, r_cal = dist.gather(r_task), dist.gather(r_cal)
-        adv = compute_advantages(r_task, r_cal, cfg.eta, G, ema, cfg.ema_decay)[rows_mine].to(device)
-        t_score = time.time() - t0 - t_gen
 
-        # 3. policy-gradient update(s)
-        policy.train()
-        for it in range(cfg.num_iterations):
-            logp = logp_first if it == 0 and logp_first is not None else _per_token_logprobs(policy, ids, attn, rt.autocast)
-            loss, clip_frac, kl = grpo_loss(logp, logp_old, logp_ref, adv, mask, cfg.epsilon, cfg.beta,
-                                            cfg.loss_type, cfg.max_completion_length)
-            check_finite(loss, step + 1, ckpt_root / "last")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            dist.sync_gradients(list(policy.parameters()))
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-        scheduler.step()
-        dt = time.time() - t0
-        n_tokens = int(attn.sum())
-        at_clip = float((r_cal.abs() >= cfg.cal_clip).double().mean()) if cfg.cal_clip > 0 and cfg.eta else 0.0
-        row = {"step": step + 1, "loss": float(dist.sum(loss.detach())), "task_reward": r_task.mean().item(),
-               "r_cal": r_cal.mean().item(), "r_cal_at_clip": at_clip, "kl_ref": float(dist.sum(kl)) / dist.world,
-               "response_chars": float(dist.sum(float(np.mean([len(t) for t in texts])))) / dist.world,
-               "response_tokens": mask.sum(1).float().mean().item(), "adv_std": adv.std().item(),
-               "clip_frac": clip_frac, "tokens_per_s": n_tokens / dt, "s_generate": t_gen, "s_score": t_score,
-               "s_step": dt}
-        if guard is not None and ((step + 1) % cfg.guard_steps == 0 or step + 1 == cfg.max_steps):
-            acc = val_accuracy()
-            guard["checks"][str(step + 1)] = acc
-            row["guard_val_accuracy"] = acc
-            keep = float(dist.sum(float(dist.is_main and acc >= guard["threshold"]))) > 0  # rank 0 decides
-            if keep:
-                guard["selected_step"] = step + 1
-                write_weights(policy, guard_file)
-        log.write(row)
-        bar.set_postfix(reward=f"{row['task_reward']:.2f}", r_cal=f"{row['r_cal']:.3f}", kl=f"{kl:.3f}")
-        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
-            save_checkpoint(ckpt_root, step + 1, policy, optimizer, scheduler,  # (rank 0 writes)
-                            {"ema": ema, "before": before, "guard": guard})
+def step_row(r: Run, ro: Rollout, step: int, loss, clip_frac: float, kl: float, dt: float) -> dict:
+    """One line of log.jsonl."""
+    cfg, dist = r.cfg, r.dist
+    at_clip = float((ro.r_cal.abs() >= cfg.cal_clip).double().mean()) if cfg.cal_clip > 0 and cfg.eta else 0.0
+    return {"step": step + 1, "loss": float(dist.sum(loss.detach())), "task_reward": ro.r_task.mean().item(),
+            "r_cal": ro.r_cal.mean().item(), "r_cal_at_clip": at_clip, "kl_ref": float(dist.sum(kl)) / dist.world,
+            "response_chars": float(dist.sum(float(np.mean([len(t) for t in ro.texts])))) / dist.world,
+            "response_tokens": ro.mask.sum(1).float().mean().item(), "adv_std": ro.adv.std().item(),
+            "clip_frac": clip_frac, "tokens_per_s": int(ro.attn.sum()) / dt, "s_generate": ro.s_generate,
+            "s_score": ro.s_score, "s_step": dt}
 
-    policy.eval()
+
+def write_card(r: Run, out: Path, before: dict, guard: UtilityGuard | None, t_start: float) -> dict:
+    """Restore the guard's choice, measure the result, save the model and the calibration card."""
+    cfg, rt, dist = r.cfg, r.rt, r.dist
+    r.policy.eval()
     dist.barrier()
-    if guard is not None and guard["selected_step"] != cfg.max_steps:
-        read_weights(policy, guard_file)  # the last step that kept the teacher's accuracy
-    final_state = dist.full_state(policy) if dist.sharded(policy) else None  # (collective)
-    with dist.full_weights(policy):
-        after = card_metrics(policy, "after") if dist.is_main else None
+    if guard is not None:
+        guard.restore()
+    final_state = dist.full_state(r.policy) if dist.sharded(r.policy) else None  # (collective)
+    with dist.full_weights(r.policy):
+        after = card_metrics(r, "after") if dist.is_main else None
     if not dist.is_main:
         return {}
     card = {"eta": cfg.eta, "beta": cfg.beta, "model": cfg.model, "proxy": cfg.proxy, "task": to_dict(cfg.task),
             "steps": cfg.max_steps, "seed": rt.seed, "loss_type": cfg.loss_type,
-            "cal_normalization": cfg.cal_normalization, "num_generations": G, "learning_rate": cfg.learning_rate,
-            **before, **after, "guard": guard, "wall_seconds": time.time() - t_start, "versions": versions(), "precision": rt.precision()}
-    save_model(policy, tok, out / "model", state_dict=final_state)
+            "cal_normalization": cfg.cal_normalization, "num_generations": cfg.num_generations,
+            "learning_rate": cfg.learning_rate, **before, **after, "guard": guard.state if guard else None,
+            "wall_seconds": time.time() - t_start, "versions": versions(), "precision": rt.precision()}
+    save_model(r.policy, r.tok, out / "model", state_dict=final_state)
     write_json(out / "calibration_card.json", card)
     return card
+
+
+def run(cfg: CalibrateConfig) -> dict:
+    """Calibrate `cfg.model` against `cfg.proxy`; returns the calibration card."""
+    t_start = time.time()
+    r, val, val_where = setup(cfg)
+    out, dist = Path(cfg.output_dir), r.dist
+    ckpt_root = out / "checkpoints"
+    optimizer = make_optimizer(r.policy.parameters(), cfg.learning_rate)
+    scheduler = make_scheduler(optimizer, cfg.max_steps, cfg.warmup_steps)
+    log = StepLog(out / "log.jsonl", enabled=dist.is_main)
+    ema, start_step, before, guard_state = {}, 0, None, None
+    if cfg.resume and (state := load_checkpoint(ckpt_root, r.policy, optimizer, scheduler)) is not None:
+        start_step, ema, before, guard_state = state["step"], state["ema"], state["before"], state.get("guard")
+        log.truncate_after(start_step)
+    elif not cfg.resume and dist.is_main:
+        log.path.unlink(missing_ok=True)
+    with dist.full_weights(r.policy):
+        if before is None and dist.is_main:
+            before = card_metrics(r, "before")
+    guard = UtilityGuard(r, val, val_where, ckpt_root / "guard_selected.safetensors", guard_state) if val else None
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    dist.barrier()
+    mine, rows_mine = dist.share(cfg.prompts_per_step), dist.share(cfg.prompts_per_step * cfg.num_generations)
+    bar = tqdm(range(start_step, cfg.max_steps), desc=f"calibrate eta={cfg.eta:+g}",
+               disable=not r.rt.progress or not dist.is_main, initial=start_step, total=cfg.max_steps)
+    for step in bar:
+        t0 = time.time()
+        ro = rollout(r, step, ema, mine, rows_mine)
+        loss, clip_frac, kl = update(r, ro, optimizer, step, ckpt_root / "last")
+        scheduler.step()
+        row = step_row(r, ro, step, loss, clip_frac, kl, time.time() - t0)
+        if guard is not None and ((step + 1) % cfg.guard_steps == 0 or step + 1 == cfg.max_steps):
+            row["guard_val_accuracy"] = guard.check(step + 1)
+        log.write(row)
+        bar.set_postfix(reward=f"{row['task_reward']:.2f}", r_cal=f"{row['r_cal']:.3f}", kl=f"{kl:.3f}")
+        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
+            save_checkpoint(ckpt_root, step + 1, r.policy, optimizer, scheduler,  # (rank 0 writes)
+                            {"ema": ema, "before": before, "guard": guard.state if guard else None})
+    return write_card(r, out, before, guard, t_start)
