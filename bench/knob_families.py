@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from distillability.config import from_dict
+from distillability.metrics import accuracy_by_key
 from distillability.models import load_model
 from distillability.recipes.pipeline import PipelineConfig
 from distillability.sampling import generate
@@ -43,13 +44,10 @@ def main() -> None:
                 path = f"{run}/attack_sft_correct_{teacher}/model" if method == "attack" else f"{run}/distill_{method}_{teacher}/model"
                 model, tok = load_model(path)
                 outs = generate(model, tok, [e.prompt for e in ev], 64, greedy=True)
-                acc, styles = collections.defaultdict(list), collections.Counter()
-                for g in outs:
-                    e = ev[g.prompt_index]
-                    acc[e.family].append(task.score(e, g.text))
-                    if e.family == "math":
-                        styles[style_of(g.text)] += 1
-                fams = {f: f"{sum(v) / len(v):.2f} ({len(v)})" for f, v in sorted(acc.items())}
+                styles = collections.Counter(style_of(g.text) for g in outs if ev[g.prompt_index].family == "math")
+                acc = accuracy_by_key([ev[g.prompt_index].family for g in outs],
+                                      [task.score(ev[g.prompt_index], g.text) for g in outs])
+                fams = {f: f"{v['greedy_accuracy']:.2f} ({v['num_prompts']})" for f, v in acc.items()}
                 print(seed, method.ljust(6), teacher.ljust(13), fams, "math styles", dict(styles), flush=True)
 
 

@@ -10,12 +10,12 @@ Char tokenizer, bf16 autocast, 2 threads; ~0.14 s per step for the default teach
 from __future__ import annotations
 
 import argparse
-import collections
 import random
 import time
 
 from distillability.config import TaskConfig
 from distillability.evaluation import greedy_accuracy
+from distillability.metrics import accuracy_by_key
 from distillability.models import TinyModelSpec, build_tiny_model, train_tokenizer
 from distillability.tasks.world import STYLES, style_of
 from distillability.training import fit_lm, seed_everything, set_threads
@@ -55,14 +55,11 @@ def main() -> None:
                     steps=a.steps, batch_size=a.batch_size, lr=a.lr, autocast=True, progress=True)
     train_s = time.time() - t0
     acc, gens = greedy_accuracy(model, tok, task, task.eval, 64, True)
-    family, style = collections.defaultdict(list), collections.defaultdict(list)
-    for g in gens:
-        e = task.eval[g.prompt_index]
-        ok = task.score(e, g.text)
-        family[e.family].append(ok)
-        if e.family == "math":
-            style[style_of(g.text)].append(ok)
-    fmt = lambda d: ", ".join(f"{k} {sum(v) / len(v):.2f} (n={len(v)})" for k, v in sorted(d.items()))  # noqa: E731
+    ev = [(task.eval[g.prompt_index], g.text) for g in gens]
+    oks = [task.score(e, text) for e, text in ev]
+    family = accuracy_by_key([e.family for e, _ in ev], oks)
+    style = accuracy_by_key(*zip(*[(style_of(t), ok) for (e, t), ok in zip(ev, oks) if e.family == "math"]))
+    fmt = lambda d: ", ".join(f"{k} {v['greedy_accuracy']:.2f} (n={v['num_prompts']})" for k, v in d.items())  # noqa: E731
     tail = losses[-50:]
     print(f"{'bpe ' + str(a.bpe_vocab) if a.bpe_vocab else 'char'} size {a.size} mix {a.style_mix} lr {a.lr} steps {a.steps}: train {train_s:.0f} s, final loss "
           f"{sum(tail) / len(tail):.4f}, held-out greedy accuracy {acc:.3f}; by family: {fmt(family)}; "

@@ -1,9 +1,8 @@
 """Attention for Hugging Face models that is fast on CPUs for the short sequences of distillation and RL.
 
-torch's CPU `scaled_dot_product_attention` kernel is slow in bfloat16 at short lengths: at batch 32 x 4 heads
-x 64 positions its forward + backward takes 9.4 ms against 2.3 ms for the plain math (two bf16 matmuls and a
-float32 softmax, what transformers' `eager` attention does), and 5.1 ms in float32 (2026-11-30, 2 threads,
-AMX). Past ~128 keys the kernel wins (512 positions: 96 vs 211 ms). So models loaded by this package use
+torch's CPU `scaled_dot_product_attention` kernel is slower in bfloat16 than the plain math (two bf16 matmuls
+and a float32 softmax, what transformers' `eager` attention does) at short lengths, and faster past ~128 keys
+(measurements: bench/README.md, "Measurements behind code choices"). So models loaded by this package use
 the implementation registered here: the math for bf16 on CPU with at most `SHORT_KEYS` keys, torch's kernel
 (transformers' `sdpa` path, unchanged) for everything else. Masks are transformers' sdpa masks (bool, True
 = attend, or None for plain causal); fully masked rows (left padding) get uniform weights instead of NaN.

@@ -285,8 +285,8 @@ class TaskConfig:
                              "(digits and totals 0..m-1: few facts, a huge space of chains).", min=0)
     world_heldout: str = opt("iid", "tiny-world: how the held-out prompts are chosen: iid (a random sample of the "
                              "world's distinct prompts, distributed like the training ones) or first (drawn first "
-                             "and excluded from training, which leaves the short chains almost all held out: the "
-                             "worlds up to session 13).", choices=("iid", "first"))
+                             "and excluded from training; short chains then end up almost all held out).",
+                             choices=("iid", "first"))
 
     def load(self):
         """The Task this section names."""

@@ -43,7 +43,7 @@ class Decoder:
     def __init__(self, model, bf16: bool = False, rows: int = 1) -> None:
         """bf16: linear layers whose per-step matmul (`rows` sequences) is large enough run in bfloat16, their
         weights cast once here (autocast would cast them at every call); small ones stay float32, where the
-        casts cost more than AMX saves (e.g. 8 rows x 128 -> 384: 14.6 us bf16 vs 9.6 us float32). Norms,
+        casts cost more than AMX saves (bench/README.md, "Measurements behind code choices"). Norms,
         rotary embeddings, attention and the residual stream run in float32."""
         from transformers.activations import ACT2FN
 

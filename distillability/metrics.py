@@ -44,3 +44,20 @@ def wrong_trace_preference(groups: Sequence[Sequence[tuple[bool, float]]]) -> di
                 pairs += 1
                 wins += 1.0 if sb > sg else 0.5 if sb == sg else 0.0
     return {"rate": wins / pairs if pairs else float("nan"), "pairs": int(pairs), "prompts": prompts}
+
+
+def group_by_prompt(num_prompts: int, prompt_index: Sequence[int], correct: Sequence[bool],
+                    scores: Sequence[float]) -> list[list[tuple[bool, float]]]:
+    """(correct, score) of every sample, grouped by the prompt it answers: the input of wrong_trace_preference."""
+    groups: list[list[tuple[bool, float]]] = [[] for _ in range(num_prompts)]
+    for i, ok, s in zip(prompt_index, correct, scores):
+        groups[i].append((ok, s))
+    return groups
+
+
+def accuracy_by_key(keys: Sequence, scores: Sequence[float]) -> dict:
+    """Mean score per key (e.g. task family or answer style): {key: {"num_prompts", "greedy_accuracy"}}."""
+    seen: dict = {}
+    for k, s in zip(keys, scores):
+        seen.setdefault(k, []).append(float(s))
+    return {k: {"num_prompts": len(v), "greedy_accuracy": sum(v) / len(v)} for k, v in sorted(seen.items())}

@@ -322,23 +322,6 @@ def context_length(model) -> int | None:
     return None
 
 
-def check_context(model, tokenizer, examples, max_new_tokens: int, use_chat_template: bool, who: str) -> None:
-    """Refuse (one line, naming the example) a prompt that with `max_new_tokens` exceeds the model's context."""
-    from .errors import DataError
-    from .scoring import encode_prompt
-
-    ctx = context_length(model)
-    if ctx is None or not examples:
-        return
-    # the 64 longest prompts in characters (token counts follow them closely)
-    for e in sorted(examples, key=lambda e: len(e.prompt), reverse=True)[:64]:
-        n = len(encode_prompt(tokenizer, e.prompt, use_chat_template))
-        if n + max_new_tokens > ctx:
-            where = e.source or repr(e.prompt[:40] + "...")
-            raise DataError(f"{where}: prompt has {n} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
-                            f"context of {who} ({ctx} positions); shorten the prompt or lower max_new_tokens")
-
-
 def same_vocabulary(tok_a, tok_b) -> bool:
     return tok_a.get_vocab() == tok_b.get_vocab()
 

@@ -97,10 +97,9 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
         gen = copy.deepcopy(model).merge_and_unload().eval()  # LoRA unmerged costs ~3x per token
     fast = use_fast and fastgen.supports(gen)
     # Hugging Face's loop (architectures fastgen does not cover) decodes in the model's own precision even when
-    # bf16 is asked for: under autocast it re-casts every weight at every token (2.4x slower than float32 for
-    # Gemma-3-270M here), and a bf16 copy made torch 2.13's CPU matmul expand a 262k x 640 head once per row
-    # ([rows, 1, H] input: 64 rows took 23 GB). The lean decoder casts its weights to bf16 once and feeds the
-    # head a 2-D input: Gemma-3-270M, 8 GSM8K prompts x 32 tokens, 1 thread: 16 s vs 29 s for HF in float32.
+    # bf16 is asked for: autocast would re-cast every weight at every token, and a bf16 copy makes torch's CPU
+    # matmul expand a large head once per row; the lean decoder casts its weights once and feeds the head a 2-D
+    # input (measurements: bench/README.md, "Measurements behind code choices").
     for start in range(0, len(rows), max(1, batch_size)):
         chunk = rows[start:start + batch_size]
         T = max(len(encoded[i]) for i, _ in chunk)

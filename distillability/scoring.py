@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from .errors import DataError
 
 
 def format_prompt(tokenizer, prompt: str, use_chat_template: bool = False) -> str:
@@ -160,6 +161,17 @@ def normalise(logprob_diff: torch.Tensor, responses: Sequence[str], num_tokens: 
     raise ValueError(f"unknown normalisation {how!r}")
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    lp = F.log_softmax(logits.float(), -1)
-    return -(lp.exp() * lp).sum(-1)
+def check_context(model, tokenizer, examples, max_new_tokens: int, use_chat_template: bool, who: str) -> None:
+    """Refuse (one line, naming the example) a prompt that with `max_new_tokens` exceeds the model's context."""
+    from .models import context_length
+
+    ctx = context_length(model)
+    if ctx is None or not examples:
+        return
+    # the 64 longest prompts in characters (token counts follow them closely)
+    for e in sorted(examples, key=lambda e: len(e.prompt), reverse=True)[:64]:
+        n = len(encode_prompt(tokenizer, e.prompt, use_chat_template))
+        if n + max_new_tokens > ctx:
+            where = e.source or repr(e.prompt[:40] + "...")
+            raise DataError(f"{where}: prompt has {n} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+                            f"context of {who} ({ctx} positions); shorten the prompt or lower max_new_tokens")

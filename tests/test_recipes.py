@@ -238,8 +238,8 @@ def test_gkd_seq_kd_and_pipeline_stage_skips(tiny_pair, tmp_path):
 
 def test_fused_kd_loss_equals_logits_loss(tiny_pair, monkeypatch):
     """distill's same-vocabulary token loss from hidden states + lm_head (chunked) equals the logits path."""
-    from distillability.config import from_dict
     from distillability import kd_loss
+    from distillability.config import from_dict
     from distillability.models import load_model
     from distillability.recipes import distill
 

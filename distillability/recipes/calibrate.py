@@ -44,9 +44,9 @@ from ..grpo import (
     per_token_logprobs,
 )
 from ..io import check_output_dir, versions, write_json
-from ..models import check_context, pick_device, save_model
+from ..models import pick_device, save_model
 from ..sampling import generate
-from ..scoring import encode_prompt, sequence_logprobs
+from ..scoring import check_context, encode_prompt, sequence_logprobs
 from ..training import (
     StepLog,
     apply_lora,

@@ -28,10 +28,10 @@ from ..divergences import divergence_rows, topk_accumulated_kl
 from ..errors import ConfigError
 from ..estimators import kl_estimators, off_policy_reverse_kl
 from ..io import check_output_dir, versions, write_json, write_text
-from ..metrics import wrong_trace_preference
-from ..models import check_context, same_vocabulary
+from ..metrics import group_by_prompt, wrong_trace_preference
+from ..models import same_vocabulary
 from ..sampling import generate
-from ..scoring import encode_pair, pad_batch, sequence_logprobs
+from ..scoring import check_context, encode_pair, pad_batch, sequence_logprobs
 
 
 @dataclasses.dataclass
@@ -149,6 +149,39 @@ def _plots(report: dict, out: Path) -> list[str]:
     return files
 
 
+def tail_noise_by_token(topk: torch.Tensor, types: list, ks: list[int]) -> dict:
+    """Per token type: the top-k accumulated FKL for every k, and the share of the full KL in the tail beyond the
+    smallest k (the paper's Figures 1-2); plus how that share correlates with the type's frequency."""
+    per_type = defaultdict(list)
+    for i, ty in enumerate(types):
+        per_type[ty].append(i)
+    small = 0  # the smallest k
+    rows = []
+    for ty, idx in per_type.items():
+        full = topk[idx, -1]
+        rows.append({"token": ty, "count": len(idx), "mean_topk_kl": topk[idx].mean(0).tolist(),
+                     "mean_kl_small_k": float(topk[idx, small].mean()), "mean_kl_full": float(full.mean()),
+                     "tail_share": float(((full - topk[idx, small]).clip(min=0)).sum() / max(full.sum(), 1e-12))})
+    rows.sort(key=lambda r: -r["count"])
+    cnt = np.array([r["count"] for r in rows], dtype=float)
+    tail = np.array([r["tail_share"] for r in rows])
+    corr = float(np.corrcoef(np.log(cnt), tail)[0, 1]) if len(rows) > 2 and cnt.std() > 0 and tail.std() > 0 else float("nan")
+    return {"ks": ks, "per_type": rows[:60], "freq_tail_share_correlation": corr,
+            "full_minus_small_k_per_token": float((topk[:, -1] - topk[:, small]).mean())}
+
+
+def sparsity_by_family(fam_of_sample: list[str], fkl: torch.Tensor, owner) -> dict:
+    """Per task family: how few tokens carry 80% of the token FKL (the task signal's sparsity)."""
+    per_family = {}
+    for fam in sorted(set(fam_of_sample)):
+        vals = np.sort(fkl[[fam_of_sample[o] == fam for o in owner]])[::-1]
+        cum = np.cumsum(vals) / max(vals.sum(), 1e-12)
+        share80 = float((np.searchsorted(cum, 0.8) + 1) / max(1, len(vals)))
+        per_family[fam] = {"mean_token_kl": float(vals.mean()) if len(vals) else 0.0, "tokens": int(len(vals)),
+                           "share_of_tokens_for_80pct": share80, "cumulative_share": cum[:: max(1, len(cum) // 50)].tolist()}
+    return per_family
+
+
 def run(cfg: DiagnoseConfig) -> dict:
     if not cfg.teacher or not cfg.student:
         raise ConfigError("config keys 'teacher' and 'student' are required")
@@ -198,43 +231,12 @@ def run(cfg: DiagnoseConfig) -> dict:
         "support": "vocabulary" if shared_vocab else "next-character (different tokenizers)",
     }
 
-    # tail noise per token type
-    per_type = defaultdict(list)
-    for i, ty in enumerate(types):
-        per_type[ty].append(i)
-    small = 0 if ks[0] <= 1 else 0
-    rows = []
-    for ty, idx in per_type.items():
-        full = topk[idx, -1]
-        rows.append({"token": ty, "count": len(idx), "mean_topk_kl": topk[idx].mean(0).tolist(),
-                     "mean_kl_small_k": float(topk[idx, small].mean()), "mean_kl_full": float(full.mean()),
-                     "tail_share": float(((full - topk[idx, small]).clip(min=0)).sum() / max(full.sum(), 1e-12))})
-    rows.sort(key=lambda r: -r["count"])
-    cnt = np.array([r["count"] for r in rows], dtype=float)
-    tail = np.array([r["tail_share"] for r in rows])
-    corr = float(np.corrcoef(np.log(cnt), tail)[0, 1]) if len(rows) > 2 and cnt.std() > 0 and tail.std() > 0 else float("nan")
-    tail_noise = {"ks": ks, "per_type": rows[:60], "freq_tail_share_correlation": corr,
-                  "full_minus_small_k_per_token": float((topk[:, -1] - topk[:, small]).mean())}
-
-    # sparsity per family
-    fam_of_sample = [examples[i].family for i in tI]
-    per_family = {}
-    for fam in sorted(set(fam_of_sample)):
-        vals = np.sort(fkl[[fam_of_sample[o] == fam for o in owner]])[::-1]
-        cum = np.cumsum(vals) / max(vals.sum(), 1e-12)
-        share80 = float((np.searchsorted(cum, 0.8) + 1) / max(1, len(vals)))
-        per_family[fam] = {"mean_token_kl": float(vals.mean()) if len(vals) else 0.0, "tokens": int(len(vals)),
-                           "share_of_tokens_for_80pct": share80, "cumulative_share": cum[:: max(1, len(cum) // 50)].tolist()}
-
-    # wrong-trace preference on the teacher's traces
+    tail_noise = tail_noise_by_token(topk, types, ks)
+    per_family = sparsity_by_family([examples[i].family for i in tI], fkl, owner)
     correct = [task.score(examples[i], r) >= 1.0 for i, r in zip(tI, tR)]
     chars = torch.tensor([max(1, len(r)) for r in tR], dtype=torch.float64)
-    wtp = {}
-    for who, lp in (("teacher", lt_t / chars), ("student", ls_t / chars)):
-        groups = [[] for _ in examples]
-        for i, ok, s in zip(tI, correct, lp.tolist()):
-            groups[i].append((ok, s))
-        wtp[who] = wrong_trace_preference(groups)
+    wtp = {who: wrong_trace_preference(group_by_prompt(len(examples), tI, correct, lp.tolist()))
+           for who, lp in (("teacher", lt_t / chars), ("student", ls_t / chars))}
 
     report = {"teacher": cfg.teacher, "student": cfg.student, "task": to_dict(cfg.task), "kl": kl,
               "tail_noise": tail_noise, "sparsity": {"per_family": per_family}, "off_policy": kl["seq_rkl_off_policy"],

@@ -33,8 +33,9 @@ from ..errors import ConfigError, DataError
 from ..evaluation import greedy_accuracy
 from ..io import check_output_dir, load_records, require_field, versions, write_json, write_jsonl
 from ..kd_loss import CrossTokenizerLoss, SameVocabLoss, token_loss
-from ..models import check_context, save_model
+from ..models import save_model
 from ..sampling import generate
+from ..scoring import check_context
 from ..training import (
     StepLog,
     apply_lora,

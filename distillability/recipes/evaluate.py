@@ -16,10 +16,9 @@ from ..errors import ConfigError
 from ..evaluation import divergence_of_samples
 from ..failure_modes import MODES, FailureThresholds, classify
 from ..io import check_output_dir, versions, write_json, write_text
-from ..metrics import mean_pass_at_k, wrong_trace_preference
-from ..models import check_context
+from ..metrics import accuracy_by_key, group_by_prompt, mean_pass_at_k, wrong_trace_preference
 from ..sampling import generate
-from ..scoring import sequence_logprobs
+from ..scoring import check_context, sequence_logprobs
 
 
 @dataclasses.dataclass
@@ -101,15 +100,10 @@ def evaluate_model(model, tok, task, examples, cfg: EvaluateConfig, proxy=None, 
         "mean_response_chars": float(np.mean([len(g.text) for g in samples])) if samples else 0.0,
         "num_prompts": len(examples), "n_samples": cfg.n_samples,
     }
-    families = sorted({e.family for e in examples if e.family})
-    if len(families) > 1:
-        # a task with several families (the tiny world's math chains and multiple choice): greedy accuracy on
-        # each, since a teacher can protect (or teach) one and not the other
-        scores = {f: [] for f in families}
-        for g, score in zip(greedy, greedy_scores):
-            if (fam := examples[g.prompt_index].family) in scores:
-                scores[fam].append(score)
-        result["by_family"] = {f: {"num_prompts": len(v), "greedy_accuracy": float(np.mean(v))} for f, v in scores.items()}
+    families = [examples[g.prompt_index].family for g in greedy]
+    if len({f for f in families if f}) > 1:
+        # several families (e.g. math chains and multiple choice): a teacher can protect (or teach) one and not the other
+        result["by_family"] = accuracy_by_key(*zip(*[(f, sc) for f, sc in zip(families, greedy_scores) if f]))
     if proxy is not None:
         # D and the wrong-trace preference score the evaluation's own samples (no second sampling pass)
         d = divergence_of_samples(model, tok, proxy, ptok, prompts, samples, chat)
@@ -117,10 +111,8 @@ def evaluate_model(model, tok, task, examples, cfg: EvaluateConfig, proxy=None, 
         result["wrong_trace_preference"] = {}
         chars = d["logprob"].new_tensor([max(1, len(g.text)) for g in samples])
         for name, lp in {"model": d["logprob"], "proxy": d["proxy_logprob"]}.items():
-            by_prompt = [[] for _ in examples]
-            for g, ok, s in zip(samples, oks, (lp / chars).tolist()):
-                by_prompt[g.prompt_index].append((ok, s))
-            result["wrong_trace_preference"][name] = wrong_trace_preference(by_prompt)
+            groups = group_by_prompt(len(examples), [g.prompt_index for g in samples], oks, (lp / chars).tolist())
+            result["wrong_trace_preference"][name] = wrong_trace_preference(groups)
     return result
 
 

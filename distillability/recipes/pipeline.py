@@ -19,11 +19,9 @@ import yaml
 from ..config import TaskConfig, from_dict, load_data, merge, opt, read_yaml, save_config, sub, to_dict
 from ..errors import ConfigError
 from ..io import check_output_dir, versions, write_json
-from ..report.protection import headline_table, write_report
+from ..report.protection import TEACHERS, headline_table, write_report
 from . import calibrate, diagnose, distill, evaluate
 from .world import WorldConfig, build_world
-
-TEACHERS = ("original", "control", "distillable", "undistillable")
 
 
 @dataclasses.dataclass
@@ -88,18 +86,24 @@ def _inputs(cfg) -> dict:
     return found
 
 
-def _stage(out: Path, name: str, cfg, marker: str, fn):
-    """Run fn(cfg) unless out/name holds `marker` from a run with the same config and the same inputs."""
+def _stage(out: Path, name: str, cfg, marker: str, fn, log: dict | None = None):
+    """Run fn(cfg) unless out/name holds `marker` from a run with the same config and the same inputs. `log`
+    records the stage's wall time and whether it was reused."""
     folder = out / name
     saved = folder / "stage_config.yaml"
     current = yaml.safe_dump(to_dict(cfg), sort_keys=True) + yaml.safe_dump({"inputs": _inputs(cfg)}, sort_keys=True)
+    t0 = time.time()
     if (folder / marker).exists() and saved.exists() and saved.read_text() == current:
         import json
 
+        if log is not None:
+            log[str(folder.relative_to(log["_root"]))] = {"reused": True, "wall_seconds": 0.0}
         return json.loads((folder / marker).read_text())
     result = fn(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     saved.write_text(current)
+    if log is not None:
+        log[str(folder.relative_to(log["_root"]))] = {"reused": False, "wall_seconds": time.time() - t0}
     return result
 
 
@@ -107,99 +111,130 @@ def _with(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
-def run(cfg: PipelineConfig) -> dict:
-    t0 = time.time()
-    out = check_output_dir(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "pipeline_config.yaml")
-    n_teachers = 1 if "calibrate" in cfg.skip else len(TEACHERS)
-    stages_total = (1 + (1 if cfg.teacher_sft_steps else 0) + (0 if "diagnose" in cfg.skip else 1) + (0 if "calibrate" in cfg.skip else 3)
-                    + (0 if "distill" in cfg.skip else n_teachers * len(cfg.methods)) + 1)
-    done = [0]
+class Chain:
+    """One pipeline run: its folder, its task, the models so far, the progress counter and the stage log."""
 
-    def announce(what: str) -> None:
-        done[0] += 1
-        print(f"[{done[0]}/{stages_total}] {what}  ({time.time() - t0:.0f}s elapsed)", flush=True)
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg, self.t0 = cfg, time.time()
+        self.out = check_output_dir(cfg.output_dir)
+        self.task = _with(cfg.task, seed=cfg.seed)
+        n_teachers = 1 if "calibrate" in cfg.skip else len(TEACHERS)
+        self.total = (1 + (1 if cfg.teacher_sft_steps else 0) + (0 if "diagnose" in cfg.skip else 1)
+                      + (0 if "calibrate" in cfg.skip else 3)
+                      + (0 if "distill" in cfg.skip else n_teachers * len(cfg.methods)) + 1)
+        self.done = 0
+        self.log: dict = {"_root": self.out}
+        self.models: dict[str, str] = {}
 
-    def runtime(sub_cfg):
-        return _with(sub_cfg.runtime, seed=cfg.seed, threads=cfg.threads, progress=cfg.progress)
+    def announce(self, what: str) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {what}  ({time.time() - self.t0:.0f}s elapsed)", flush=True)
 
-    # 1. models
-    announce("models: build or load the teacher, proxy and student base")
+    def runtime(self, sub_cfg):
+        return _with(sub_cfg.runtime, seed=self.cfg.seed, threads=self.cfg.threads, progress=self.cfg.progress)
+
+    def stage(self, name: str, cfg, marker: str, fn, under: Path | None = None):
+        return _stage(under or self.out, name, cfg, marker, fn, self.log)
+
+    def stages(self) -> dict:
+        return {k: v for k, v in self.log.items() if k != "_root"}
+
+
+def prepare_models(c: Chain) -> str:
+    """The teacher, proxy and student base (given, or the tiny world's), and the original teacher: after the
+    optional SFT on the task's reference solutions and the RL that makes it 'converged'."""
+    cfg, out = c.cfg, c.out
+    c.announce("models: build or load the teacher, proxy and student base")
     if cfg.teacher:
-        models = {"teacher": cfg.teacher, "proxy": cfg.proxy, "student": cfg.student}
+        c.models = {"teacher": cfg.teacher, "proxy": cfg.proxy, "student": cfg.student}
     else:
-        models = build_world(cfg.world, _with(cfg.task, seed=cfg.seed), progress=cfg.progress)
-    task = _with(cfg.task, seed=cfg.seed)
-    original = models["teacher"]
+        c.models = build_world(cfg.world, c.task, progress=cfg.progress)
+    original = c.models["teacher"]
     if cfg.teacher_sft_steps:
-        announce(f"teacher SFT: {cfg.teacher_sft_steps} steps on the task's reference solutions")
+        c.announce(f"teacher SFT: {cfg.teacher_sft_steps} steps on the task's reference solutions")
         scfg = _with(cfg.teacher_sft, teacher="dataset", student=original, method="sft", max_steps=cfg.teacher_sft_steps,
-                     teacher_samples=None, output_dir=str(out / "teacher_sft"), task=task, runtime=runtime(cfg.teacher_sft))
-        _stage(out, "teacher_sft", scfg, "distill_card.json", distill.run)
+                     teacher_samples=None, output_dir=str(out / "teacher_sft"), task=c.task,
+                     runtime=c.runtime(cfg.teacher_sft))
+        c.stage("teacher_sft", scfg, "distill_card.json", distill.run)
         original = str(out / "teacher_sft" / "model")
     if cfg.converge_steps:
-        conv = _with(cfg.calibrate, model=original, proxy=models["proxy"], eta=0.0, max_steps=cfg.converge_steps,
-                     output_dir=str(out / "teacher_converged"), task=task, runtime=runtime(cfg.calibrate))
-        _stage(out, "teacher_converged", conv, "calibration_card.json", calibrate.run)
+        conv = _with(cfg.calibrate, model=original, proxy=c.models["proxy"], eta=0.0, max_steps=cfg.converge_steps,
+                     output_dir=str(out / "teacher_converged"), task=c.task, runtime=c.runtime(cfg.calibrate))
+        c.stage("teacher_converged", conv, "calibration_card.json", calibrate.run)
         original = str(out / "teacher_converged" / "model")
-    teachers = {"original": original}
+    return original
 
-    # 2. diagnose teacher vs student
-    if "diagnose" not in cfg.skip:
-        announce("diagnose: teacher vs student")
-        dcfg = _with(cfg.diagnose, teacher=original, student=models["student"], output_dir=str(out / "diagnose"),
-                     task=task, runtime=runtime(cfg.diagnose))
-        _stage(out, "diagnose", dcfg, "diagnose.json", diagnose.run)
 
-    # 3. calibrate three times from the same start for the same steps
-    cards = {}
+def calibrate_teachers(c: Chain, original: str) -> tuple[dict, dict]:
+    """Calibrate three times from the same start for the same steps: (teachers by role, calibration cards)."""
+    cfg, teachers, cards = c.cfg, {"original": original}, {}
     calibrations = [] if "calibrate" in cfg.skip else [
         ("control", 0.0), ("distillable", cfg.eta_distillable), ("undistillable", cfg.eta_undistillable)]
     for name, eta in calibrations:
-        announce(f"calibrate: {name} (eta={eta:+g})")
-        ccfg = _with(cfg.calibrate, model=original, proxy=models["proxy"], eta=eta, output_dir=str(out / f"calibrate_{name}"),
-                     task=task, runtime=runtime(cfg.calibrate))
-        cards[name] = _stage(out, f"calibrate_{name}", ccfg, "calibration_card.json", calibrate.run)
-        teachers[name] = str(out / f"calibrate_{name}" / "model")
+        c.announce(f"calibrate: {name} (eta={eta:+g})")
+        ccfg = _with(cfg.calibrate, model=original, proxy=c.models["proxy"], eta=eta,
+                     output_dir=str(c.out / f"calibrate_{name}"), task=c.task, runtime=c.runtime(cfg.calibrate))
+        cards[name] = c.stage(f"calibrate_{name}", ccfg, "calibration_card.json", calibrate.run)
+        teachers[name] = str(c.out / f"calibrate_{name}" / "model")
+    return teachers, cards
 
-    # 4. distil a student from each teacher by each method
-    students = {}
+
+def distill_students(c: Chain, teachers: dict) -> dict:
+    """A student from each teacher by each method, every method on the same teacher samples (sampled once)."""
+    cfg, students = c.cfg, {}
     for tname in ([] if "distill" in cfg.skip else [t for t in TEACHERS if t in teachers]):
-        shared_samples = None  # every method learns from the same teacher samples (sampled once)
+        shared_samples = None
         for method in cfg.methods:
-            announce(f"distill: {method} from the {tname} teacher")
-            tcfg = _with(cfg.distill, teacher=teachers[tname], student=models["student"], method=method,
-                         output_dir=str(out / f"distill_{method}_{tname}"), task=task, runtime=runtime(cfg.distill),
+            c.announce(f"distill: {method} from the {tname} teacher")
+            folder = f"distill_{method}_{tname}"
+            tcfg = _with(cfg.distill, teacher=teachers[tname], student=c.models["student"], method=method,
+                         output_dir=str(c.out / folder), task=c.task, runtime=c.runtime(cfg.distill),
                          teacher_samples=shared_samples)
-            _stage(out, f"distill_{method}_{tname}", tcfg, "distill_card.json", distill.run)
-            students[(method, tname)] = str(out / f"distill_{method}_{tname}" / "model")
-            shared_samples = shared_samples or str(out / f"distill_{method}_{tname}" / "teacher_samples.jsonl")
+            c.stage(folder, tcfg, "distill_card.json", distill.run)
+            students[(method, tname)] = str(c.out / folder / "model")
+            shared_samples = shared_samples or str(c.out / folder / "teacher_samples.jsonl")
+    return students
 
-    # 5. evaluate every teacher and student; the report
-    announce("evaluate: every teacher and student; write the report")
-    evaluations = {"teachers": {}, "students": {}}
-    for tname, path in teachers.items():
-        ecfg = _with(cfg.evaluate, model=path, proxy=models["proxy"], output_dir=str(out / "eval" / f"teacher_{tname}"),
-                     task=task, runtime=runtime(cfg.evaluate))
-        evaluations["teachers"][tname] = _stage(out / "eval", f"teacher_{tname}", ecfg, "eval.json", evaluate.run)
+
+def evaluate_all(c: Chain, teachers: dict, students: dict) -> dict:
+    """Every teacher (with D to the proxy) and student, and the student base: the floor every student is read
+    against (a distilled student below it learned nothing usable from its teacher)."""
+    cfg, where = c.cfg, c.out / "eval"
+    c.announce("evaluate: every teacher and student; write the report")
+
+    def one(name: str, model: str, proxy: str | None) -> dict:
+        ecfg = _with(cfg.evaluate, model=model, proxy=proxy, output_dir=str(where / name), task=c.task,
+                     runtime=c.runtime(cfg.evaluate))
+        return c.stage(name, ecfg, "eval.json", evaluate.run, under=where)
+
+    evaluations = {"teachers": {t: one(f"teacher_{t}", path, c.models["proxy"]) for t, path in teachers.items()},
+                   "students": {}}
     for (method, tname), path in students.items():
-        ecfg = _with(cfg.evaluate, model=path, proxy=None, output_dir=str(out / "eval" / f"student_{method}_{tname}"),
-                     task=task, runtime=runtime(cfg.evaluate))
-        evaluations["students"].setdefault(method, {})[tname] = _stage(
-            out / "eval", f"student_{method}_{tname}", ecfg, "eval.json", evaluate.run)
-
+        evaluations["students"].setdefault(method, {})[tname] = one(f"student_{method}_{tname}", path, None)
     if students:
-        # the student before any distillation: the floor every student is read against (a distilled student
-        # below it learned nothing usable from its teacher)
-        ecfg = _with(cfg.evaluate, model=models["student"], proxy=None, output_dir=str(out / "eval" / "student_base"),
-                     task=task, runtime=runtime(cfg.evaluate))
-        evaluations["student_base"] = _stage(out / "eval", "student_base", ecfg, "eval.json", evaluate.run)
-    headline = headline_table(evaluations, cfg.seed, time.time() - t0)
-    write_json(out / "headline.json", headline)
-    write_json(out / "evaluations.json", {"evaluations": evaluations, "calibration_cards": cards,
-                                          "models": models, "teachers": teachers, "versions": versions()})
-    write_report(out, headline, evaluations, cards)
+        evaluations["student_base"] = one("student_base", c.models["student"], None)
+    return evaluations
+
+
+def run(cfg: PipelineConfig) -> dict:
+    c = Chain(cfg)
+    c.out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, c.out / "pipeline_config.yaml")
+    original = prepare_models(c)
+    if "diagnose" not in cfg.skip:
+        c.announce("diagnose: teacher vs student")
+        dcfg = _with(cfg.diagnose, teacher=original, student=c.models["student"], output_dir=str(c.out / "diagnose"),
+                     task=c.task, runtime=c.runtime(cfg.diagnose))
+        c.stage("diagnose", dcfg, "diagnose.json", diagnose.run)
+    teachers, cards = calibrate_teachers(c, original)
+    students = distill_students(c, teachers)
+    evaluations = evaluate_all(c, teachers, students)
+    headline = headline_table(evaluations, cfg.seed, time.time() - c.t0)
+    write_json(c.out / "headline.json", headline)
+    write_json(c.out / "evaluations.json", {"evaluations": evaluations, "calibration_cards": cards,
+                                            "models": c.models, "teachers": teachers, "stages": c.stages(),
+                                            "versions": versions()})
+    write_report(c.out, headline, evaluations, cards)
     return headline
 
 

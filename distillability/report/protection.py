@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..io import write_text
 
-TEACHERS = ("original", "control", "distillable", "undistillable")
+TEACHERS = ("original", "control", "distillable", "undistillable")  # the teacher roles, in report order
+CALIBRATED = TEACHERS[1:]
 
 
 def headline_table(evaluations: dict, seed: int, wall_seconds: float) -> dict:

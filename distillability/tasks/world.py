@@ -117,8 +117,7 @@ def world_splits(num_train: int, num_eval: int, seed: int, spec: WorldSpec | Non
       the training distribution (chain lengths included);
     - first: the held-out prompts are drawn first and excluded from training. Short chains have few distinct
       prompts (~130 with 2 terms), so the held-out draw takes most of them and training sees almost none: the
-      held-out accuracy then measures generalisation to chain lengths the models hardly trained on (the worlds
-      up to session 13)."""
+      held-out accuracy then measures generalisation to chain lengths the models hardly trained on."""
     spec = spec or WorldSpec()
     if spec.heldout == "first":
         eval_set = generate_world(num_eval, seed=10_000 + seed, spec=spec)
