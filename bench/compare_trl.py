@@ -170,7 +170,7 @@ def worker_ours(kind: str, root: Path, steps: int, bf16: bool) -> list[float]:
         cfg = from_dict(calibrate.CalibrateConfig, {
             "model": str(root / policy), "proxy": str(root / "student"), "eta": 1.0 if kind.endswith("eta") else 0.0,
             "beta": 0.04, "num_generations": 4, "prompts_per_step": 8, "max_completion_length": COMPLETION_TOKENS,
-            "temperature": 1.0, "max_steps": steps, "learning_rate": 1e-4, "eval_prompts": 1, "eval_samples": 1,
+            "temperature": 1.0, "max_steps": steps, "learning_rate": 1e-4, "eval_prompts": 1, "eval_generations": 1,
             "save_steps": 0, "output_dir": out, "task": task, "runtime": runtime})
         calibrate.run(cfg)
     rows = [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]

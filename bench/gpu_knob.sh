@@ -35,8 +35,8 @@ else
     calibrate.runtime.bf16=true
     distill.max_steps=300 distill.per_device_train_batch_size=64 distill.num_prompts=2000 distill.eval_prompts=400
     distill.learning_rate=1e-3 distill.runtime.bf16=true
-    diagnose.num_prompts=64 diagnose.runtime.bf16=true
-    evaluate.num_prompts=400 evaluate.n_samples=8 evaluate.k=[1,4,8] evaluate.runtime.bf16=true
+    diagnose.eval_prompts=64 diagnose.runtime.bf16=true
+    evaluate.eval_prompts=400 evaluate.num_generations=8 evaluate.k=[1,4,8] evaluate.runtime.bf16=true
     progress=false
   )
 fi

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from pathlib import Path
@@ -127,7 +128,14 @@ def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     obj = base if base is not None else cls()
     values = {}
+    aliases = getattr(cls, "ALIASES", {})
     for key, value in data.items():
+        if key in aliases and key not in fields:
+            new = aliases[key]
+            if new in data:
+                raise ConfigError(f"config key '{prefix}{key}': deprecated name of '{prefix}{new}', which is also given")
+            warn_once(f"config key '{prefix}{key}' is deprecated; use '{prefix}{new}'")
+            key = new
         full = f"{prefix}{key}"
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
@@ -150,6 +158,16 @@ def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
     if hasattr(obj, "validate"):
         obj.validate()
     return obj
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A one-line warning on stderr, once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def parse_overrides(args: list[str]) -> dict:

@@ -225,3 +225,23 @@ def test_preset_configs_load():
     for f in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
         cfg = load_pipeline_config(str(f), None)
         assert cfg.output_dir
+
+
+def test_deprecated_key_names_map_to_the_new_ones_with_one_warning(capsys):
+    """One name per meaning: samples per prompt is num_generations, held-out prompts eval_prompts; the old keys
+    still load for one release, with a one-line warning."""
+    from distillability.config import from_dict
+    from distillability.recipes.diagnose import DiagnoseConfig
+    from distillability.recipes.distill import DistillConfig
+    from distillability.recipes.evaluate import EvaluateConfig
+
+    ev = from_dict(EvaluateConfig, {"n_samples": 3, "num_prompts": 7, "k": [1, 3]})
+    assert ev.num_generations == 3 and ev.eval_prompts == 7
+    assert from_dict(DiagnoseConfig, {"num_samples": 5}).num_generations == 5
+    assert from_dict(DistillConfig, {"samples_per_prompt": 2}).num_generations == 2
+    assert from_dict(CalibrateConfig, {"eval_samples": 4}).eval_generations == 4
+    from_dict(EvaluateConfig, {"n_samples": 3, "k": [1]})
+    err = capsys.readouterr().err.splitlines()
+    assert err.count("warning: config key 'n_samples' is deprecated; use 'num_generations'") == 1
+    with pytest.raises(ConfigError, match="'n_samples': deprecated name of 'num_generations'"):
+        from_dict(EvaluateConfig, {"n_samples": 3, "num_generations": 3})

@@ -91,7 +91,7 @@ def test_distill_fsdp_matches_one(tiny_pair, tmp_path, method):
 
 def test_calibrate_two_processes_match_one(tiny_pair, tmp_path):
     args = ["calibrate", f"model={tiny_pair['teacher']}", f"proxy={tiny_pair['student']}", "eta=1", "max_steps=3",
-            "num_generations=4", "eval_prompts=4", "eval_samples=1", "max_completion_length=16", *COMMON]
+            "num_generations=4", "eval_prompts=4", "eval_generations=1", "max_completion_length=16", *COMMON]
     _run([*args, "output_dir=one", "prompts_per_step=4"], 1, tmp_path)
     _run([*args, "output_dir=two", "prompts_per_step=2"], 2, tmp_path)
     one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
@@ -108,7 +108,7 @@ def test_calibrate_fsdp_matches_one(tiny_pair, tmp_path):
     """calibrate with the policy sharded (FSDP2): generation from gathered weights, the same rewards and loss
     curve as one process, and the utility guard's selected weights restored on every rank."""
     args = ["calibrate", f"model={tiny_pair['teacher']}", f"proxy={tiny_pair['student']}", "eta=1", "max_steps=3",
-            "num_generations=4", "eval_prompts=4", "eval_samples=1", "max_completion_length=16",
+            "num_generations=4", "eval_prompts=4", "eval_generations=1", "max_completion_length=16",
             "min_accuracy_ratio=0.5", "guard_steps=1", "guard_prompts=4", *COMMON]
     _run([*args, "output_dir=one", "prompts_per_step=4"], 1, tmp_path)
     _run([*args, "output_dir=fsdp", "prompts_per_step=2"], 2, tmp_path, fsdp=True)

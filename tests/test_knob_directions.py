@@ -16,7 +16,7 @@ def test_calibration_moves_divergence_in_the_direction_of_eta(small_world, tmp_p
     card = calibrate.run(load_config(calibrate.CalibrateConfig, overrides=[
         f"model={small_world['teacher']}", f"proxy={small_world['proxy']}", f"eta={eta}", "max_steps=60",
         "num_generations=8", "prompts_per_step=8", "learning_rate=1e-4", "beta=0.04", "max_completion_length=64",
-        "eval_prompts=64", "eval_samples=4", f"output_dir={tmp_path}", "runtime.progress=false", *SMALL_WORLD_TASK]))
+        "eval_prompts=64", "eval_generations=4", f"output_dir={tmp_path}", "runtime.progress=false", *SMALL_WORLD_TASK]))
     moved = card["after_D_per_char"] - card["before_D_per_char"]
     assert moved * eta > 0, card
     # the teacher keeps its utility: accuracy does not fall by more than 10 points (RL may raise it)

@@ -73,7 +73,7 @@ def test_diagnose_real_pair_across_tokenizers(real_cache, monkeypatch, tmp_path)
 
     rep = diagnose.run(load_config(diagnose.DiagnoseConfig, overrides=[
         f"teacher={GEMMA}", f"student={SMOL}", "task.name=gsm8k", f"task.path={_gsm8k()}", "task.num_train=0",
-        "task.num_eval=16", "num_prompts=3", "num_samples=2", "max_new_tokens=24", f"output_dir={tmp_path}",
+        "task.num_eval=16", "eval_prompts=3", "num_generations=2", "max_new_tokens=24", f"output_dir={tmp_path}",
         "runtime.progress=false"]))
     assert rep["kl"]["support"].startswith("next-character")
     assert rep["kl"]["token_fkl_mean"] > 0 and (tmp_path / "tail_noise.png").exists()
@@ -86,7 +86,7 @@ def test_evaluate_smollm2_on_gsm8k(real_cache, monkeypatch, tmp_path):
 
     res = evaluate.run(load_config(evaluate.EvaluateConfig, overrides=[
         f"model={SMOL}", "task.name=gsm8k", f"task.path={_gsm8k()}", "task.num_train=0", "task.num_eval=16",
-        "task.use_chat_template=true", "num_prompts=16", "n_samples=1", "k=[1]", "max_new_tokens=48",
+        "task.use_chat_template=true", "eval_prompts=16", "num_generations=1", "k=[1]", "max_new_tokens=48",
         f"output_dir={tmp_path}", "runtime.progress=false"]))
     assert res["num_prompts"] == 16 and 0 <= res["greedy_accuracy"] <= 1
     assert (tmp_path / "eval.json").exists() and (tmp_path / "eval.md").exists()
@@ -127,11 +127,11 @@ def test_real_pipeline_config_runs_every_stage_at_reduced_budget(real_cache, mon
     out = tmp_path / "run"
     small = ["teacher_sft_steps=3", "task.num_train=24", "task.num_eval=4", "teacher_sft.num_prompts=4",
              "teacher_sft.learning_rate=1e-3", "teacher_sft.warmup_steps=0",
-             "teacher_sft.eval_prompts=2", "teacher_sft.max_new_tokens=24", "diagnose.num_prompts=2",
+             "teacher_sft.eval_prompts=2", "teacher_sft.max_new_tokens=24", "diagnose.eval_prompts=2",
              "diagnose.max_new_tokens=24", "calibrate.max_steps=1", "calibrate.num_generations=2",
              "calibrate.prompts_per_step=2", "calibrate.max_completion_length=24", "calibrate.eval_prompts=2",
              "distill.num_prompts=4", "distill.max_steps=2", "distill.per_device_train_batch_size=2",
-             "distill.eval_prompts=2", "distill.max_new_tokens=24", "distill.lmbda=1.0", "evaluate.num_prompts=2",
+             "distill.eval_prompts=2", "distill.max_new_tokens=24", "distill.lmbda=1.0", "evaluate.eval_prompts=2",
              "evaluate.max_new_tokens=24", "progress=false"]
     r = CliRunner().invoke(main, ["pipeline", "--config", "configs/gemma270m-smollm2-gsm.yaml", f"output_dir={out}",
                                   *small])

@@ -20,7 +20,7 @@ FAST = ["runtime.progress=false", "task.num_train=200", "task.num_eval=16"]
 
 def test_calibrate_resume_equals_uninterrupted(tiny_pair, tmp_path):
     common = [f"model={tiny_pair['teacher']}", f"proxy={tiny_pair['student']}", "eta=1.0", "num_generations=2",
-              "prompts_per_step=2", "max_completion_length=16", "eval_prompts=4", "eval_samples=1", *FAST]
+              "prompts_per_step=2", "max_completion_length=16", "eval_prompts=4", "eval_generations=1", *FAST]
     full = load_config(calibrate.CalibrateConfig, overrides=[*common, "max_steps=4", f"output_dir={tmp_path / 'a'}",
                                                              "save_steps=0"])
     card = calibrate.run(full)
@@ -92,7 +92,7 @@ def test_distill_across_tokenizers(tiny_pair, tmp_path, method, xt):
 
 def test_evaluate_and_diagnose_write_their_files(tiny_pair, tmp_path):
     res = evaluate.run(load_config(evaluate.EvaluateConfig, overrides=[
-        f"model={tiny_pair['teacher']}", f"proxy={tiny_pair['student']}", "num_prompts=6", "n_samples=3", "k=[1,3]",
+        f"model={tiny_pair['teacher']}", f"proxy={tiny_pair['student']}", "eval_prompts=6", "num_generations=3", "k=[1,3]",
         "max_new_tokens=16", f"output_dir={tmp_path / 'e'}", *FAST]))
     assert 0 <= res["greedy_accuracy"] <= 1 and set(res["pass_at_k"]) == {"1", "3"}
     assert res["pass_at_k"]["3"] >= res["pass_at_k"]["1"]
@@ -122,7 +122,7 @@ def test_evaluate_and_diagnose_write_their_files(tiny_pair, tmp_path):
         assert p == pytest.approx(one, rel=1e-4)
     assert len(batched) >= 3 and evaluate._answer_probs(model, tok, task, [(task.eval[0], " no answer")], False) == [None]
     rep = diagnose.run(load_config(diagnose.DiagnoseConfig, overrides=[
-        f"teacher={tiny_pair['teacher']}", f"student={tiny_pair['student']}", "num_prompts=4", "num_samples=2",
+        f"teacher={tiny_pair['teacher']}", f"student={tiny_pair['student']}", "eval_prompts=4", "num_generations=2",
         "max_new_tokens=16", f"output_dir={tmp_path / 'd'}", *FAST]))
     out = Path(tmp_path / "d")
     assert json.loads((out / "diagnose.json").read_text())["kl"]["token_fkl_mean"] >= 0
@@ -195,7 +195,7 @@ def test_calibrate_logs_the_share_of_rewards_at_the_clip(tiny_pair, tmp_path):
     """r_cal_at_clip: with a clip far below any per-character log-ratio every response sits at it (1.0); with
     no clip none does (0.0)."""
     common = [f"model={tiny_pair['teacher']}", f"proxy={tiny_pair['student']}", "eta=1.0", "num_generations=2",
-              "prompts_per_step=2", "max_completion_length=12", "eval_prompts=2", "eval_samples=1", "max_steps=1",
+              "prompts_per_step=2", "max_completion_length=12", "eval_prompts=2", "eval_generations=1", "max_steps=1",
               "save_steps=0", *FAST]
     for clip, share in (("1e-9", 1.0), ("0", 0.0)):
         out = tmp_path / clip
@@ -210,7 +210,7 @@ def test_calibrate_with_lora_saves_a_merged_plain_model(tiny_pair, tmp_path):
     card = calibrate.run(load_config(calibrate.CalibrateConfig, overrides=[
         f"model={tiny_pair['teacher']}", f"proxy={tiny_pair['student']}", "eta=-1.0", "use_peft=true", "lora_r=4",
         "learning_rate=1e-2", "num_generations=2", "prompts_per_step=2", "max_steps=2", "max_completion_length=12",
-        "eval_prompts=2", "eval_samples=1", f"output_dir={tmp_path}", *FAST]))
+        "eval_prompts=2", "eval_generations=1", f"output_dir={tmp_path}", *FAST]))
     assert card["steps"] == 2
     merged, _ = load_model(str(tmp_path / "model"), device="cpu")
     base, _ = load_model(tiny_pair["teacher"], device="cpu")
@@ -347,7 +347,7 @@ def test_calibrate_utility_guard_keeps_the_last_step_that_kept_accuracy(small_wo
 
     cfg = load_config(calibrate.CalibrateConfig, overrides=[
         f"model={small_world['teacher']}", f"proxy={small_world['proxy']}", "eta=1.0", "num_generations=2",
-        "prompts_per_step=4", "max_completion_length=24", "eval_prompts=4", "eval_samples=1", "learning_rate=0.02",
+        "prompts_per_step=4", "max_completion_length=24", "eval_prompts=4", "eval_generations=1", "learning_rate=0.02",
         "max_steps=6", "min_accuracy_ratio=0.9", "guard_steps=2", "guard_prompts=24", "guard_split=train", "save_steps=0",
         f"output_dir={tmp_path}", "runtime.progress=false", *SMALL_WORLD_TASK])
     card = calibrate.run(cfg)
@@ -374,7 +374,7 @@ def test_calibrate_guard_on_held_out_prompts_uses_the_last_ones(small_world, tmp
 
     cfg = load_config(calibrate.CalibrateConfig, overrides=[
         f"model={small_world['teacher']}", f"proxy={small_world['proxy']}", "num_generations=2", "prompts_per_step=2",
-        "max_completion_length=24", "eval_prompts=4", "eval_samples=1", "max_steps=1", "min_accuracy_ratio=0.5",
+        "max_completion_length=24", "eval_prompts=4", "eval_generations=1", "max_steps=1", "min_accuracy_ratio=0.5",
         "guard_prompts=20", "save_steps=0", f"output_dir={tmp_path}", "runtime.progress=false", *SMALL_WORLD_TASK])
     g = calibrate.run(cfg)["guard"]
     task = cfg.task.load()
@@ -390,7 +390,7 @@ def test_evaluate_reports_accuracy_by_task_family(tiny_pair):
     from distillability.models import load_model
 
     model, tok = load_model(tiny_pair["teacher"], device="cpu")
-    cfg = load_config(evaluate.EvaluateConfig, overrides=[*FAST, "task.num_eval=24", "n_samples=1", "k=[1]", "max_new_tokens=16"])
+    cfg = load_config(evaluate.EvaluateConfig, overrides=[*FAST, "task.num_eval=24", "num_generations=1", "k=[1]", "max_new_tokens=16"])
     task = cfg.task.load()
     examples = task.eval[:24]
     assert {e.family for e in examples} == {"math", "mc"}
@@ -411,18 +411,18 @@ def test_pipeline_keeps_evaluations_off_the_guards_prompts():
     from distillability.recipes.pipeline import PipelineConfig, apply_preset
 
     guard = {"min_accuracy_ratio": 0.95, "guard_prompts": 100}
-    with pytest.raises(ConfigError, match="'evaluate.num_prompts': 500 prompts reach into the utility guard's last 100 "
+    with pytest.raises(ConfigError, match="'evaluate.eval_prompts': 500 prompts reach into the utility guard's last 100 "
                                           "of task.num_eval=500"):
         from_dict(PipelineConfig, apply_preset({"calibrate": guard}, False))  # the default's 500 held-out prompts
     with pytest.raises(ConfigError, match="'distill.eval_prompts'"):
-        from_dict(PipelineConfig, apply_preset({"calibrate": guard, "task": {"num_eval": 150}, "evaluate": {"num_prompts": 50}},
+        from_dict(PipelineConfig, apply_preset({"calibrate": guard, "task": {"num_eval": 150}, "evaluate": {"eval_prompts": 50}},
                                                 False))
     with pytest.raises(ConfigError, match="'calibrate.eval_prompts'"):
-        from_dict(PipelineConfig, apply_preset({"calibrate": guard, "task": {"num_eval": 400}, "evaluate": {"num_prompts": 300},
+        from_dict(PipelineConfig, apply_preset({"calibrate": guard, "task": {"num_eval": 400}, "evaluate": {"eval_prompts": 300},
                                                 "distill": {"eval_prompts": 300}}, False))
     ok = from_dict(PipelineConfig, apply_preset({"calibrate": {**guard, "eval_prompts": 300}, "task": {"num_eval": 400},
-                                                 "evaluate": {"num_prompts": 300}, "distill": {"eval_prompts": 300}}, False))
-    assert ok.task.num_eval - ok.calibrate.guard_prompts == ok.evaluate.num_prompts
+                                                 "evaluate": {"eval_prompts": 300}, "distill": {"eval_prompts": 300}}, False))
+    assert ok.task.num_eval - ok.calibrate.guard_prompts == ok.evaluate.eval_prompts
     from_dict(PipelineConfig, apply_preset({"calibrate": {**guard, "guard_split": "train"}}, False))  # not held-out: no limit
 
 

@@ -31,7 +31,7 @@ def _distill_args(tiny_pair, out, steps):
 def _calibrate_args(tiny_pair, out, steps):
     return ["calibrate", f"model={tiny_pair['teacher']}", f"proxy={tiny_pair['student']}", "eta=1",
             f"max_steps={steps}", "num_generations=2", "prompts_per_step=2", "max_completion_length=12",
-            "eval_prompts=2", "eval_samples=1", "save_steps=1", "warmup_steps=0", f"output_dir={out}",
+            "eval_prompts=2", "eval_generations=1", "save_steps=1", "warmup_steps=0", f"output_dir={out}",
             "runtime.progress=false", "task.num_train=200", "task.num_eval=16", "runtime.threads=1"]
 
 
@@ -84,7 +84,7 @@ BAD_INPUT = [
     (["distill", "teacher=T", "student=S", "methd=kd"], "methd"),
     (["calibrate", "model=a", "proxy=b", "num_generations=1"], "num_generations"),
     (["calibrate", "model=a", "proxy=b", "learning_rate=-0.1"], "learning_rate"),
-    (["evaluate", "model=a", "n_samples=2", "k=[4]"], "k"),
+    (["evaluate", "model=a", "num_generations=2", "k=[4]"], "k"),
     (["evaluate", "--config", "/no/such.yaml"], "/no/such.yaml"),
     (["diagnose", "teacher=a", "student=b", "task.name=gsm8k", "task.path=/no/data.jsonl"], None),
 ]
@@ -173,7 +173,7 @@ def _bad_case(name: str, tiny_pair, tmp: Path) -> tuple[list[str], str]:
     """(CLI args, text the one-line error must contain) for a bad-input case needing models or files."""
     teacher, data = tiny_pair["teacher"], tmp / "data.jsonl"
     gsm = ["task.name=gsm8k", f"task.path={data}"]
-    ev = ["evaluate", f"model={teacher}", f"output_dir={tmp / 'out'}", "num_prompts=2", "n_samples=1", "k=[1]"]
+    ev = ["evaluate", f"model={teacher}", f"output_dir={tmp / 'out'}", "eval_prompts=2", "num_generations=1", "k=[1]"]
     if name == "empty file":
         data.write_text("")
         return ev + gsm, "data.jsonl"

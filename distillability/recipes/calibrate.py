@@ -64,6 +64,8 @@ from ..training import (
 
 @dataclasses.dataclass
 class CalibrateConfig:
+    ALIASES = {"eval_samples": "eval_generations"}  # deprecated key -> its name now (one release)
+
     model: str = opt("", "The teacher to calibrate (folder, packaged:NAME or hub id); also the frozen pi_0.")
     proxy: str = opt("", "The calibration proxy pi_C (any tokenizer).")
     output_dir: str = opt("runs/calibrate", "Where the calibrated model, card, logs and checkpoints go.")
@@ -109,7 +111,7 @@ class CalibrateConfig:
                            "them too) or train (the end of the training split, then not used for RL; only "
                            "meaningful when the model has not memorised its training prompts).",
                            choices=("held_out", "train"))
-    eval_samples: int = opt(2, "Samples per held-out prompt for the mean D.", min=1)
+    eval_generations: int = opt(2, "Samples per held-out prompt for the mean D.", min=1)
     save_steps: int = opt(10, "Checkpoint every N steps (0 = only at the end).", min=0)
     resume: bool = opt(False, "Continue from the last checkpoint in output_dir.")
     task: TaskConfig = sub(TaskConfig, "The task (prompts and verifier).")
@@ -192,7 +194,7 @@ def card_metrics(r: Run, tag: str) -> dict:
     cfg, rt, chat = r.cfg, r.rt, r.cfg.task.use_chat_template
     acc, _ = greedy_accuracy(r.policy, r.tok, r.task, r.held_out, cfg.max_completion_length, rt.autocast, chat)
     d = mean_calibration_divergence(r.policy, r.tok, r.proxy, r.ptok, r.held_out, cfg.max_completion_length,
-                                    cfg.temperature, cfg.eval_samples, seed=rt.seed + 99, autocast=rt.autocast,
+                                    cfg.temperature, cfg.eval_generations, seed=rt.seed + 99, autocast=rt.autocast,
                                     use_chat_template=chat)
     return {f"{tag}_accuracy": acc, f"{tag}_D_per_char": d["per_char"], f"{tag}_D_summed": d["summed"],
             f"{tag}_mean_chars": d["mean_chars"]}

@@ -36,11 +36,13 @@ from ..scoring import check_context, encode_pair, pad_batch, sequence_logprobs
 
 @dataclasses.dataclass
 class DiagnoseConfig:
+    ALIASES = {"num_prompts": "eval_prompts", "num_samples": "num_generations"}  # deprecated (one release)
+
     teacher: str = opt("", "The teacher.")
     student: str = opt("", "The student or calibration proxy.")
     output_dir: str = opt("runs/diagnose", "Where diagnose.json, plots and summary.md go.")
-    num_prompts: int = opt(64, "Held-out prompts to analyse.", min=1)
-    num_samples: int = opt(4, "Samples per prompt from each model (also the traces for wrong-trace preference).", min=2)
+    eval_prompts: int = opt(64, "Held-out prompts to analyse.", min=1)
+    num_generations: int = opt(4, "Samples per prompt from each model (also the traces for wrong-trace preference).", min=2)
     temperature: float = opt(1.0, "Sampling temperature.", min=0, min_exclusive=True)
     max_new_tokens: int = opt(64, "Max new tokens per sample.", min=1)
     top_k: list[int] = opt([1, 5, 10, 50, 100, 1000], "k values of the top-k accumulated KL (|V| is always added).")
@@ -193,7 +195,7 @@ def run(cfg: DiagnoseConfig) -> dict:
     teacher, ttok = rt.load(cfg.teacher, frozen=True)
     student, stok = rt.load(cfg.student, frozen=True)
     task = cfg.task.load()
-    examples = task.eval[: cfg.num_prompts]
+    examples = task.eval[: cfg.eval_prompts]
     check_context(teacher, ttok, examples, cfg.max_new_tokens, chat, "the teacher")
     check_context(student, stok, examples, cfg.max_new_tokens, chat, "the student")
     prompts = [e.prompt for e in examples]
@@ -201,7 +203,7 @@ def run(cfg: DiagnoseConfig) -> dict:
     projector = None if shared_vocab else FirstCharProjector([ttok, stok])
 
     def sample(model, tok, salt):
-        g = generate(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, num_return_sequences=cfg.num_samples,
+        g = generate(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, num_return_sequences=cfg.num_generations,
                      seed=rt.seed + salt, autocast=rt.autocast, use_chat_template=chat)
         return [prompts[x.prompt_index] for x in g], [x.text for x in g], [x.finished for x in g], [x.prompt_index for x in g]
 

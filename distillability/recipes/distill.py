@@ -53,6 +53,8 @@ from ..training import (
 
 @dataclasses.dataclass
 class DistillConfig:
+    ALIASES = {"samples_per_prompt": "num_generations"}  # deprecated key -> its name now (one release)
+
     teacher: str = opt("", "The teacher (folder, packaged:NAME or hub id), or `dataset`: SFT on the task's own "
                        "reference solutions (e.g. GSM8K's worked answers) instead of a model's samples.")
     student: str = opt("", "The student to train (its starting weights).")
@@ -76,7 +78,7 @@ class DistillConfig:
                                       "at random per prompt (tiny-world: worked, running, direct; the mix the tiny "
                                       "world's teacher learns); empty = each example's first solution.")
     num_prompts: int = opt(512, "Training prompts the teacher answers.", min=1)
-    samples_per_prompt: int = opt(1, "Teacher samples per prompt.", min=1)
+    num_generations: int = opt(1, "Teacher samples per prompt.", min=1)
     sample_temperature: float = opt(1.0, "Temperature of the teacher's samples (0 = greedy).", min=0)
     keep_correct_only: bool = opt(False, "Keep only teacher samples the verifier marks correct.")
     max_new_tokens: int = opt(64, "Max tokens per sampled response (TRL: max_new_tokens).", min=1)
@@ -140,7 +142,7 @@ def sample_teacher(teacher, ttok, task, cfg: DistillConfig, path: Path) -> list[
     per = -(-len(prompts) // dist.world)
     mine = dist.share(per)
     gens = generate(teacher, ttok, [e.prompt for e in prompts[mine]], cfg.max_new_tokens, cfg.sample_temperature or 1.0,
-                    num_return_sequences=1 if greedy else cfg.samples_per_prompt, greedy=greedy,
+                    num_return_sequences=1 if greedy else cfg.num_generations, greedy=greedy,
                     seed=step_seed(cfg.runtime.seed, 0, 7), autocast=cfg.runtime.autocast,
                     use_chat_template=cfg.task.use_chat_template, index_offset=mine.start)
     part = prompts[mine]

@@ -23,12 +23,14 @@ from ..scoring import check_context, sequence_logprobs
 
 @dataclasses.dataclass
 class EvaluateConfig:
+    ALIASES = {"num_prompts": "eval_prompts", "n_samples": "num_generations"}  # deprecated (one release)
+
     model: str = opt("", "The model to evaluate.")
     proxy: str | None = opt(None, "Optional proxy/student for the causal metrics (D and wrong-trace preference).")
     output_dir: str = opt("runs/evaluate", "Where eval.json and eval.md go.")
-    num_prompts: int = opt(100, "Held-out prompts to evaluate (at most task.num_eval).", min=1)
-    n_samples: int = opt(4, "Samples per prompt for pass@k and failure modes.", min=1)
-    k: list[int] = opt([1, 2, 4], "k values of pass@k (each <= n_samples).")
+    eval_prompts: int = opt(100, "Held-out prompts to evaluate (at most task.num_eval).", min=1)
+    num_generations: int = opt(4, "Samples per prompt for pass@k and failure modes.", min=1)
+    k: list[int] = opt([1, 2, 4], "k values of pass@k (each <= num_generations).")
     temperature: float = opt(1.0, "Sampling temperature for pass@k.", min=0, min_exclusive=True)
     max_new_tokens: int = opt(64, "Max new tokens per response.", min=1)
     ngram: int = opt(3, "Failure modes: n-gram size for repetition.", min=2)
@@ -42,8 +44,8 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         for k in self.k:
-            if not 1 <= k <= self.n_samples:
-                raise ConfigError(f"config key 'k': pass@{k} needs 1 <= k <= n_samples ({self.n_samples})")
+            if not 1 <= k <= self.num_generations:
+                raise ConfigError(f"config key 'k': pass@{k} needs 1 <= k <= num_generations ({self.num_generations})")
 
 
 def _answer_probs(model, tok, task, items, chat: bool) -> list[float | None]:
@@ -72,7 +74,7 @@ def evaluate_model(model, tok, task, examples, cfg: EvaluateConfig, proxy=None, 
     prompts = [e.prompt for e in examples]
     greedy = generate(model, tok, prompts, cfg.max_new_tokens, greedy=True, autocast=rt.autocast, use_chat_template=chat)
     greedy_scores = [task.score(examples[g.prompt_index], g.text) for g in greedy]
-    samples = generate(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, num_return_sequences=cfg.n_samples,
+    samples = generate(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, num_return_sequences=cfg.num_generations,
                        seed=rt.seed + 17, autocast=rt.autocast, use_chat_template=chat)
     correct = np.zeros(len(examples), dtype=int)
     modes, examples_by_mode = Counter(), {m: [] for m in MODES}
@@ -94,11 +96,11 @@ def evaluate_model(model, tok, task, examples, cfg: EvaluateConfig, proxy=None, 
     result = {
         "greedy_accuracy": float(np.mean(greedy_scores)),
         "sample_accuracy": float(correct.sum() / max(1, n)),
-        "pass_at_k": {str(k): mean_pass_at_k(correct.tolist(), cfg.n_samples, k) for k in cfg.k},
+        "pass_at_k": {str(k): mean_pass_at_k(correct.tolist(), cfg.num_generations, k) for k in cfg.k},
         "failure_modes": {m: modes[m] / max(1, n) for m in MODES},
         "failure_examples": examples_by_mode,
         "mean_response_chars": float(np.mean([len(g.text) for g in samples])) if samples else 0.0,
-        "num_prompts": len(examples), "n_samples": cfg.n_samples,
+        "num_prompts": len(examples), "num_generations": cfg.num_generations,
     }
     families = [examples[g.prompt_index].family for g in greedy]
     if len({f for f in families if f}) > 1:
@@ -145,8 +147,8 @@ def run(cfg: EvaluateConfig) -> dict:
     model, tok = rt.load(cfg.model, frozen=True)
     proxy, ptok = rt.load(cfg.proxy, frozen=True) if cfg.proxy else (None, None)
     task = cfg.task.load()
-    check_context(model, tok, task.eval[: cfg.num_prompts], cfg.max_new_tokens, cfg.task.use_chat_template, cfg.model)
-    result = evaluate_model(model, tok, task, task.eval[: cfg.num_prompts], cfg, proxy, ptok)
+    check_context(model, tok, task.eval[: cfg.eval_prompts], cfg.max_new_tokens, cfg.task.use_chat_template, cfg.model)
+    result = evaluate_model(model, tok, task, task.eval[: cfg.eval_prompts], cfg, proxy, ptok)
     result.update({"model": cfg.model, "proxy": cfg.proxy, "task": to_dict(cfg.task),
                    "wall_seconds": time.time() - t0, "versions": versions(), "precision": rt.precision()})
     out = Path(cfg.output_dir)

@@ -59,7 +59,7 @@ class PipelineConfig:
             # the guard selects checkpoints on the held-out split's last guard_prompts: no reported number may
             # score them
             free = self.task.num_eval - c.guard_prompts
-            for key, n in (("evaluate.num_prompts", self.evaluate.num_prompts),
+            for key, n in (("evaluate.eval_prompts", self.evaluate.eval_prompts),
                            ("distill.eval_prompts", self.distill.eval_prompts), ("calibrate.eval_prompts", c.eval_prompts)):
                 if n > free:
                     raise ConfigError(f"config key '{key}': {n} prompts reach into the utility guard's last "
