@@ -96,6 +96,15 @@ def _token_stats(teacher, ttok, student, stok, prompts, responses, projector, ch
     return cat(fkl), cat(rkl), cat(topk), types, np.array(owner)
 
 
+def _save(fig, out: Path, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def _plots(report: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -116,10 +125,7 @@ def _plots(report: dict, out: Path) -> list[str]:
     ax.set_ylabel("mean accumulated FKL")
     ax.set_title("Tail noise: top-k accumulated KL by token frequency")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "tail_noise.png", dpi=110)
-    files.append("tail_noise.png")
-    plt.close(fig)
+    files.append(_save(fig, out, "tail_noise.png"))
     # 2. token vs sequence, forward vs reverse, on vs off policy
     kl = report["kl"]
     names = ["token FKL\n(off-policy)", "seq FKL\n(off-policy)", "token RKL\n(on-policy)", "seq RKL\n(on-policy)",
@@ -130,10 +136,7 @@ def _plots(report: dict, out: Path) -> list[str]:
     ax.bar(names, vals, color=["#4c72b0", "#4c72b0", "#dd8452", "#dd8452", "#c44e52"])
     ax.set_ylabel("nats per sequence")
     ax.set_title(f"KL estimates (off-policy ESS {kl['seq_rkl_off_policy']['ess']:.1f} of {kl['seq_rkl_off_policy']['n']})")
-    fig.tight_layout()
-    fig.savefig(out / "kl_estimates.png", dpi=110)
-    files.append("kl_estimates.png")
-    plt.close(fig)
+    files.append(_save(fig, out, "kl_estimates.png"))
     # 3. sparsity: cumulative share of KL carried by the top tokens
     sp = report["sparsity"]
     fig, ax = plt.subplots(figsize=(5, 3.6))
@@ -144,10 +147,7 @@ def _plots(report: dict, out: Path) -> list[str]:
     ax.set_ylabel("share of total KL")
     ax.set_title("Signal sparsity by task family")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "sparsity.png", dpi=110)
-    files.append("sparsity.png")
-    plt.close(fig)
+    files.append(_save(fig, out, "sparsity.png"))
     return files
 
 
