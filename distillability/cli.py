@@ -18,6 +18,7 @@ RECIPES = {
     "calibrate": ("distillability.recipes.calibrate", "CalibrateConfig", "RL-calibrate a teacher's distillability with the knob eta."),
     "distill": ("distillability.recipes.distill", "DistillConfig", "Distill a student from a teacher by SFT, KD or GKD."),
     "evaluate": ("distillability.recipes.evaluate", "EvaluateConfig", "Accuracy, pass@k, failure modes and causal metrics of a model."),
+    "attack": ("distillability.recipes.attack", "AttackConfig", "Attack teachers with a battery of attackers: the protection curve."),
     "pipeline": ("distillability.recipes.pipeline", "PipelineConfig", "Run the whole chain end to end and write the report."),
 }
 
@@ -35,7 +36,10 @@ def _help_text(name: str) -> str:
     rows = describe(cls)
     width = max(len(r[0]) for r in rows)
     lines = [f"  {key.ljust(width)}  {meaning} [{typ}, default {default}]" for key, typ, default, meaning in rows]
-    return "Options (as key=value or --key value; sections with dots, e.g. task.name=gsm8k):\n\n" + "\n".join(lines)
+    text = "Options (as key=value or --key value; sections with dots, e.g. task.name=gsm8k):\n\n" + "\n".join(lines)
+    if hasattr(cls, "help_extra"):
+        text += "\n\n" + cls.help_extra()
+    return text
 
 
 class RecipeCommand(click.Command):

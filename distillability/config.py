@@ -44,6 +44,8 @@ def _type_name(tp: Any) -> str:
         return _type_name(args[0]) + " or null"
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping of " + " to ".join(_type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -60,7 +62,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        if dataclasses.is_dataclass(item_tp):  # a list of sections (e.g. the attack battery)
+            return [v if isinstance(v, item_tp) else from_dict(item_tp, v, prefix=f"{key}[{i}].")
+                    for i, v in enumerate(value)]
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, item_tp = typing.get_args(tp)
+        if isinstance(value, str) and value.strip().startswith("{"):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping (name: value), got {value!r}")
+        return {_coerce(k, key_tp, key): _coerce(v, item_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -273,7 +285,12 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
         meaning = f.metadata.get("help", "")
         if f.metadata.get("choices"):
             meaning += f" One of: {', '.join(map(str, f.metadata['choices']))}."
-        rows.append((f"{prefix}{f.name}", _type_name(hints[f.name]), repr(getattr(default, f.name)), meaning))
+        value = getattr(default, f.name)
+        if isinstance(value, list) and value and all(dataclasses.is_dataclass(v) and hasattr(v, "name") for v in value):
+            shown = "[" + ", ".join(v.name for v in value) + "]"  # a list of sections by name (e.g. the battery)
+        else:
+            shown = repr(value)
+        rows.append((f"{prefix}{f.name}", _type_name(hints[f.name]), shown, meaning))
     return rows
 
 

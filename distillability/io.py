@@ -46,6 +46,15 @@ def check_output_dir(path: str | os.PathLike, key: str = "output_dir") -> Path:
     return p
 
 
+def load_json(path: str | os.PathLike) -> Any:
+    """One JSON document (e.g. a card), with a one-line DataError naming the file when it is not one."""
+    p = Path(path)
+    try:
+        return json.loads(_read_text(p))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{p}: not JSON (line {e.lineno}: {e.msg})") from None
+
+
 def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Load a JSONL file (one object per line) or a JSON file (a list, or an object with a list under
     `examples`/`data`/`rows`). A bad row raises DataError naming the file and line."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 SETTINGS = ("auto", "true", "false")
+ENV = "DISTILLABILITY_BF16"  # true/false: what `auto` resolves to on this machine (tests set false)
 FASTER = 1.2  # bf16 must beat float32 by this factor in the micro-benchmark to be chosen
 _announced: set = set()
 
@@ -120,6 +122,9 @@ def resolve(setting: str | bool, device_type: str, *, flags: set[str] | None = N
 
 @functools.cache
 def _resolved(setting: str, device_type: str) -> tuple[bool, str]:
+    forced = os.environ.get(ENV, "").strip().lower()
+    if setting == "auto" and forced in ("true", "false"):
+        return forced == "true", f"{ENV}={forced}"
     return resolve(setting, device_type)
 
 

@@ -51,3 +51,18 @@ def test_benchmark_result_is_cached_per_machine(tmp_path, monkeypatch):
     f = tmp_path / "precision.json"
     assert precision._benchmark_cached(f) == 0.4 and precision._benchmark_cached(f) == 0.4
     assert len(calls) == 1 and f.is_file()
+
+
+def test_environment_decides_auto_but_not_a_forced_setting(monkeypatch):
+    """DISTILLABILITY_BF16 says what `auto` resolves to on this machine (the suite sets false); an explicit
+    true/false in a config still wins, and the card records the reason."""
+    from distillability import precision
+
+    for env, auto in (("true", True), ("false", False)):
+        monkeypatch.setenv(precision.ENV, env)
+        precision._resolved.cache_clear()
+        assert precision.use_bf16("auto", "cpu", announce=False) is auto
+        assert precision.record("auto")["reason"] == f"DISTILLABILITY_BF16={env}"
+        assert precision.use_bf16("true", "cpu", announce=False) is True
+        assert precision.use_bf16("false", "cpu", announce=False) is False
+    precision._resolved.cache_clear()

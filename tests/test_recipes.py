@@ -164,6 +164,17 @@ def test_demo_quick_end_to_end(tmp_path):
               "calibrate_undistillable/calibration_card.json", "distill_gkd_control/distill_card.json"):
         assert (run / f).exists(), f
     assert "data:image/png;base64" in (run / "report.html").read_text()
+    # the attack stage: the small battery against the control and undistillable teachers, its 1x cells read
+    # from the distill stage (not retrained), an Attacks section with its plot in the report
+    attacks = headline["attacks"]
+    assert set(attacks["cells"]) == {"sft@1x", "sft@4x", "sft-best-of-4"}
+    assert all(set(row) == {"control", "undistillable"} for row in attacks["cells"].values())
+    one = json.loads((run / "attack" / "attack.json").read_text())["cells"]["sft@1x"]["control"]
+    assert one["accuracy"] == headline["students"]["sft"]["control"] and not (run / "attack" / "cells" / "sft@1x").exists()
+    cell = json.loads((run / "attack" / "cells" / "sft@4x" / "control" / "r0" / "distill_card.json").read_text())
+    assert cell["settings"]["max_steps"] == 12 and cell["settings"]["num_prompts"] == 64
+    report = (run / "report.md").read_text()
+    assert "## Attacks" in report and "attack/attack_budget.png" in report and "protected" in report.splitlines()[2]
     # a second run with the same config reuses every stage; a changed distill setting reruns the distillations
     # and the evaluations of the students they rewrote (not their cached numbers), and nothing upstream
     def stamps():
@@ -176,8 +187,9 @@ def test_demo_quick_end_to_end(tmp_path):
     r3 = CliRunner().invoke(main, ["demo", "--quick", "--output-dir", str(run), "progress=false", "distill.max_steps=4"])
     assert r3.exit_code == 0, r3.output
     changed = {k for k, v in stamps().items() if v != first[k]}
-    students = {k for k in first if k.startswith(("distill_", "eval/student_")) and not k.startswith("eval/student_base/")}
-    assert len(students) == 24 and changed == students, sorted(changed ^ students)  # the base is not rerun
+    students = {k for k in first if k.startswith(("distill_", "eval/student_", "attack/cells/"))
+                and not k.startswith("eval/student_base/")}
+    assert len(students) == 28 and changed == students, sorted(changed ^ students)  # the base is not rerun
 
 
 def test_trl_reward_adapter_equals_recipe_reward(tiny_pair):

@@ -34,6 +34,7 @@ from ..evaluation import greedy_accuracy
 from ..io import check_output_dir, load_records, require_field, versions, write_json, write_jsonl
 from ..kd_loss import CrossTokenizerLoss, SameVocabLoss, token_loss
 from ..models import save_model
+from ..sample_filters import answer_only, likelihood_per_char, pick_per_prompt
 from ..sampling import generate
 from ..scoring import check_context
 from ..training import (
@@ -81,6 +82,17 @@ class DistillConfig:
     num_generations: int = opt(1, "Teacher samples per prompt.", min=1)
     sample_temperature: float = opt(1.0, "Temperature of the teacher's samples (0 = greedy).", min=0)
     keep_correct_only: bool = opt(False, "Keep only teacher samples the verifier marks correct.")
+    keep_most_likely: bool = opt(False, "Best-of-n (n = num_generations): of each prompt's samples keep the one the "
+                                 "student, before training, finds most likely per character, a verified-correct one "
+                                 "first (the adaptive attacker of a teacher whose samples are unlikely for small models).")
+    teacher_defense: str = opt("none", "An output-level defense of the teacher (text only, so method=sft): "
+                               "answer_only (chain of thought removed: ' #### ANSWER'); least_likely (each prompt "
+                               "answered, always the same way, with the correct sample of defense_generations that "
+                               "defense_model finds least likely per character).",
+                               choices=("none", "answer_only", "least_likely"))
+    defense_model: str = opt("", "teacher_defense=least_likely: the defender's small model that scores imitability "
+                             "(e.g. the calibration proxy).")
+    defense_generations: int = opt(4, "teacher_defense=least_likely: samples the defender draws per prompt.", min=1)
     max_new_tokens: int = opt(64, "Max tokens per sampled response (TRL: max_new_tokens).", min=1)
     max_steps: int = opt(100, "Optimizer steps.", min=1)
     per_device_train_batch_size: int = opt(16, "Sequences per step.", min=1)
@@ -98,8 +110,9 @@ class DistillConfig:
     runtime: RuntimeConfig = sub(RuntimeConfig, "Devices, precision, threads, seed.")
 
 
-def sample_teacher(teacher, ttok, task, cfg: DistillConfig, path: Path) -> list[dict]:
-    """The teacher's responses to the training prompts, saved as JSONL (prompt, response, ...)."""
+def sample_teacher(teacher, ttok, task, cfg: DistillConfig, path: Path, student=None, stok=None) -> list[dict]:
+    """The teacher's responses to the training prompts (through its defense, if any; then the attacker's
+    filters), saved as JSONL (prompt, response, ...)."""
     if cfg.teacher_samples:
         rows = load_records(cfg.teacher_samples)
         for r in rows:
@@ -138,23 +151,49 @@ def sample_teacher(teacher, ttok, task, cfg: DistillConfig, path: Path) -> list[
         return load_records(path)
     prompts = task.train[: cfg.num_prompts]
     greedy = cfg.sample_temperature == 0
+    n = cfg.defense_generations if cfg.teacher_defense == "least_likely" else cfg.num_generations
     # each process samples its share of the prompts; per-row seeds make the union equal a 1-process run's
     per = -(-len(prompts) // dist.world)
     mine = dist.share(per)
     gens = generate(teacher, ttok, [e.prompt for e in prompts[mine]], cfg.max_new_tokens, cfg.sample_temperature or 1.0,
-                    num_return_sequences=1 if greedy else cfg.num_generations, greedy=greedy,
+                    num_return_sequences=1 if greedy else n, greedy=greedy,
                     seed=step_seed(cfg.runtime.seed, 0, 7), autocast=cfg.runtime.autocast,
                     use_chat_template=cfg.task.use_chat_template, index_offset=mine.start)
     part = prompts[mine]
     rows = [{"prompt": part[g.prompt_index].prompt, "response": g.text, "finished": g.finished,
              "correct": task.score(part[g.prompt_index], g.text)} for g in gens]
     rows = dist.gather_objects(rows)
-    if cfg.keep_correct_only:
-        rows = [r for r in rows if r["correct"] >= 1.0]
-    if not rows:
-        raise DataError("distill: no teacher samples left after keep_correct_only (the teacher solved none)")
+    rows = defend(rows, task, prompts, cfg)
+    rows = attacker_filters(rows, cfg, student, stok)
     if dist.is_main:
         write_jsonl(path, rows)
+    return rows
+
+
+def defend(rows: list[dict], task, prompts, cfg: DistillConfig) -> list[dict]:
+    """The teacher's output-level defense (teacher_defense) applied to its raw samples."""
+    if cfg.teacher_defense == "answer_only":
+        return answer_only(task, {e.prompt: e for e in prompts}, rows)
+    if cfg.teacher_defense == "least_likely":
+        model, tok = cfg.runtime.load(cfg.defense_model, frozen=True)
+        scores = likelihood_per_char(model, tok, rows, cfg.task.use_chat_template, cfg.runtime.autocast)
+        del model
+        return pick_per_prompt(rows, scores, highest=False)
+    return rows
+
+
+def attacker_filters(rows: list[dict], cfg: DistillConfig, student, stok) -> list[dict]:
+    """keep_correct_only, then keep_most_likely (scored by the student before training)."""
+    if cfg.keep_correct_only:
+        rows = [r for r in rows if r["correct"] >= 1.0]
+        if not rows:
+            raise DataError("distill: no teacher samples left after keep_correct_only (the teacher solved none)")
+    if cfg.keep_most_likely and student is not None:
+        was_training = student.training
+        student.eval()
+        scores = likelihood_per_char(student, stok, rows, cfg.task.use_chat_template, cfg.runtime.autocast)
+        student.train(was_training)
+        rows = pick_per_prompt(rows, scores, highest=True)
     return rows
 
 
@@ -179,6 +218,11 @@ def setup(cfg: DistillConfig) -> Run:
     from_data = cfg.teacher == "dataset"
     if from_data and (cfg.method != "sft" or cfg.teacher_samples):
         raise ConfigError("config key 'teacher': 'dataset' works with method=sft and no teacher_samples")
+    if cfg.teacher_defense != "none" and (cfg.method != "sft" or from_data or cfg.teacher_samples):
+        raise ConfigError("config key 'teacher_defense': an output-level defense returns text, not logits: it works "
+                          "with method=sft on samples of a teacher model (not teacher=dataset or teacher_samples)")
+    if cfg.teacher_defense == "least_likely" and not cfg.defense_model:
+        raise ConfigError("config key 'defense_model': teacher_defense=least_likely needs the defender's model")
     rt = cfg.runtime
     check_output_dir(cfg.output_dir)
     rt.start()
@@ -274,7 +318,7 @@ def run(cfg: DistillConfig) -> dict:
         save_config(cfg, out / "config.yaml")
     dist.barrier()
     before_acc = held_out_accuracy(r)
-    samples = sample_teacher(r.teacher, r.ttok, r.task, cfg, out / "teacher_samples.jsonl")
+    samples = sample_teacher(r.teacher, r.ttok, r.task, cfg, out / "teacher_samples.jsonl", r.student, r.stok)
     optimizer = make_optimizer(r.student.parameters(), cfg.learning_rate, weight_decay=0.0)
     scheduler = make_scheduler(optimizer, cfg.max_steps, cfg.warmup_steps)
     log = StepLog(out / "log.jsonl", enabled=dist.is_main)

@@ -14,14 +14,13 @@ import dataclasses
 import time
 from pathlib import Path
 
-import yaml
-
-from ..config import TaskConfig, from_dict, load_data, merge, opt, read_yaml, save_config, sub, to_dict
+from ..config import TaskConfig, from_dict, load_data, merge, opt, read_yaml, save_config, sub
 from ..errors import ConfigError
 from ..io import check_output_dir, versions, write_json
 from ..report.protection import TEACHERS, headline_table, write_report
-from . import calibrate, diagnose, distill, evaluate
-from .world import WorldConfig, build_world
+from . import attack, calibrate, diagnose, distill, evaluate
+from .stages import run_stage
+from .world import WorldConfig, build_attacker_students, build_world
 
 
 @dataclasses.dataclass
@@ -39,7 +38,12 @@ class PipelineConfig:
     eta_distillable: float = opt(-1.0, "eta of the distillable calibration (< 0).", max=0)
     eta_undistillable: float = opt(1.0, "eta of the undistillable calibration (> 0).", min=0)
     methods: list[str] = opt(["sft", "kd", "gkd"], "Distillation methods.", choices=("sft", "kd", "gkd"))
-    skip: list[str] = opt([], "Stages to skip.", choices=("diagnose", "calibrate", "distill"))
+    skip: list[str] = opt([], "Stages to skip.", choices=("diagnose", "calibrate", "distill", "attack"))
+    attack_battery: str = opt("small", "The attack stage's battery: small (SFT at 1x and 4x the distill budget and "
+                              "best-of-4, against the control and undistillable teachers), full (the whole battery "
+                              "of `distillability attack --help` against every teacher, with the defenses and the "
+                              "unseen students), custom (attack.battery and attack.defenses as given).",
+                              choices=("small", "full", "custom"))
     threads: int = opt(2, "torch CPU threads.", min=0)
     progress: bool = opt(True, "Progress bars.")
     teacher_sft: distill.DistillConfig = sub(distill.DistillConfig, "Settings of the teacher's SFT stage "
@@ -50,6 +54,9 @@ class PipelineConfig:
     calibrate: calibrate.CalibrateConfig = sub(calibrate.CalibrateConfig, "Calibration settings (eta, models filled in).")
     distill: distill.DistillConfig = sub(distill.DistillConfig, "Distillation settings (method, models filled in).")
     evaluate: evaluate.EvaluateConfig = sub(evaluate.EvaluateConfig, "Evaluation settings.")
+    attack: attack.AttackConfig = sub(attack.AttackConfig, "Attack stage settings (repeats; battery and defenses "
+                                      "with attack_battery=custom; teachers, students and the base attacker are "
+                                      "filled in: the base attacker is the distill stage's).")
 
     def validate(self) -> None:
         if bool(self.teacher) != bool(self.proxy) or bool(self.teacher) != bool(self.student):
@@ -67,46 +74,6 @@ class PipelineConfig:
                                       f"to >= {n + c.guard_prompts} or lower {key}")
 
 
-def _inputs(cfg) -> dict:
-    """Size and mtime of every model folder or file the stage's config points at (other than its own output
-    folder): a stage whose input an upstream stage rewrote (e.g. a distilled student after a distill setting
-    changed) is rerun, not answered from its cache."""
-    found = {}
-
-    def walk(value, key):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                if k != "output_dir":
-                    walk(v, f"{key}.{k}" if key else k)
-        elif isinstance(value, str) and value and (p := Path(value)).exists():
-            files = [p] if p.is_file() else sorted(p.glob("*.safetensors")) or sorted(p.glob("*/*.safetensors"))
-            found[key] = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-    walk(to_dict(cfg), "")
-    return found
-
-
-def _stage(out: Path, name: str, cfg, marker: str, fn, log: dict | None = None):
-    """Run fn(cfg) unless out/name holds `marker` from a run with the same config and the same inputs. `log`
-    records the stage's wall time and whether it was reused."""
-    folder = out / name
-    saved = folder / "stage_config.yaml"
-    current = yaml.safe_dump(to_dict(cfg), sort_keys=True) + yaml.safe_dump({"inputs": _inputs(cfg)}, sort_keys=True)
-    t0 = time.time()
-    if (folder / marker).exists() and saved.exists() and saved.read_text() == current:
-        import json
-
-        if log is not None:
-            log[str(folder.relative_to(log["_root"]))] = {"reused": True, "wall_seconds": 0.0}
-        return json.loads((folder / marker).read_text())
-    result = fn(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    saved.write_text(current)
-    if log is not None:
-        log[str(folder.relative_to(log["_root"]))] = {"reused": False, "wall_seconds": time.time() - t0}
-    return result
-
-
 def _with(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
 
@@ -121,7 +88,8 @@ class Chain:
         n_teachers = 1 if "calibrate" in cfg.skip else len(TEACHERS)
         self.total = (1 + (1 if cfg.teacher_sft_steps else 0) + (0 if "diagnose" in cfg.skip else 1)
                       + (0 if "calibrate" in cfg.skip else 3)
-                      + (0 if "distill" in cfg.skip else n_teachers * len(cfg.methods)) + 1)
+                      + (0 if "distill" in cfg.skip else n_teachers * len(cfg.methods)) + 1
+                      + (0 if "attack" in cfg.skip or "calibrate" in cfg.skip else 1))
         self.done = 0
         self.log: dict = {"_root": self.out}
         self.models: dict[str, str] = {}
@@ -134,7 +102,7 @@ class Chain:
         return _with(sub_cfg.runtime, seed=self.cfg.seed, threads=self.cfg.threads, progress=self.cfg.progress)
 
     def stage(self, name: str, cfg, marker: str, fn, under: Path | None = None):
-        return _stage(under or self.out, name, cfg, marker, fn, self.log)
+        return run_stage(under or self.out, name, cfg, marker, fn, self.log)
 
     def stages(self) -> dict:
         return {k: v for k, v in self.log.items() if k != "_root"}
@@ -216,6 +184,29 @@ def evaluate_all(c: Chain, teachers: dict, students: dict) -> dict:
     return evaluations
 
 
+def attack_teachers(c: Chain, teachers: dict, students: dict) -> dict | None:
+    """The attack battery against the calibrated teachers; the 1x cells that the distill stage already ran are
+    read from it (same settings and seed), not retrained."""
+    cfg = c.cfg
+    if "attack" in cfg.skip or "control" not in teachers:
+        return None
+    c.announce(f"attack: the {cfg.attack_battery} battery")
+    full = cfg.attack_battery != "small"
+    battery = {"small": attack.SMALL_BATTERY, "full": attack.FULL_BATTERY}.get(cfg.attack_battery, cfg.attack.battery)
+    defenses = {"small": [], "full": attack.DEFENSES}.get(cfg.attack_battery, cfg.attack.defenses)
+    roles = [t for t in TEACHERS if t in teachers and (full or t in ("control", "undistillable"))]
+    pool = {"default": c.models["student"], **cfg.attack.students}
+    if not cfg.teacher and any(a.student in ("unseen", "large") for a in battery):
+        pool = {**build_attacker_students(cfg.world, c.task, progress=cfg.progress), **pool}
+    reuse = {f"{a.name}/{t}": str(c.out / f"distill_{a.method}_{t}") for a in battery for t in roles
+             if a.is_budget and a.budget == 1.0 and (a.method, t) in students}
+    acfg = _with(cfg.attack, teachers={t: teachers[t] for t in roles}, reference="control", students=pool,
+                 proxy=c.models["proxy"], battery=battery, defenses=defenses, reuse=reuse,
+                 output_dir=str(c.out / "attack"), task=c.task,
+                 attacker=_with(cfg.distill, task=c.task, runtime=c.runtime(cfg.distill)))
+    return c.stage("attack", acfg, "attack.json", attack.run)
+
+
 def run(cfg: PipelineConfig) -> dict:
     c = Chain(cfg)
     c.out.mkdir(parents=True, exist_ok=True)
@@ -228,13 +219,14 @@ def run(cfg: PipelineConfig) -> dict:
         c.stage("diagnose", dcfg, "diagnose.json", diagnose.run)
     teachers, cards = calibrate_teachers(c, original)
     students = distill_students(c, teachers)
+    attacks = attack_teachers(c, teachers, students)
     evaluations = evaluate_all(c, teachers, students)
-    headline = headline_table(evaluations, cfg.seed, time.time() - c.t0)
+    headline = headline_table(evaluations, cfg.seed, time.time() - c.t0, attacks)
     write_json(c.out / "headline.json", headline)
     write_json(c.out / "evaluations.json", {"evaluations": evaluations, "calibration_cards": cards,
                                             "models": c.models, "teachers": teachers, "stages": c.stages(),
                                             "versions": versions()})
-    write_report(c.out, headline, evaluations, cards)
+    write_report(c.out, headline, evaluations, cards, attacks)
     return headline
 
 
@@ -246,9 +238,10 @@ FILLED_IN = {
     "calibrate": ("model", "proxy", "eta", "output_dir", "task"),
     "distill": ("teacher", "student", "method", "output_dir", "task", "teacher_samples"),
     "evaluate": ("model", "proxy", "output_dir", "task"),
+    "attack": ("teachers", "reference", "proxy", "reuse", "attacker", "output_dir", "task"),
 }
 FILLED_IN_RUNTIME = ("seed", "threads", "progress")
-SET_BY = {"task": "task.*", "eta": "eta_distillable / eta_undistillable", "max_steps": "teacher_sft_steps",
+SET_BY = {"attacker": "distill.* (the base attacker is the distill stage's)", "task": "task.*", "eta": "eta_distillable / eta_undistillable", "max_steps": "teacher_sft_steps",
           "seed": "seed", "threads": "threads", "progress": "progress", "method": "methods"}
 
 

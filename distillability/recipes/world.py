@@ -130,3 +130,38 @@ def build_world(cfg: WorldConfig, task: TaskConfig, progress: bool = True, cache
                                      "key": root.name, "models": info, "precision": record(cfg.bf16, device),
                                      "versions": versions()})
     return paths
+
+
+ATTACKERS = ("unseen", "large")
+
+
+def build_attacker_students(cfg: WorldConfig, task: TaskConfig, progress: bool = True) -> dict[str, str]:
+    """Two more student bases for the attack battery, built once per world and cached next to it:
+    `unseen`, another architecture (Gemma-3) and tokenizer (BPE of 512 tokens on other text) than both the
+    proxy and the student base, at the student's size; `large`, the student's architecture and tokenizer at the
+    teacher's size (capacity). Both trained like the student base (worked solutions, student_steps)."""
+    from ..precision import use_bf16
+
+    seed = task.seed
+    device = pick_device()
+    bf16 = use_bf16(cfg.bf16, device)
+    root = cache_dir() / "worlds" / f"{world_key(cfg, task, bf16)}-attackers"
+    paths = {name: str(root / name) for name in ATTACKERS}
+    if all((Path(p) / "config.json").exists() for p in paths.values()):
+        return paths
+    seed_everything(seed)
+    train = task.load().train
+    corpus = [e.prompt + s for e in train for s in e.solutions.values()]
+    plan = {"unseen": (train_tokenizer(corpus[2::3], 512, "bpe"), cfg.student_size, "gemma3"),
+            "large": (train_tokenizer(corpus[1::3], cfg.student_vocab, "bpe"), cfg.teacher_size, "qwen2")}
+    info = {}
+    for i, (name, (tok, (h, layers, mlp), arch)) in enumerate(plan.items()):
+        model = build_tiny_model(TinyModelSpec(hidden_size=h, num_layers=layers, num_heads=4, intermediate_size=mlp,
+                                               architecture=arch), tok, seed=seed + 10 + i).to(device)
+        losses = fit_lm(model, tok, [e.prompt for e in train], [e.solutions["worked"] for e in train],
+                        steps=cfg.student_steps, batch_size=cfg.batch_size, lr=cfg.learning_rate, seed=seed + 10 + i,
+                        desc=f"attacker student: {name} SFT", progress=progress, autocast=bf16)
+        save_model(model, tok, paths[name])
+        info[name] = {"params": num_params(model), "vocab": len(tok), "architecture": arch, "final_loss": losses[-1]}
+    write_json(root / "attackers.json", {"world": root.name.removesuffix("-attackers"), "seed": seed, "models": info})
+    return paths

@@ -10,19 +10,27 @@ import html
 from pathlib import Path
 
 from ..io import write_text
+from .attack import headline_sentence
+from .attack import markdown as attack_markdown
 
 TEACHERS = ("original", "control", "distillable", "undistillable")  # the teacher roles, in report order
 CALIBRATED = TEACHERS[1:]
 
 
-def headline_table(evaluations: dict, seed: int, wall_seconds: float) -> dict:
-    """headline.json: greedy accuracies on held-out prompts, teachers and students per method."""
-    return {
+def headline_table(evaluations: dict, seed: int, wall_seconds: float, attacks: dict | None = None) -> dict:
+    """headline.json: greedy accuracies on held-out prompts, teachers and students per method, and the attack
+    battery's accuracies, ratios and protected budgets."""
+    out = {
         "seed": seed, "wall_seconds": wall_seconds,
         "teachers": {t: evaluations["teachers"][t]["greedy_accuracy"] for t in TEACHERS if t in evaluations["teachers"]},
         "students": {m: {t: r["greedy_accuracy"] for t, r in per.items()} for m, per in evaluations["students"].items()},
         **({"student_base": evaluations["student_base"]["greedy_accuracy"]} if "student_base" in evaluations else {}),
     }
+    if attacks:
+        out["attacks"] = {"cells": {a: {t: {k: c.get(k) for k in ("status", "accuracy", "ratio", "gain_share")}
+                                        for t, c in row.items()} for a, row in attacks["cells"].items()},
+                          "protection": attacks["protection"], "summary": headline_sentence(attacks)}
+    return out
 
 
 def ratios(headline: dict, baseline: str) -> dict:
@@ -72,11 +80,12 @@ def markdown_table(headline: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, headline: dict, evaluations: dict, cards: dict) -> None:
+def write_report(out: Path, headline: dict, evaluations: dict, cards: dict, attacks: dict | None = None) -> None:
     plot = _plot(headline, out)
     r_control = ratios(headline, "control")
     r_orig = ratios(headline, "original")
-    md = ["# Distillability report", "", markdown_table(headline), "",
+    md = ["# Distillability report", "", *([headline_sentence(attacks), ""] if attacks else []),
+          markdown_table(headline), "",
           f"Run time: {headline['wall_seconds']:.0f} s, seed {headline['seed']}.", "",
           "## Distillability ratio (student accuracy ÷ student of the control / original teacher ÷ student before "
           "distillation)", "",
@@ -121,6 +130,8 @@ def write_report(out: Path, headline: dict, evaluations: dict, cards: dict) -> N
             md.append(f"| {t} | {c['eta']:+g} | {c['before_accuracy']:.3f} → {c['after_accuracy']:.3f} | "
                       f"{c['before_D_per_char']:.4f} → {c['after_D_per_char']:.4f} |")
     md += ["", f"![headline]({plot})"]
+    if attacks:
+        md += ["", "## Attacks", "", attack_markdown(attacks, "attack")]
     diag = out / "diagnose"
     if (diag / "diagnose.json").exists():
         md += ["", "## Diagnose (teacher vs student)", "", "See [diagnose/summary.md](diagnose/summary.md)."]

@@ -1,0 +1,283 @@
+"""Attack calibrated teachers with a battery of attackers: every protection claim as a curve, not a point.
+
+Each attacker is a distillation (distill.py) of one of the attacker students from a teacher, named in the battery
+(a YAML list; add your own). The default battery:
+
+1. budget: SFT, KD and GKD at 1x, 4x and 10x the base attacker's budget (`attacker`: its optimizer steps and
+   its distinct training prompts scale together; the peak learning rate stays the base attacker's at every
+   budget, as an attacker with more data trains longer rather than harder; warm-up and schedule are the base's);
+2. filters: correct-only SFT; best-of-n likelihood-filtered SFT (n = 4, 16: of each prompt's n samples the
+   verified-correct one the attacker's own student base finds most likely per character); low-temperature
+   sampling (T = 0.3);
+3. unseen students: SFT into a student of another architecture and tokenizer (`students.unseen`) and into one of
+   the teacher's size (`students.large`). An attacker whose student is not given is reported as skipped.
+
+Defenses beside the knob: `defenses` turn a teacher into an output-level defended one (the control teacher with
+its chain of thought removed, or answering with its least imitable correct sample under the defender's proxy),
+attacked by the battery's SFT attackers (a text-only defense exposes no logits: KD/GKD cells are not run).
+
+Each cell (attacker x teacher) is `repeats` students; it reports their held-out accuracy (mean, spread), the
+ratio to the reference teacher's (control's) same attacker, the gain over the student base and that gain as a
+share of the reference's gain, samples, steps and wall time. A cell that fails (e.g. a NaN loss) is reported as
+failed with its error, not dropped. Cells are resumable: a killed battery continues at the next unfinished cell.
+Writes attack.json, attack.md, attack_budget.png and attack_variants.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import TaskConfig, opt, save_config, sub
+from ..errors import ConfigError, UserError
+from ..io import check_output_dir, load_json, versions, write_json
+from . import distill
+from .stages import run_stage
+
+
+@dataclasses.dataclass
+class Attacker:
+    name: str = opt("", "The attacker's name (a row of the table).")
+    method: str = opt("sft", "How it distills.", choices=("sft", "kd", "gkd"))
+    budget: float = opt(1.0, "Multiple of the base attacker's optimizer steps and distinct training prompts.",
+                        min=0, min_exclusive=True)
+    keep_correct_only: bool = opt(False, "Train only on verified-correct teacher samples.")
+    best_of: int = opt(1, "Teacher samples per prompt; > 1 keeps the verified-correct one the attacker's student "
+                       "finds most likely per character (adaptive best-of-n).", min=1)
+    sample_temperature: float | None = opt(None, "Teacher sampling temperature (null = the base attacker's).", min=0)
+    student: str = opt("default", "The attacker student: a key of `students`.")
+    learning_rate: float | None = opt(None, "Peak learning rate (null = the base attacker's, at every budget).",
+                                      min=0, min_exclusive=True)
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ConfigError("config key 'battery[].name': every attacker needs a name")
+
+    @property
+    def is_budget(self) -> bool:
+        """A plain attacker (only method and budget set): a point of the budget curve."""
+        return (not self.keep_correct_only and self.best_of == 1 and self.sample_temperature is None
+                and self.student == "default" and self.learning_rate is None)
+
+
+@dataclasses.dataclass
+class Defense:
+    name: str = opt("", "The defended teacher's name (a column of the table).")
+    teacher: str = opt("control", "The teacher it defends (a key of `teachers`).")
+    kind: str = opt("answer_only", "answer_only: the chain of thought removed; least_likely: the correct sample "
+                    "the defender's `proxy` finds least likely per character.", choices=("answer_only", "least_likely"))
+    generations: int = opt(4, "least_likely: samples drawn per prompt to choose from.", min=1)
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ConfigError("config key 'defenses[].name': every defense needs a name")
+
+
+def _budgets(method: str) -> list[Attacker]:
+    return [Attacker(name=f"{method}@{b}x", method=method, budget=float(b)) for b in (1, 4, 10)]
+
+
+FULL_BATTERY = [*_budgets("sft"), *_budgets("kd"), *_budgets("gkd"),
+                Attacker(name="sft-correct", keep_correct_only=True),
+                Attacker(name="sft-best-of-4", keep_correct_only=True, best_of=4),
+                Attacker(name="sft-best-of-16", keep_correct_only=True, best_of=16),
+                Attacker(name="sft-T0.3", sample_temperature=0.3),
+                Attacker(name="sft-unseen-student", student="unseen"),
+                Attacker(name="sft-large-student", student="large")]
+SMALL_BATTERY = [Attacker(name="sft@1x", method="sft", budget=1.0), Attacker(name="sft@4x", method="sft", budget=4.0),
+                 Attacker(name="sft-best-of-4", keep_correct_only=True, best_of=4)]
+DEFENSES = [Defense(name="control+answer_only", teacher="control", kind="answer_only"),
+            Defense(name="control+least_likely", teacher="control", kind="least_likely")]
+BATTERIES = {"full": FULL_BATTERY, "small": SMALL_BATTERY}
+
+
+@dataclasses.dataclass
+class AttackConfig:
+    teachers: dict[str, str] = opt({}, "Teachers by role (e.g. {control: PATH, undistillable: PATH}).")
+    reference: str = opt("control", "The teacher whose attackers are the reference of every ratio (a key of teachers).")
+    students: dict[str, str] = opt({}, "Attacker student bases by name: `default` (required), and for the unseen "
+                                   "attackers `unseen` (another architecture and tokenizer) and `large` (teacher-sized).")
+    proxy: str = opt("", "The defender's small model (the least_likely defense).")
+    battery: list[Attacker] = opt(FULL_BATTERY, "The attackers (a YAML list of {name, method, budget, ...}).")
+    defenses: list[Defense] = opt(DEFENSES, "Output-level defenses of a teacher, attacked by the battery's SFT "
+                                  "attackers ([] = none).")
+    repeats: int = opt(1, "Students per cell (different seeds); the table reports their mean and spread.", min=1)
+    reuse: dict[str, str] = opt({}, "Cells run elsewhere: 'ATTACKER/TEACHER' -> a distill output folder whose "
+                                "distill_card.json is read instead of training (repeat 0; the pipeline's 1x cells).")
+    output_dir: str = opt("runs/attack", "Where the cells, attack.json, attack.md and the plots go.")
+    attacker: distill.DistillConfig = sub(distill.DistillConfig, "The base attacker (budget 1x): its settings; "
+                                          "teacher, student, method and output_dir are filled in per cell.")
+    task: TaskConfig = sub(TaskConfig, "The task (prompts and verifier).")
+
+    def validate(self) -> None:
+        if not self.teachers:
+            raise ConfigError("config key 'teachers': give at least one teacher (e.g. teachers.control=PATH)")
+        if self.reference not in self.teachers:
+            raise ConfigError(f"config key 'reference': '{self.reference}' is not one of teachers "
+                              f"({', '.join(self.teachers)})")
+        if "default" not in self.students:
+            raise ConfigError("config key 'students.default': the default attacker student is required")
+        names = [a.name for a in self.battery] + [d.name for d in self.defenses]
+        if len(set(names)) != len(names):
+            raise ConfigError("config key 'battery'/'defenses': names must be unique")
+        for i, d in enumerate(self.defenses):
+            if d.teacher not in self.teachers:
+                raise ConfigError(f"config key 'defenses[{i}].teacher': '{d.teacher}' is not one of teachers")
+            if d.kind == "least_likely" and not self.proxy:
+                raise ConfigError(f"config key 'proxy': defenses[{i}] (least_likely) needs the defender's model")
+        for key in self.reuse:
+            if "/" not in key:
+                raise ConfigError(f"config key 'reuse.{key}': expected 'ATTACKER/TEACHER'")
+
+    @staticmethod
+    def help_extra() -> str:
+        """The default battery and defenses, one line each (shown by --help)."""
+        def line(a: Attacker) -> str:
+            what = [a.method, f"budget {a.budget:g}x"]
+            if a.keep_correct_only:
+                what.append("correct only")
+            if a.best_of > 1:
+                what.append(f"best of {a.best_of} by the student's likelihood")
+            if a.sample_temperature is not None:
+                what.append(f"T={a.sample_temperature:g}")
+            if a.student != "default":
+                what.append(f"student '{a.student}'")
+            return f"  {a.name.ljust(20)} " + ", ".join(what)
+
+        lines = ["The default battery (battery: a YAML list of these fields; the pipeline's small one: "
+                 + ", ".join(a.name for a in SMALL_BATTERY) + "):", *map(line, FULL_BATTERY),
+                 "", "The default defenses (each attacked by the battery's SFT attackers):"]
+        lines += [f"  {d.name.ljust(20)} {d.kind} of the {d.teacher} teacher" for d in DEFENSES]
+        return "\n".join(lines)
+
+    def defenses_by_name(self) -> dict[str, Defense]:
+        return {d.name: d for d in self.defenses}
+
+
+def cell_config(cfg: AttackConfig, a: Attacker, teacher: str, repeat: int, folder: Path) -> distill.DistillConfig:
+    """The distill config of one cell: the base attacker scaled by the budget and changed by the attacker."""
+    base = cfg.attacker
+    d = cfg.defenses_by_name().get(teacher)
+    n_train = cfg.task.num_train
+    return dataclasses.replace(
+        base, teacher=cfg.teachers[d.teacher if d else teacher], student=cfg.students[a.student], method=a.method,
+        max_steps=max(1, round(base.max_steps * a.budget)),
+        num_prompts=max(1, min(n_train, round(base.num_prompts * a.budget))),
+        keep_correct_only=a.keep_correct_only or base.keep_correct_only,
+        num_generations=a.best_of if a.best_of > 1 else base.num_generations, keep_most_likely=a.best_of > 1,
+        sample_temperature=base.sample_temperature if a.sample_temperature is None else a.sample_temperature,
+        learning_rate=a.learning_rate or base.learning_rate,
+        teacher_defense=d.kind if d else "none", defense_model=cfg.proxy if d else "",
+        defense_generations=d.generations if d else base.defense_generations,
+        teacher_samples=None, resume=False, output_dir=str(folder), task=cfg.task,
+        runtime=dataclasses.replace(base.runtime, seed=base.runtime.seed + 1000 * repeat))
+
+
+def skip_reason(cfg: AttackConfig, a: Attacker, teacher: str) -> str | None:
+    if a.student not in cfg.students:
+        return f"no attacker student '{a.student}' (students.{a.student}=PATH)"
+    if teacher in cfg.defenses_by_name() and a.method != "sft":
+        return "a text-only defense exposes no logits (SFT attackers only)"
+    return None
+
+
+def run_cell(cfg: AttackConfig, a: Attacker, teacher: str, repeat: int, log: dict) -> dict:
+    """One student of one cell: reused (cfg.reuse, or an earlier run of the same cell), else trained. A failure is
+    returned as {'failed': message}."""
+    key = f"{a.name}/{teacher}"
+    if repeat == 0 and key in cfg.reuse:
+        return {**load_json(Path(cfg.reuse[key]) / "distill_card.json"), "reused_from": cfg.reuse[key]}
+    out = Path(cfg.output_dir)
+    name = f"cells/{a.name}/{teacher}/r{repeat}"
+    dcfg = cell_config(cfg, a, teacher, repeat, out / name)
+    try:
+        card = run_stage(out, name, dcfg, "distill_card.json", distill.run, log)
+    except UserError as e:  # e.g. a NaN loss, no correct samples: the cell failed, the battery goes on
+        return {"failed": str(e)}
+    acc = card.get("student_accuracy")
+    if acc is None or not math.isfinite(acc):
+        return {"failed": f"student accuracy is {acc}"}
+    return card
+
+
+def summarise(cards: list[dict]) -> dict:
+    """A cell's numbers from its students' cards."""
+    ok = [c for c in cards if "failed" not in c]
+    if not ok:
+        return {"status": "failed", "errors": [c["failed"] for c in cards]}
+    acc = np.array([c["student_accuracy"] for c in ok], dtype=float)
+    base = np.array([c["student_accuracy_before"] for c in ok], dtype=float)
+    settings = ok[0].get("settings", {})
+    return {"status": "ok" if len(ok) == len(cards) else "partial", "accuracy": float(acc.mean()),
+            "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, "accuracies": acc.tolist(),
+            "base": float(base.mean()), "gain": float(acc.mean() - base.mean()),
+            "samples": int(np.mean([c.get("num_teacher_samples", 0) for c in ok])),
+            "steps": settings.get("max_steps"), "prompts": settings.get("num_prompts"),
+            "teacher_sample_accuracy": ok[0].get("teacher_sample_accuracy"),
+            "wall_seconds": float(sum(c.get("wall_seconds", 0.0) for c in ok if "reused_from" not in c)),
+            "errors": [c["failed"] for c in cards if "failed" in c]}
+
+
+def relate(cells: dict, reference: str) -> None:
+    """Ratio to the reference teacher's same attacker, and the gain as a share of the reference's gain."""
+    for row in cells.values():
+        ref = row.get(reference, {})
+        for cell in row.values():
+            if cell.get("status") not in ("ok", "partial") or ref.get("status") not in ("ok", "partial"):
+                continue
+            cell["ratio"] = cell["accuracy"] / ref["accuracy"] if ref["accuracy"] > 0 else None
+            cell["gain_share"] = cell["gain"] / ref["gain"] if ref["gain"] > 0 else None
+
+
+def protected_budget(cells: dict, battery: list[Attacker], teacher: str, bar: float = 0.6) -> dict:
+    """Per method: the largest budget up to which the teacher's ratio stays <= bar at every budget (None: not
+    even at the smallest), and the ratios along the way."""
+    out = {}
+    for method in ("sft", "kd", "gkd"):
+        points = sorted((a.budget, cells[a.name].get(teacher, {}).get("ratio")) for a in battery
+                        if a.is_budget and a.method == method)
+        points = [(b, r) for b, r in points if r is not None]
+        if not points:
+            continue
+        held = None
+        for b, r in points:
+            if r > bar:
+                break
+            held = b
+        out[method] = {"largest_budget_protected": held, "ratios": {f"{b:g}x": r for b, r in points}}
+    return out
+
+
+def run(cfg: AttackConfig) -> dict:
+    """Run the battery against every teacher (and defended teacher); write attack.json, attack.md, the plots."""
+    from ..report.attack import write_attack_report
+
+    t0 = time.time()
+    out = check_output_dir(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "attack_config.yaml")
+    columns = list(cfg.teachers) + [d.name for d in cfg.defenses]
+    log: dict = {"_root": out}
+    cells: dict = {}
+    for a in cfg.battery:
+        cells[a.name] = {}
+        for teacher in columns:
+            if (why := skip_reason(cfg, a, teacher)) is not None:
+                cells[a.name][teacher] = {"status": "skipped", "reason": why}
+                continue
+            print(f"attack: {a.name} on the {teacher} teacher ({time.time() - t0:.0f}s elapsed)", flush=True)
+            cells[a.name][teacher] = summarise([run_cell(cfg, a, teacher, r, log) for r in range(cfg.repeats)])
+    relate(cells, cfg.reference)
+    result = {"reference": cfg.reference, "teachers": columns, "repeats": cfg.repeats,
+              "battery": [dataclasses.asdict(a) | {"is_budget": a.is_budget} for a in cfg.battery],
+              "defenses": [dataclasses.asdict(d) for d in cfg.defenses], "cells": cells,
+              "protection": {t: protected_budget(cells, cfg.battery, t) for t in columns if t != cfg.reference},
+              "wall_seconds": time.time() - t0, "versions": versions(),
+              "precision": cfg.attacker.runtime.precision()}
+    write_attack_report(out, result)  # (adds the plots' names)
+    write_json(out / "attack.json", result)
+    return result

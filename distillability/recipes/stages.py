@@ -1,0 +1,50 @@
+"""A stage of a longer job (the pipeline's stages, the attack battery's cells): run once, reused while its
+config and its input models are unchanged, so an interrupted job resumes at the next unfinished stage."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from ..config import to_dict
+
+
+def _inputs(cfg) -> dict:
+    """Size and mtime of every model folder or file the stage's config points at (other than its own output
+    folder): a stage whose input an upstream stage rewrote (e.g. a distilled student after a distill setting
+    changed) is rerun, not answered from its cache."""
+    found = {}
+
+    def walk(value, key):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k != "output_dir":
+                    walk(v, f"{key}.{k}" if key else k)
+        elif isinstance(value, str) and value and (p := Path(value)).exists():
+            files = [p] if p.is_file() else sorted(p.glob("*.safetensors")) or sorted(p.glob("*/*.safetensors"))
+            found[key] = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+    walk(to_dict(cfg), "")
+    return found
+
+
+def run_stage(out: Path, name: str, cfg, marker: str, fn, log: dict | None = None):
+    """Run fn(cfg) unless out/name holds `marker` from a run with the same config and the same inputs. `log`
+    records the stage's wall time and whether it was reused."""
+    folder = out / name
+    saved = folder / "stage_config.yaml"
+    current = yaml.safe_dump(to_dict(cfg), sort_keys=True) + yaml.safe_dump({"inputs": _inputs(cfg)}, sort_keys=True)
+    t0 = time.time()
+    if (folder / marker).exists() and saved.exists() and saved.read_text() == current:
+        if log is not None:
+            log[str(folder.relative_to(log["_root"]))] = {"reused": True, "wall_seconds": 0.0}
+        return json.loads((folder / marker).read_text())
+    result = fn(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    saved.write_text(current)
+    if log is not None:
+        log[str(folder.relative_to(log["_root"]))] = {"reused": False, "wall_seconds": time.time() - t0}
+    return result

@@ -1,0 +1,151 @@
+"""The attack battery: the filters on hand-made scores, budget scaling, failed cells, the defenses, and a small
+battery end to end on tiny models (resumable, reusing cells run elsewhere)."""
+
+import json
+
+import pytest
+
+from distillability.config import load_config
+from distillability.errors import ConfigError
+from distillability.recipes import attack
+from distillability.sample_filters import answer_only, pick_per_prompt
+
+FAST = ["task.num_train=200", "task.num_eval=16", "attacker.runtime.progress=false", "attacker.max_new_tokens=16",
+        "attacker.eval_prompts=8", "attacker.per_device_train_batch_size=4", "attacker.save_steps=0",
+        "attacker.warmup_steps=0"]
+
+
+def test_best_of_n_keeps_the_correct_sample_the_student_finds_most_likely():
+    rows = [{"prompt": "a", "response": "r1", "correct": 1.0}, {"prompt": "a", "response": "r2", "correct": 0.0},
+            {"prompt": "a", "response": "r3", "correct": 1.0}, {"prompt": "b", "response": "s1", "correct": 0.0},
+            {"prompt": "b", "response": "s2", "correct": 0.0}, {"prompt": "c", "response": "t1", "correct": 1.0}]
+    scores = [-2.0, -0.1, -1.0, -3.0, -0.5, -9.0]
+    # r2 is the most likely of prompt a but wrong: the correct r3 wins; b has no correct one: its most likely
+    assert [r["response"] for r in pick_per_prompt(rows, scores)] == ["r3", "s2", "t1"]
+    # the defender's least likely correct sample
+    assert [r["response"] for r in pick_per_prompt(rows, scores, highest=False)] == ["r1", "s1", "t1"]
+    # ties: the earliest; without prefer_correct the score alone decides
+    assert [r["response"] for r in pick_per_prompt(rows[:3], [-1.0, -1.0, -1.0], prefer_correct=False)] == ["r1"]
+    assert [r["response"] for r in pick_per_prompt(rows, scores, prefer_correct=False)] == ["r2", "s2", "t1"]
+    with pytest.raises(ValueError):
+        pick_per_prompt(rows, scores[:2])
+
+
+def test_answer_only_removes_the_chain_of_thought_and_rescores():
+    from distillability.config import TaskConfig
+
+    task = TaskConfig(num_train=20, num_eval=4).load()
+    e = next(x for x in task.train if x.family == "math")
+    worked = e.solutions["worked"]
+    wrong = " 1+1=2. #### 99999"
+    rows = [{"prompt": e.prompt, "response": worked, "correct": 1.0},
+            {"prompt": e.prompt, "response": wrong, "correct": 0.0},
+            {"prompt": e.prompt, "response": " I do not know", "correct": 0.0}]
+    out = answer_only(task, {e.prompt: e}, rows)
+    assert out[0]["response"] == e.solutions["direct"] and out[0]["correct"] == 1.0
+    assert out[1]["response"] == " #### 99999" and out[1]["correct"] == 0.0
+    assert out[2]["response"] == "" and out[2]["correct"] == 0.0
+
+
+def _cfg(tmp_path, tiny_pair, *extra):
+    return load_config(attack.AttackConfig, overrides=[
+        f"teachers.control={tiny_pair['teacher']}", f"teachers.undistillable={tiny_pair['teacher']}",
+        f"students.default={tiny_pair['student']}", f"proxy={tiny_pair['student_same']}",
+        f"output_dir={tmp_path / 'attack'}", "attacker.max_steps=2", "attacker.num_prompts=6", *FAST, *extra])
+
+
+def test_budgets_scale_steps_and_prompts_and_keep_the_learning_rate(tmp_path, tiny_pair):
+    cfg = _cfg(tmp_path, tiny_pair, "attacker.max_steps=120", "attacker.num_prompts=60", "attacker.learning_rate=5e-4",
+               "task.num_train=500")
+    by = {a.name: a for a in attack.FULL_BATTERY}
+    for name, steps, prompts in (("sft@1x", 120, 60), ("kd@4x", 480, 240), ("gkd@10x", 1200, 500)):
+        d = attack.cell_config(cfg, by[name], "control", 0, tmp_path / "x")
+        # 10x asks for 600 prompts: capped at the 500 training prompts there are
+        assert (d.max_steps, d.num_prompts, d.learning_rate, d.method) == (steps, prompts, 5e-4, by[name].method)
+    d = attack.cell_config(cfg, by["sft-best-of-16"], "control", 2, tmp_path / "x")
+    assert d.num_generations == 16 and d.keep_most_likely and d.keep_correct_only and d.runtime.seed == 2000
+    d = attack.cell_config(cfg, by["sft-correct"], "control+least_likely", 0, tmp_path / "x")
+    assert d.teacher_defense == "least_likely" and d.defense_model == tiny_pair["student_same"]
+    assert attack.skip_reason(cfg, by["kd@1x"], "control+answer_only").startswith("a text-only defense")
+    assert "students.unseen" in attack.skip_reason(cfg, by["sft-unseen-student"], "control")
+
+
+def test_a_failed_cell_is_reported_not_dropped():
+    ok = {"student_accuracy": 0.5, "student_accuracy_before": 0.25, "num_teacher_samples": 10,
+          "settings": {"max_steps": 3, "num_prompts": 5}, "wall_seconds": 2.0}
+    cell = attack.summarise([ok, {"failed": "loss is nan at step 2"}])
+    assert cell["status"] == "partial" and cell["accuracy"] == 0.5 and cell["errors"] == ["loss is nan at step 2"]
+    assert attack.summarise([{"failed": "x"}]) == {"status": "failed", "errors": ["x"]}
+    cells = {"a": {"control": attack.summarise([ok]), "undistillable": attack.summarise([{**ok, "student_accuracy": 0.3}]),
+                   "other": {"status": "failed", "errors": ["x"]}}}
+    attack.relate(cells, "control")
+    assert cells["a"]["undistillable"]["ratio"] == pytest.approx(0.6)
+    assert cells["a"]["undistillable"]["gain_share"] == pytest.approx(0.05 / 0.25)
+    assert "ratio" not in cells["a"]["other"]
+
+
+def test_protected_budget_is_the_largest_budget_below_the_bar():
+    battery = [attack.Attacker(name=f"sft@{b:g}x", budget=b) for b in (1.0, 4.0, 10.0)]
+    cells = {"sft@1x": {"u": {"ratio": 0.2}}, "sft@4x": {"u": {"ratio": 0.55}}, "sft@10x": {"u": {"ratio": 0.9}}}
+    assert attack.protected_budget(cells, battery, "u")["sft"]["largest_budget_protected"] == 4.0
+    cells["sft@1x"]["u"]["ratio"] = 0.7
+    assert attack.protected_budget(cells, battery, "u")["sft"]["largest_budget_protected"] is None
+    from distillability.report.attack import headline_sentence
+
+    assert "never" in headline_sentence({"protection": {"undistillable": attack.protected_budget(cells, battery, "u")}})
+
+
+def test_config_errors_name_the_key(tiny_pair, tmp_path):
+    for extra, needle in ((["reference=nobody"], "'reference'"), (["battery=[{name: x, methd: sft}]"], "battery[0].methd"),
+                          (["battery=[{name: x, budget: 0}]"], "battery[0].budget"),
+                          (["defenses=[{name: d, teacher: ghost}]"], "defenses[0].teacher")):
+        with pytest.raises(ConfigError, match=__import__("re").escape(needle)):
+            _cfg(tmp_path, tiny_pair, *extra)
+    with pytest.raises(ConfigError, match="students.default"):
+        load_config(attack.AttackConfig, overrides=[f"teachers.control={tiny_pair['teacher']}"])
+
+
+@pytest.mark.slow
+def test_small_battery_end_to_end_resumes_and_reuses(tiny_pair, tmp_path):
+    from distillability.recipes import distill
+
+    # a cell run elsewhere (the pipeline's distill stage) is read, not retrained
+    elsewhere = tmp_path / "elsewhere"
+    cfg0 = _cfg(tmp_path, tiny_pair)
+    distill.run(attack.cell_config(cfg0, attack.Attacker(name="sft@1x"), "control", 0, elsewhere))
+    battery = ("battery=[{name: sft@1x}, {name: sft@2x, budget: 2}, {name: best-of-2, keep_correct_only: false, "
+               "best_of: 2}, {name: kd@1x, method: kd, learning_rate: 1.0e+30}]")
+    cfg = _cfg(tmp_path, tiny_pair, battery, "attacker.cross_tokenizer=char", "attacker.learning_rate=1e-3",
+               "defenses=[{name: control+answer_only, kind: answer_only}, {name: control+least_likely, "
+               "kind: least_likely, generations: 2}]", f"reuse={{sft@1x/control: {elsewhere}}}")
+    result = attack.run(cfg)
+    cells = result["cells"]
+    assert cells["sft@1x"]["control"]["status"] == "ok"
+    assert not (tmp_path / "attack" / "cells" / "sft@1x" / "control").exists()  # reused
+    assert (tmp_path / "attack" / "cells" / "sft@1x" / "undistillable" / "r0" / "distill_card.json").exists()
+    card = json.loads((tmp_path / "attack" / "cells" / "sft@2x" / "control" / "r0" / "distill_card.json").read_text())
+    assert card["settings"]["max_steps"] == 4 and card["settings"]["num_prompts"] == 12
+    # the same teacher under both roles, the same seed: the same student (ratio 1, or none when the reference is 0)
+    two = cells["sft@2x"]
+    assert two["undistillable"]["accuracy"] == two["control"]["accuracy"]
+    assert two["undistillable"].get("ratio") in (None, pytest.approx(1.0))
+    # best-of-2: one sample per prompt, the one the student found most likely
+    samples = (tmp_path / "attack" / "cells" / "best-of-2" / "control" / "r0" / "teacher_samples.jsonl").read_text()
+    assert len(samples.splitlines()) == 6
+    # the defenses: answer-only samples, one least-likely sample per prompt; no KD against a text-only defense
+    ans = [json.loads(x)["response"] for x in (tmp_path / "attack" / "cells" / "sft@1x" / "control+answer_only" / "r0"
+                                                / "teacher_samples.jsonl").read_text().splitlines()]
+    assert all(r == "" or r.startswith(" #### ") for r in ans)
+    ll = (tmp_path / "attack" / "cells" / "sft@1x" / "control+least_likely" / "r0" / "teacher_samples.jsonl")
+    assert len(ll.read_text().splitlines()) == 6
+    assert cells["kd@1x"]["control+answer_only"]["status"] == "skipped"
+    # an absurd learning rate makes the loss NaN: the cell is reported failed with the error, the battery goes on
+    assert cells["kd@1x"]["control"]["status"] == "failed" and "nan" in cells["kd@1x"]["control"]["errors"][0]
+    out = tmp_path / "attack"
+    assert {"attack.json", "attack.md", "attack_budget.png", "attack_variants.png"} <= {p.name for p in out.iterdir()}
+    assert "sft@2x" in (out / "attack.md").read_text()
+    # resumable: a rerun trains nothing (every cell reused) and gives the same numbers
+    mtime = (out / "cells" / "sft@2x" / "control" / "r0" / "distill_card.json").stat().st_mtime_ns
+    again = attack.run(cfg)
+    assert again["cells"]["sft@2x"]["control"]["accuracy"] == cells["sft@2x"]["control"]["accuracy"]
+    assert (out / "cells" / "sft@2x" / "control" / "r0" / "distill_card.json").stat().st_mtime_ns == mtime
