@@ -107,17 +107,25 @@ def test_config_errors_name_the_key(tiny_pair, tmp_path):
 
 @pytest.mark.slow
 def test_small_battery_end_to_end_resumes_and_reuses(tiny_pair, tmp_path):
+    import torch
+
+    from distillability.models import load_model, save_model
     from distillability.recipes import distill
 
+    # an attacker student whose weights are NaN: its loss is NaN at step 1
+    broken, tok = load_model(tiny_pair["student"], device="cpu")
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    save_model(broken, tok, tmp_path / "nan_student")
     # a cell run elsewhere (the pipeline's distill stage) is read, not retrained
     elsewhere = tmp_path / "elsewhere"
     cfg0 = _cfg(tmp_path, tiny_pair)
     distill.run(attack.cell_config(cfg0, attack.Attacker(name="sft@1x"), "control", 0, elsewhere))
     battery = ("battery=[{name: sft@1x}, {name: sft@2x, budget: 2}, {name: best-of-2, keep_correct_only: false, "
-               "best_of: 2}, {name: kd@1x, method: kd, learning_rate: 1.0e+30}]")
+               "best_of: 2}, {name: kd@1x, method: kd}, {name: sft-broken, student: broken}]")
     cfg = _cfg(tmp_path, tiny_pair, battery, "attacker.cross_tokenizer=char", "attacker.learning_rate=1e-3",
                "defenses=[{name: control+answer_only, kind: answer_only}, {name: control+least_likely, "
-               "kind: least_likely, generations: 2}]", f"reuse={{sft@1x/control: {elsewhere}}}")
+               "kind: least_likely, generations: 2}]", f"reuse={{sft@1x/control: {elsewhere}}}", f"students.broken={tmp_path / 'nan_student'}")
     result = attack.run(cfg)
     cells = result["cells"]
     assert cells["sft@1x"]["control"]["status"] == "ok"
@@ -139,8 +147,9 @@ def test_small_battery_end_to_end_resumes_and_reuses(tiny_pair, tmp_path):
     ll = (tmp_path / "attack" / "cells" / "sft@1x" / "control+least_likely" / "r0" / "teacher_samples.jsonl")
     assert len(ll.read_text().splitlines()) == 6
     assert cells["kd@1x"]["control+answer_only"]["status"] == "skipped"
-    # an absurd learning rate makes the loss NaN: the cell is reported failed with the error, the battery goes on
-    assert cells["kd@1x"]["control"]["status"] == "failed" and "nan" in cells["kd@1x"]["control"]["errors"][0]
+    # a NaN loss: the cell is reported failed with the error, the battery goes on
+    assert cells["kd@1x"]["control"]["status"] == "ok"
+    assert cells["sft-broken"]["control"]["status"] == "failed" and "nan" in cells["sft-broken"]["control"]["errors"][0]
     out = tmp_path / "attack"
     assert {"attack.json", "attack.md", "attack_budget.png", "attack_variants.png"} <= {p.name for p in out.iterdir()}
     assert "sft@2x" in (out / "attack.md").read_text()

@@ -110,8 +110,29 @@ def test_distill_smollm2_from_gemma_by_sft_loss_falls(real_cache, monkeypatch, t
     assert sum(log[-2:]) / 2 < sum(log[:2]) / 2, log
 
 
+def test_calibrate_gemma_with_lora_against_the_smollm2_proxy_moves_d(real_cache, monkeypatch, tmp_path):
+    """One LoRA calibration step of the real teacher (262k vocabulary) against the real proxy of another tokenizer
+    (49k): the cross-tokenizer r_cal has spread, the teacher's divergence from the proxy moves, the merged model
+    is saved and loads."""
+    _need_real(real_cache, monkeypatch)
+    from distillability.config import load_config
+    from distillability.models import load_model
+    from distillability.recipes import calibrate
+
+    card = calibrate.run(load_config(calibrate.CalibrateConfig, overrides=[
+        f"model={GEMMA}", f"proxy={SMOL}", "eta=1.0", "use_peft=true", "lora_r=8", "max_steps=1",
+        "num_generations=2", "prompts_per_step=2", "max_completion_length=24", "learning_rate=1e-3",
+        "eval_prompts=2", "eval_generations=1", "save_steps=0", "task.name=gsm8k", f"task.path={_gsm8k()}",
+        "task.num_train=8", "task.num_eval=2", f"output_dir={tmp_path / 'cal'}", "runtime.progress=false"]))
+    assert card["before_D_per_char"] != card["after_D_per_char"], card
+    model, tok = load_model(str(tmp_path / "cal" / "model"), device="cpu")
+    assert model.config.vocab_size == 262144 and not any("lora" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.real_e2e
 def test_real_pipeline_config_runs_every_stage_at_reduced_budget(real_cache, monkeypatch, tmp_path):
-    """configs/gemma270m-smollm2-gsm.yaml end to end (teacher SFT, 3 LoRA calibrations, cross-tokenizer GKD
+    """(Opt-in, ~10 min on 2 cores: `./dev test -m real_e2e`; its stages' real-model paths have the fast tests
+    above.) configs/gemma270m-smollm2-gsm.yaml end to end (teacher SFT, 3 LoRA calibrations, cross-tokenizer GKD
     from 4 teachers, evaluation, report) with a few steps and short completions: every artifact is written and
     the losses move. (GSM8K from ../shared when present, else gym:gsm_symbolic.) Diagnose and SFT distillation
     of the same real pair have their own tests above; here they are skipped to keep the suite's time."""
@@ -133,7 +154,7 @@ def test_real_pipeline_config_runs_every_stage_at_reduced_budget(real_cache, mon
              "calibrate.prompts_per_step=2", "calibrate.max_completion_length=24", "calibrate.eval_prompts=2",
              "distill.num_prompts=4", "distill.max_steps=2", "distill.per_device_train_batch_size=2",
              "distill.eval_prompts=2", "distill.max_new_tokens=24", "distill.lmbda=1.0", "evaluate.eval_prompts=2",
-             "evaluate.max_new_tokens=24", "methods=[gkd]", "skip=[diagnose]", "progress=false"]
+             "evaluate.max_new_tokens=24", "methods=[gkd]", "skip=[diagnose,attack]", "progress=false"]
     r = CliRunner().invoke(main, ["pipeline", "--config", "configs/gemma270m-smollm2-gsm.yaml", f"output_dir={out}",
                                   *small])
     assert r.exit_code == 0, r.output

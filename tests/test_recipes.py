@@ -174,7 +174,9 @@ def test_demo_quick_end_to_end(tmp_path):
     cell = json.loads((run / "attack" / "cells" / "sft@4x" / "control" / "r0" / "distill_card.json").read_text())
     assert cell["settings"]["max_steps"] == 12 and cell["settings"]["num_prompts"] == 64
     report = (run / "report.md").read_text()
-    assert "## Attacks" in report and "attack/attack_budget.png" in report and "protected" in report.splitlines()[2]
+    assert "## Attacks" in report and "attack/attack_budget.png" in report
+    # the report opens with where the protection holds (or why there is no ratio to say it with)
+    assert report.splitlines()[2] == attacks["summary"] and "undistillable teacher" in attacks["summary"]
     # a second run with the same config reuses every stage; a changed distill setting reruns the distillations
     # and the evaluations of the students they rewrote (not their cached numbers), and nothing upstream
     def stamps():

@@ -20,6 +20,11 @@ def headline_sentence(result: dict, teacher: str = "undistillable") -> str:
     """Where the teacher's protection holds against the budget attackers, in one sentence."""
     prot = result.get("protection", {}).get(teacher)
     if not prot:
+        ran = any(a.get("is_budget") and result["cells"].get(a["name"], {}).get(teacher, {}).get("status") == "ok"
+                  for a in result.get("battery", []))
+        if ran:
+            return (f"No protection ratio for the {teacher} teacher: the {result.get('reference', 'control')} "
+                    "teacher's students scored 0 at every budget.")
         return f"No budget attacker was run against the {teacher} teacher."
     parts = []
     for method, p in prot.items():
