@@ -4,8 +4,9 @@ one run per seed, and the table of where the protection holds.
 
     .venv/bin/python bench/attack_seeds.py [--seeds 0 1 2] [--repeats 1] [--out bench/results] [key=value ...]
 
-Per seed: `distillability demo --seed S attack_battery=full attack.repeats=R` into `<out>/runs/attack_seeds/seedS`
-(a rerun reuses every finished stage and every finished cell). Writes `<out>/attack_seeds.json` (every seed's
+Per seed: `distillability demo --seed S attack_battery=full attack.repeats=R` into `<out>/runs/seedS`, the run
+folder `knob_seeds.py` uses, so the teachers and students it made are reused (a rerun reuses every finished stage
+and every finished cell). Writes `<out>/attack_seeds.json` (every seed's
 attack.json cells, the pooled means, the protected budgets, the cost per attacker) and `<out>/attack_seeds.md`
 (the tables for bench/README.md), and prints them. `--attackers a,b` keeps only those attackers of the
 battery (e.g. to measure a subset first); overrides go to every run. `--collect` only tabulates what the runs
@@ -105,7 +106,7 @@ def main() -> None:
     ap.add_argument("--collect", action="store_true")
     args, overrides = ap.parse_known_args()
     attackers = [a for a in args.attackers.split(",") if a] or None
-    runs = args.out / "runs" / "attack_seeds"
+    runs = args.out / "runs"
     per_seed, cost = {}, {}
     for seed in args.seeds:
         folder = runs / f"seed{seed}"

@@ -148,6 +148,15 @@ CONFIG_CASES = [  # (args, text the one-line error must name); every recipe and 
     (["pipeline", "methods=[sft,dpo]"], "methods"),
     (["evaluate", "model"], "model"),
     (["distill", "teacher=dataset", "student=b", "method=kd"], "teacher"),
+    (["attack", "--config", "binary.yaml"], "binary.yaml"),
+    (["attack", "--config", "malformed.yaml"], "malformed.yaml:"),
+    (["attack", "teachers.control=a", "students.default=b", "proxy=c", "reference=ctrl"], "'reference'"),
+    (["attack", "teachers.control=a", "students.default=b", "proxy=c", "battery=[{{name: x, budget: nan}}]"], "battery[0].budget"),
+    (["attack", "teachers.control=a", "students.default=b", "proxy=c", "battery=[{{name: x, methd: sft}}]"], "battery[0].methd"),
+    (["attack", "teachers.control=a", "students.default=b", "proxy=c", "output_dir={taken}"], "output_dir"),
+    (["attack", "teachers.control=a"], "students.default"),
+    (["pipeline", "attack_battery=huge"], "attack_battery"),
+    (["demo", "attack.teachers.control=x"], "attack.teachers"),
 ]
 
 
