@@ -62,6 +62,7 @@ def _run(recipe: str, config_path: str | None, extra: list[str], preset_quick: b
         from .report.protection import markdown_table
 
         click.echo("\nHeadline (greedy accuracy on held-out prompts):\n" + markdown_table(result))
+        click.echo("\nVerdict:\n" + "\n".join(f"- {line}" for line in result.get("verdict", [])))
         click.echo(f"\nReport: {cfg.output_dir}/report.html")
     elif isinstance(result, dict) and result:  # (empty on non-main processes of a multi-process run)
         keys = [k for k in result if isinstance(result[k], (int, float)) and not isinstance(result[k], bool)]

@@ -175,8 +175,11 @@ def test_demo_quick_end_to_end(tmp_path):
     assert cell["settings"]["max_steps"] == 12 and cell["settings"]["num_prompts"] == 64
     report = (run / "report.md").read_text()
     assert "## Attacks" in report and "attack/attack_budget.png" in report
-    # the report opens with where the protection holds (or why there is no ratio to say it with)
-    assert report.splitlines()[2] == attacks["summary"] and "undistillable teacher" in attacks["summary"]
+    # the report opens with the verdict, which says where the protection holds against the budget attackers (or
+    # why there is no ratio to say it with)
+    assert report.splitlines()[2] == "## Verdict" and f"> {attacks['summary']}" in report.splitlines()[4:8]
+    assert "undistillable teacher" in attacks["summary"] and attacks["summary"] in headline["verdict"]
+    assert "Verdict:" in r.output and headline["verdict"][0] in r.output
     # a second run with the same config reuses every stage; a changed distill setting reruns the distillations
     # and the evaluations of the students they rewrote (not their cached numbers), and nothing upstream
     def stamps():
@@ -191,7 +194,12 @@ def test_demo_quick_end_to_end(tmp_path):
     changed = {k for k, v in stamps().items() if v != first[k]}
     students = {k for k in first if k.startswith(("distill_", "eval/student_", "attack/cells/"))
                 and not k.startswith("eval/student_base/")}
-    assert len(students) == 28 and changed == students, sorted(changed ^ students)  # the base is not rerun
+    # 12 students, their 12 evaluations and every attack cell trained here (the 1x cells are the distill stage's;
+    # a failed cell, e.g. no correct sample to keep, writes no card)
+    cells = json.loads((run / "attack" / "attack.json").read_text())["cells"]
+    trained = sum(c["status"] == "ok" for a in ("sft@4x", "sft-best-of-4") for c in cells[a].values())
+    assert trained >= 2 and len(students) == 24 + trained
+    assert changed == students, sorted(changed ^ students)  # the base is not rerun
 
 
 def test_trl_reward_adapter_equals_recipe_reward(tiny_pair):

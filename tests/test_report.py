@@ -24,11 +24,57 @@ def report_dir(tmp_path):
     evaluations = {"teachers": {t: _fake_eval(a) for t, a in accs.items()},
                    "students": {m: {t: _fake_eval(a) for t, a in students.items()} for m in ("sft", "kd", "gkd")},
                    "student_base": _fake_eval(0.4)}
+    precision = {"device": "cpu", "cpu": "Test CPU", "amx": False, "avx512_bf16": True, "bf16": False,
+                 "reason": "forced (bf16=false)"}
     cards = {t: {"eta": e, "before_accuracy": 0.8, "after_accuracy": accs[t], "before_D_per_char": 0.3,
-                 "after_D_per_char": 0.3 + e / 10} for t, e in (("control", 0.0), ("distillable", -1.0), ("undistillable", 1.0))}
+                 "after_D_per_char": 0.3 + e / 10, "precision": precision}
+             for t, e in (("control", 0.0), ("distillable", -1.0), ("undistillable", 1.0))}
+    _stage_logs(tmp_path, cards)
     headline = headline_table(evaluations, seed=0, wall_seconds=1.0)
-    write_report(tmp_path, headline, evaluations, cards)
+    facts = {"versions": {"torch": "2.13.0"}, "threads": 2,
+             "stages": {"calibrate_control": {"reused": True, "wall_seconds": 0.0},
+                        "distill_sft_control": {"reused": False, "wall_seconds": 12.0}}}
+    write_report(tmp_path, headline, evaluations, cards, facts=facts)
     return tmp_path, headline
+
+
+def _stage_logs(root, cards):
+    """What a pipeline run leaves for the report's curves and diagnose section: the stages' log.jsonl files and the
+    diagnose plots."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for t, c in cards.items():
+        (root / f"calibrate_{t}").mkdir()
+        (root / f"calibrate_{t}" / "log.jsonl").write_text("".join(json.dumps(
+            {"step": i, "task_reward": 0.5 + i / 20, "r_cal": c["eta"] * i / 10, "kl_ref": i / 100}) + "\n" for i in range(1, 11)))
+        for m in ("sft", "kd", "gkd"):
+            (root / f"distill_{m}_{t}").mkdir()
+            (root / f"distill_{m}_{t}" / "log.jsonl").write_text("".join(json.dumps(
+                {"step": i, "loss": 2.0 / i}) + "\n" for i in range(1, 11)))
+    (root / "diagnose").mkdir()
+    (root / "diagnose" / "diagnose.json").write_text("{}")
+    for name in ("kl_estimates", "tail_noise", "sparsity"):
+        fig, ax = plt.subplots(figsize=(4, 3))
+        ax.plot([0, 1, 2], [1, 0, 1])
+        fig.savefig(root / "diagnose" / f"{name}.png")
+        plt.close(fig)
+
+
+def _images(page: str) -> list:
+    """The embedded PNGs of an HTML page, decoded."""
+    import base64
+    import io
+    import re
+
+    import matplotlib.image
+
+    return [matplotlib.image.imread(io.BytesIO(base64.b64decode(b)), format="png")
+            for b in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
 
 
 def test_headline_and_ratios(report_dir):
@@ -44,6 +90,60 @@ def test_headline_and_ratios(report_dir):
     assert "| model | math | mc |" in md and "| kd ← undistillable | 0.100 | 0.200 |" in md and "| student base | 0.200 | 0.400 |" in md
 
 
+def test_the_report_opens_with_the_verdict_and_the_plot(report_dir):
+    out, headline = report_dir
+    md = (out / "report.md").read_text()
+    lines = md.splitlines()
+    # utility 0.82 / 0.90; every method's undistillable student 0.2 vs the control's 0.6; distillable 0.7 / 0.6
+    assert lines[2] == "## Verdict" and lines[4] == (
+        "> Protected: the undistillable teacher keeps 0.91x the control's accuracy (0.820 vs 0.900); students "
+        "distilled from it reach 0.33x the control teacher's students (least protected: SFT at 0.33x), accuracy "
+        "0.200 against the student base's 0.400.")
+    assert lines[5].startswith("> Easier to distill: the distillable teacher keeps 0.94x") and "1.17x" in lines[5]
+    assert headline["verdict"][0] == lines[4][2:]
+    first_table = next(i for i, x in enumerate(lines) if x.startswith("|"))
+    assert lines.index("![headline](headline.png)") < first_table
+
+
+def test_verdict_names_the_method_that_protected_least():
+    from distillability.report.verdict import verdict
+
+    head = {"teachers": {"control": 1.0, "undistillable": 0.8},
+            "students": {"sft": {"control": 0.5, "undistillable": 0.1}, "gkd": {"control": 0.4, "undistillable": 0.36}},
+            "student_base": 0.3}
+    text = verdict(head)[0]
+    assert text.startswith("Partly protected: the undistillable teacher keeps 0.80x")
+    assert "reach 0.20-0.90x the control teacher's students (least protected: GKD at 0.90x)" in text
+    head["students"]["gkd"]["undistillable"] = 0.3
+    assert verdict(head)[0].startswith("Partly protected")  # sft 0.2x, gkd 0.75x
+    head["students"]["sft"]["undistillable"] = 0.45
+    assert verdict(head)[0].startswith("Not protected")
+
+
+def test_every_plot_is_embedded_and_no_markdown_leaks_into_the_html(report_dir):
+    import re
+
+    out, _ = report_dir
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    wanted = re.findall(r"^!\[[^\]]*\]\(([^)]+)\)$", md, flags=re.M)
+    assert {"headline.png", "calibration_curves.png", "student_losses.png", "diagnose/kl_estimates.png",
+            "diagnose/tail_noise.png", "diagnose/sparsity.png"} <= set(wanted)
+    images = _images(page)
+    assert len(images) == len(wanted) and all(img.std() > 0.01 for img in images)  # every plot decodes, none blank
+    text = re.sub(r'src="data:[^"]+"', "", page)
+    for leak in ("](", "**", "|---", "`"):
+        assert leak not in text, leak
+    assert "<code>diagnose/summary.md</code>" in page and '<div class="verdict">' in page
+    # every table is explained, and the run facts say where and how it ran
+    for needle in ("control: the same starting teacher RL-tuned on the task alone", "D to proxy /char: mean",
+                   "Wrong-trace preference: over prompts", "overconfident (a wrong answer",
+                   "- device: cpu (Test CPU; AMX no, AVX512-BF16 yes); precision: float32 (forced (bf16=false))",
+                   "- versions: torch 2.13.0", "torch threads 2", "- reused from an earlier run: calibrate_control",
+                   "| distill_sft_control | 12 |"):
+        assert needle in md, needle
+
+
 def test_html_renders_in_headless_chromium(report_dir, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if not browser:
@@ -54,15 +154,22 @@ def test_html_renders_in_headless_chromium(report_dir, tmp_path):
              f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<table") >= 4
-    assert 'src="data:image/png;base64,' in dom
+    assert '<div class="verdict"><p>Protected: the undistillable teacher' in dom
+    images = _images(dom)
+    assert len(images) == 6 and all(img.std() > 0.01 for img in images)
+    # a full-page screenshot (a window taller than the page): the content reaches at least as far down as the
+    # embedded images stacked at their rendered size (max-width 1000 px), so nothing collapsed
     shot = tmp_path / "shot.png"
-    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,1600", page.as_uri()], capture_output=True,
-                   timeout=120)
-    assert shot.exists() and shot.stat().st_size > 10_000
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1300,12000", "--hide-scrollbars", page.as_uri()],
+                   capture_output=True, timeout=120)
     import matplotlib.image
 
-    pixels = matplotlib.image.imread(str(shot))
+    pixels = matplotlib.image.imread(str(shot))[..., :3]
     assert pixels.std() > 0.05  # not a blank page
+    rows = (pixels < 0.95).any(axis=(1, 2)).nonzero()[0]
+    images_height = sum(img.shape[0] * min(1.0, 1000 / img.shape[1]) for img in images)
+    assert rows[-1] > images_height + 200, (rows[-1], images_height)
+    assert rows[-1] < pixels.shape[0] - 50  # the window was taller than the page: the whole page is in the shot
 
 
 def test_knob_seeds_table_pools_and_counts_targets():

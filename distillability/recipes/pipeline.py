@@ -226,7 +226,8 @@ def run(cfg: PipelineConfig) -> dict:
     write_json(c.out / "evaluations.json", {"evaluations": evaluations, "calibration_cards": cards,
                                             "models": c.models, "teachers": teachers, "stages": c.stages(),
                                             "versions": versions()})
-    write_report(c.out, headline, evaluations, cards, attacks)
+    write_report(c.out, headline, evaluations, cards, attacks,
+                 facts={"versions": versions(), "threads": cfg.threads, "stages": c.stages()})
     return headline
 
 

@@ -28,17 +28,17 @@ def headline_sentence(result: dict, teacher: str = "undistillable") -> str:
         return f"No budget attacker was run against the {teacher} teacher."
     parts = []
     for method, p in prot.items():
-        top = max((float(b.rstrip("x")) for b in p["ratios"]), default=None)
+        budgets = sorted(p["ratios"], key=lambda b: float(b.rstrip("x")))
         held = p["largest_budget_protected"]
         if held is None:
-            parts.append(f"{method}: never (already {p['ratios'][min(p['ratios'], key=lambda b: float(b[:-1]))]:.2f}x "
-                         f"at the smallest budget)")
-        elif held == top:
-            parts.append(f"{method}: up to {held:g}x, the largest budget tried")
+            parts.append(f"{method.upper()} never ({p['ratios'][budgets[0]]:.2f}x already at {budgets[0]})")
+        elif f"{held:g}x" == budgets[-1]:
+            parts.append(f"{method.upper()} up to {held:g}x, the largest budget tried ({p['ratios'][budgets[-1]]:.2f}x)")
         else:
-            parts.append(f"{method}: up to {held:g}x")
-    return (f"The {teacher} teacher's students stay at or below {BAR}x the control's (protected) against budget "
-            f"attackers — " + "; ".join(parts) + ".")
+            nxt = budgets[budgets.index(f"{held:g}x") + 1]
+            parts.append(f"{method.upper()} up to {held:g}x ({p['ratios'][nxt]:.2f}x at {nxt})")
+    return (f"Against budget attackers the {teacher} teacher stays protected (its students at or below {BAR}x the "
+            "control's) for: " + "; ".join(parts) + ".")
 
 
 def cell_text(cell: dict) -> str:
@@ -100,6 +100,9 @@ def _plots(out: Path, result: dict) -> list[str]:
             if bases:
                 ax.axhline(sum(bases) / len(bases), color="black", linestyle="dashed", linewidth=1, label="student base")
             ax.set_xscale("log")
+            ticks = sorted({a["budget"] for a in attackers})
+            ax.set_xticks(ticks, [f"{b:g}x" for b in ticks])
+            ax.minorticks_off()
             ax.set_xlabel("attacker budget (x the default)")
             ax.set_title(method.upper())
             ax.set_ylim(0, 1.05)

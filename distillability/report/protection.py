@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 
 from ..io import write_text
 from .attack import headline_sentence
 from .attack import markdown as attack_markdown
+from .verdict import verdict
 
 TEACHERS = ("original", "control", "distillable", "undistillable")  # the teacher roles, in report order
 CALIBRATED = TEACHERS[1:]
@@ -30,6 +32,7 @@ def headline_table(evaluations: dict, seed: int, wall_seconds: float, attacks: d
         out["attacks"] = {"cells": {a: {t: {k: c.get(k) for k in ("status", "accuracy", "ratio", "gain_share")}
                                         for t, c in row.items()} for a, row in attacks["cells"].items()},
                           "protection": attacks["protection"], "summary": headline_sentence(attacks)}
+    out["verdict"] = verdict(out, out["attacks"]["summary"] if attacks else None)
     return out
 
 
@@ -80,41 +83,66 @@ def markdown_table(headline: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, headline: dict, evaluations: dict, cards: dict, attacks: dict | None = None) -> None:
-    plot = _plot(headline, out)
-    r_control = ratios(headline, "control")
-    r_orig = ratios(headline, "original")
-    md = ["# Distillability report", "", *([headline_sentence(attacks), ""] if attacks else []),
-          markdown_table(headline), "",
-          f"Run time: {headline['wall_seconds']:.0f} s, seed {headline['seed']}.", "",
-          "## Distillability ratio (student accuracy ÷ student of the control / original teacher ÷ student before "
-          "distillation)", "",
-          "| method | teacher | ÷ control | ÷ original | ÷ base |", "|---|---|---|---|---|"]
+MEANING = {
+    "headline": "Greedy accuracy on held-out prompts never used in training. control: the same starting teacher "
+                "RL-tuned on the task alone (eta = 0), the fair baseline; distillable / undistillable: calibrated with "
+                "eta < 0 / > 0 for the same steps. The student base is the student before distillation.",
+    "ratio": "Student accuracy from this teacher divided by the student's from the control teacher (same method), "
+             "from the original teacher, and by the student base. Below 1 vs control: the teacher is harder to "
+             "distill than the control; at or below 0.6 it counts as protected. Below 1 vs base: distilling made the "
+             "student worse than it started.",
+    "teachers": "pass@k: share of prompts with a correct answer among k samples. D to proxy /char: mean per-character "
+                "log pi_teacher - log pi_proxy on the teacher's own samples (higher: harder for a small model to "
+                "imitate). Wrong-trace preference: over prompts with a correct and an incorrect sample, the share of "
+                "(correct, incorrect) pairs in which the teacher / the proxy finds the incorrect one more likely per "
+                "character. Failure modes (first match wins): degradation (an n-gram repeated 4 times in a row, low "
+                "distinct-3, or malformed), self_correction (no final answer, or a step restated 3 times), "
+                "overconfident (a wrong answer given with mean answer-token probability >= 0.8), wrong, correct.",
+    "students": "The same measures for the students (failure modes as in the teachers' table).",
+    "family": "Where the protection (or the teaching) acts: a teacher protects only the task families in which it "
+              "has a correct mode the student cannot imitate.",
+    "cards": "Each calibration's teacher before and after, on its own held-out prompts: greedy accuracy and D to the "
+             "proxy per character. The curves: per RL step, the task reward, the calibration reward r_cal "
+             "(log pi_teacher - log pi_proxy per character, counted on correct responses) and the KL to the original "
+             "teacher that anchors it.",
+}
+
+
+def _ratio_rows(headline: dict) -> list[str]:
+    r_control, r_orig = ratios(headline, "control"), ratios(headline, "original")
     base = headline.get("student_base")
+    rows = ["| method | teacher | ÷ control | ÷ original | ÷ base |", "|---|---|---|---|---|"]
     for m in r_control:
         for t in r_control[m]:
             vs_base = headline["students"][m][t] / base if base else float("nan")
-            md.append(f"| {m} | {t} | {r_control[m][t]:.2f} | {r_orig[m][t]:.2f} | {vs_base:.2f} |")
-    md += ["", "## Teachers: utility, failure modes and causal metrics", "",
-           "| teacher | greedy acc | pass@k | D to proxy /char | wrong-trace pref. (teacher / proxy) | failure modes |",
-           "|---|---|---|---|---|---|"]
+            rows.append(f"| {m} | {t} | {r_control[m][t]:.2f} | {r_orig[m][t]:.2f} | {vs_base:.2f} |")
+    return rows
+
+
+def _fm(r: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in r["failure_modes"].items() if v)
+
+
+def _pk(r: dict) -> str:
+    return ", ".join(f"@{k} {v:.2f}" for k, v in r["pass_at_k"].items())
+
+
+def _model_rows(evaluations: dict) -> list[str]:
+    nan = float("nan")
+    md = ["## Teachers: utility, failure modes and causal metrics", "",
+          "| teacher | greedy acc | pass@k | D to proxy /char | wrong-trace pref. (teacher / proxy) | failure modes |",
+          "|---|---|---|---|---|---|"]
     for t, r in evaluations["teachers"].items():
         wtp = r.get("wrong_trace_preference", {})
-        fm = ", ".join(f"{k} {v:.2f}" for k, v in r["failure_modes"].items() if v)
-        pk = ", ".join(f"@{k} {v:.2f}" for k, v in r["pass_at_k"].items())
-        md.append(f"| {t} | {r['greedy_accuracy']:.3f} | {pk} | {r.get('D_to_proxy_per_char', float('nan')):.4f} | "
-                  f"{wtp.get('model', {}).get('rate', float('nan')):.2f} / {wtp.get('proxy', {}).get('rate', float('nan')):.2f} | {fm} |")
-    md += ["", "## Students: accuracy, pass@k, failure modes", "", "| method | teacher | greedy acc | pass@k | failure modes |",
-           "|---|---|---|---|---|"]
+        md.append(f"| {t} | {r['greedy_accuracy']:.3f} | {_pk(r)} | {r.get('D_to_proxy_per_char', nan):.4f} | "
+                  f"{wtp.get('model', {}).get('rate', nan):.2f} / {wtp.get('proxy', {}).get('rate', nan):.2f} | {_fm(r)} |")
+    md += ["", MEANING["teachers"], "", "## Students: accuracy, pass@k, failure modes", "",
+           "| method | teacher | greedy acc | pass@k | failure modes |", "|---|---|---|---|---|"]
     for m, per in evaluations["students"].items():
-        for t, r in per.items():
-            fm = ", ".join(f"{k} {v:.2f}" for k, v in r["failure_modes"].items() if v)
-            pk = ", ".join(f"@{k} {v:.2f}" for k, v in r["pass_at_k"].items())
-            md.append(f"| {m} | {t} | {r['greedy_accuracy']:.3f} | {pk} | {fm} |")
+        md += [f"| {m} | {t} | {r['greedy_accuracy']:.3f} | {_pk(r)} | {_fm(r)} |" for t, r in per.items()]
+    md += ["", MEANING["students"]]
     fams = sorted({f for per in evaluations["students"].values() for r in per.values() for f in r.get("by_family", {})})
     if fams:
-        # where the protection (or the teaching) acts: a teacher protects only the families in which it has a
-        # correct mode the student cannot imitate
         md += ["", "## Greedy accuracy by task family", "", "| model | " + " | ".join(fams) + " |",
                "|---" * (len(fams) + 1) + "|"]
         rows = [(f"teacher {t}", r) for t, r in evaluations["teachers"].items()]
@@ -124,53 +152,157 @@ def write_report(out: Path, headline: dict, evaluations: dict, cards: dict, atta
         for name, r in rows:
             by = r.get("by_family", {})
             md.append(f"| {name} | " + " | ".join(f"{by[f]['greedy_accuracy']:.3f}" if f in by else "-" for f in fams) + " |")
-    if cards:
-        md += ["", "## Calibration cards", "", "| teacher | eta | acc before → after | D/char before → after |", "|---|---|---|---|"]
-        for t, c in cards.items():
-            md.append(f"| {t} | {c['eta']:+g} | {c['before_accuracy']:.3f} → {c['after_accuracy']:.3f} | "
-                      f"{c['before_D_per_char']:.4f} → {c['after_D_per_char']:.4f} |")
-    md += ["", f"![headline]({plot})"]
+        md += ["", MEANING["family"]]
+    return md
+
+
+def _calibration_rows(out: Path, cards: dict) -> list[str]:
+    from .curves import calibration_curves
+
+    if not cards:
+        return []
+    md = ["## Calibration", "", "| teacher | eta | acc before → after | D/char before → after |", "|---|---|---|---|"]
+    for t, c in cards.items():
+        md.append(f"| {t} | {c['eta']:+g} | {c['before_accuracy']:.3f} → {c['after_accuracy']:.3f} | "
+                  f"{c['before_D_per_char']:.4f} → {c['after_D_per_char']:.4f} |")
+    md += ["", MEANING["cards"]]
+    if plot := calibration_curves(out):
+        md += ["", f"![calibration curves]({plot})"]
+    return md
+
+
+def _diagnose_rows(out: Path) -> list[str]:
+    diag = out / "diagnose"
+    if not (diag / "diagnose.json").exists():
+        return []
+    md = ["## Diagnose (teacher vs student)", "",
+          "The distillation traps between the original teacher and the student base: token vs sequence and forward vs "
+          "reverse KL, on- vs off-policy estimates with the importance-sampling effective sample size; the top-k "
+          "accumulated KL per token type (tail noise); the share of KL carried by the most divergent tokens "
+          "(sparsity). Every number: `diagnose/diagnose.json` and `diagnose/summary.md`."]
+    for name in ("kl_estimates", "tail_noise", "sparsity"):
+        if (diag / f"{name}.png").exists():
+            md += ["", f"![{name.replace('_', ' ')}](diagnose/{name}.png)"]
+    return md
+
+
+def _facts_rows(headline: dict, cards: dict, facts: dict | None) -> list[str]:
+    facts = facts or {}
+    md = ["## Run facts", ""]
+    precisions = {(p.get("device"), p.get("cpu"), p.get("amx"), p.get("avx512_bf16"), p.get("bf16"), p.get("reason"))
+                  for c in cards.values() if (p := c.get("precision"))}
+    for device, cpu, amx, avx, bf16, reason in sorted(precisions, key=str):
+        hw = f"{device} ({cpu}; AMX {'yes' if amx else 'no'}, AVX512-BF16 {'yes' if avx else 'no'})" if device == "cpu" \
+            else str(device)
+        md.append(f"- device: {hw}; precision: {'bf16 autocast' if bf16 else 'float32'} ({reason})")
+    if v := facts.get("versions"):
+        md.append("- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()))
+    md.append(f"- seed {headline['seed']}" + (f", torch threads {facts['threads']}" if "threads" in facts else "")
+              + f", wall time {headline['wall_seconds']:.0f} s")
+    if stages := facts.get("stages"):
+        reused = [k for k, s in stages.items() if s.get("reused")]
+        md += ["- reused from an earlier run: " + (", ".join(reused) if reused else "none"), "",
+               "| stage | wall s |", "|---|---|"]
+        md += [f"| {k} | {'reused' if s.get('reused') else format(s['wall_seconds'], '.0f')} |" for k, s in stages.items()]
+    return md
+
+
+def write_report(out: Path, headline: dict, evaluations: dict, cards: dict, attacks: dict | None = None,
+                 facts: dict | None = None) -> None:
+    """report.md and the self-contained report.html: the verdict and the headline plot first, then the tables
+    (each with what its terms mean), then the details: calibration and training curves, attacks, diagnose, the
+    run facts."""
+    from .curves import student_losses
+
+    plot = _plot(headline, out)
+    md = ["# Distillability report", "", "## Verdict", ""]
+    md += [f"> {line}" for line in headline.get("verdict") or verdict(headline, attacks and headline_sentence(attacks))]
+    md += ["", f"![headline]({plot})", "", "## Accuracy", "", markdown_table(headline), "", MEANING["headline"], "",
+           "## Distillability ratio", "", *_ratio_rows(headline), "", MEANING["ratio"], "", *_model_rows(evaluations),
+           "", *_calibration_rows(out, cards)]
+    if losses := student_losses(out, list(headline["students"])):
+        md += ["", "## Student training", "", "Each student's distillation loss per optimizer step (SFT: cross-entropy "
+               "on the teacher's samples; KD / GKD: the token divergence to the teacher).", "",
+               f"![student losses]({losses})"]
     if attacks:
         md += ["", "## Attacks", "", attack_markdown(attacks, "attack")]
-    diag = out / "diagnose"
-    if (diag / "diagnose.json").exists():
-        md += ["", "## Diagnose (teacher vs student)", "", "See [diagnose/summary.md](diagnose/summary.md)."]
+    md += ["", *_diagnose_rows(out), "", *_facts_rows(headline, cards, facts)]
     text = "\n".join(md) + "\n"
     write_text(out / "report.md", text)
     write_text(out / "report.html", to_html(text, out))
 
 
+_INLINE = re.compile(r"\*\*(.+?)\*\*|`([^`]+)`|\[([^\]]+)\]\(([^)\s]+)\)")
+
+
+def inline(text: str) -> str:
+    """Escaped HTML of one line of report Markdown: **bold**, `code` and [links](target) converted."""
+    parts, pos = [], 0
+    for m in _INLINE.finditer(text):
+        parts.append(html.escape(text[pos:m.start()]))
+        bold, code, label, target = m.groups()
+        if bold is not None:
+            parts.append(f"<strong>{html.escape(bold)}</strong>")
+        elif code is not None:
+            parts.append(f"<code>{html.escape(code)}</code>")
+        else:
+            parts.append(f'<a href="{html.escape(target)}">{html.escape(label)}</a>')
+        pos = m.end()
+    return "".join(parts) + html.escape(text[pos:])
+
+
+def _image(line: str, base: Path) -> str:
+    alt, src = line[2:line.index("]")], line[line.index("(") + 1: line.rindex(")")]
+    path = base / src
+    if not path.exists():
+        return f"<p>(missing plot: {html.escape(src)})</p>"
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" title="{html.escape(src)}" src="data:image/png;base64,{data}">'
+
+
 def to_html(markdown_text: str, base: Path) -> str:
-    """A minimal markdown-to-HTML for our reports (tables, headings, images embedded as data URIs)."""
-    body, in_table = [], False
+    """The report's Markdown as one self-contained HTML page: headings, tables, lists, the verdict block
+    (> lines), inline bold / code / links, and every image embedded as a data URI."""
+    body, block = [], None  # block: the open "table" / "ul" / "verdict"
+
+    def close():
+        nonlocal block
+        if block:
+            body.append({"table": "</table>", "ul": "</ul>", "verdict": "</div>"}[block])
+        block = None
+
     for line in markdown_text.splitlines():
-        if line.startswith("|"):
+        kind = ("table" if line.startswith("|") else "ul" if line.startswith("- ") else
+                "verdict" if line.startswith("> ") else None)
+        if kind != block:
+            close()
+            if kind:
+                body.append({"table": "<table>", "ul": "<ul>", "verdict": '<div class="verdict">'}[kind])
+                block = kind
+                first_row = True
+        if kind == "table":
             cells = [c.strip() for c in line.strip("|").split("|")]
             if set("".join(cells)) <= set("-"):
                 continue
-            if not in_table:
-                body.append("<table>")
-                in_table = True
-                body.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
-            else:
-                body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        if line.startswith("!["):
-            src = line[line.index("(") + 1: line.rindex(")")]
-            path = base / src
-            if path.exists():
-                data = base64.b64encode(path.read_bytes()).decode()
-                body.append(f'<img alt="{html.escape(src)}" src="data:image/png;base64,{data}">')
+            tag = "th" if first_row else "td"
+            first_row = False
+            body.append("<tr>" + "".join(f"<{tag}>{inline(c)}</{tag}>" for c in cells) + "</tr>")
+        elif kind == "ul":
+            body.append(f"<li>{inline(line[2:])}</li>")
+        elif kind == "verdict":
+            body.append(f"<p>{inline(line[2:])}</p>")
+        elif line.startswith("!["):
+            body.append(_image(line, base))
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+            body.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
         elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    if in_table:
-        body.append("</table>")
-    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}img{max-width:100%}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>Distillability report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+            body.append(f"<p>{inline(line)}</p>")
+    close()
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;line-height:1.4}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+             "img{max-width:100%;display:block;margin:1em 0}code{background:#f3f3f3;padding:0 3px}"
+             ".verdict{border-left:5px solid #c44e52;background:#fbf3f3;padding:.5em 1em;margin:1em 0}"
+             ".verdict p{margin:.4em 0}")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>Distillability report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
