@@ -82,6 +82,13 @@ def test_a_failed_cell_is_reported_not_dropped():
     assert cells["a"]["undistillable"]["ratio"] == pytest.approx(0.6)
     assert cells["a"]["undistillable"]["gain_share"] == pytest.approx(0.05 / 0.25)
     assert "ratio" not in cells["a"]["other"]
+    # a reference gain inside the noise of two accuracies on 100 prompts (2 SE of the difference at 0.25: 0.12)
+    # gives no share: a share of nothing measurable is not a number
+    small = {**ok, "student_accuracy": 0.33, "settings": {**ok["settings"], "eval_prompts": 100}}
+    cells = {"a": {"control": attack.summarise([small]), "undistillable": attack.summarise([{**small, "student_accuracy": 0.1}])}}
+    attack.relate(cells, "control")
+    assert attack.gain_noise(0.25, 100) == pytest.approx(2 * (2 * 0.25 * 0.75 / 100) ** 0.5)
+    assert cells["a"]["undistillable"]["gain_share"] is None and cells["a"]["undistillable"]["ratio"] == pytest.approx(0.1 / 0.33)
 
 
 def test_protected_budget_is_the_largest_budget_below_the_bar():

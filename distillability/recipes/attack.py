@@ -217,20 +217,32 @@ def summarise(cards: list[dict]) -> dict:
             "base": float(base.mean()), "gain": float(acc.mean() - base.mean()),
             "samples": int(np.mean([c.get("num_teacher_samples", 0) for c in ok])),
             "steps": settings.get("max_steps"), "prompts": settings.get("num_prompts"),
+            "eval_prompts": settings.get("eval_prompts"),
             "teacher_sample_accuracy": ok[0].get("teacher_sample_accuracy"),
             "wall_seconds": float(sum(c.get("wall_seconds", 0.0) for c in ok if "reused_from" not in c)),
             "errors": [c["failed"] for c in cards if "failed" in c]}
 
 
+def gain_noise(accuracy: float, n: int | None) -> float:
+    """Two standard errors of the difference of two accuracies near `accuracy`, each read on n prompts: a gain
+    below it is not distinguishable from no gain."""
+    if not n:
+        return 0.0
+    p = min(max(accuracy, 1.0 / n), 1 - 1.0 / n)
+    return 2 * math.sqrt(2 * p * (1 - p) / n)
+
+
 def relate(cells: dict, reference: str) -> None:
-    """Ratio to the reference teacher's same attacker, and the gain as a share of the reference's gain."""
+    """Ratio to the reference teacher's same attacker, and the gain as a share of the reference's gain (only where
+    the reference's gain is above the noise of the two accuracies it is the difference of)."""
     for row in cells.values():
         ref = row.get(reference, {})
         for cell in row.values():
             if cell.get("status") not in ("ok", "partial") or ref.get("status") not in ("ok", "partial"):
                 continue
             cell["ratio"] = cell["accuracy"] / ref["accuracy"] if ref["accuracy"] > 0 else None
-            cell["gain_share"] = cell["gain"] / ref["gain"] if ref["gain"] > 0 else None
+            noise = gain_noise(ref["base"], ref.get("eval_prompts"))
+            cell["gain_share"] = cell["gain"] / ref["gain"] if ref["gain"] > max(noise, 0.0) else None
 
 
 def protected_budget(cells: dict, battery: list[Attacker], teacher: str, bar: float = 0.6) -> dict:

@@ -61,7 +61,7 @@ def markdown(result: dict, image_dir: str = ".") -> str:
         first = next((c for c in row.values() if c.get("status") in ("ok", "partial")), {})
         lines.append(f"| {a['name']} | " + " | ".join(cell_text(row.get(t, {})) for t in teachers)
                      + f" | {_fmt(first.get('steps'), 'd')} | {_fmt(first.get('prompts'), 'd')} |")
-    lines += ["", "| attacker | teacher | base | gain | share of the control's gain | samples | wall s | note |",
+    lines += ["", "| attacker | teacher | base | gain | share of the control's gain (- where that gain is within 2 SE of 0) | samples | wall s | note |",
               "|---|---|---|---|---|---|---|---|"]
     for a in result["battery"]:
         for t, c in result["cells"][a["name"]].items():
