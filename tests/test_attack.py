@@ -110,6 +110,15 @@ def test_config_errors_name_the_key(tiny_pair, tmp_path):
             _cfg(tmp_path, tiny_pair, *extra)
     with pytest.raises(ConfigError, match="students.default"):
         load_config(attack.AttackConfig, overrides=[f"teachers.control={tiny_pair['teacher']}"])
+    # without teachers (the pipeline's attack section, whose models the pipeline fills in) the section loads;
+    # running it says what is missing, before any work
+    partial = load_config(attack.AttackConfig, overrides=["repeats=3", f"output_dir={tmp_path / 'never'}"])
+    with pytest.raises(ConfigError, match="'teachers'"):
+        attack.run(partial)
+    assert not (tmp_path / "never").exists()
+    from distillability.recipes.pipeline import load_pipeline_config
+
+    assert load_pipeline_config(None, ["attack_battery=full", "attack.repeats=3"]).attack.repeats == 3
 
 
 @pytest.mark.slow

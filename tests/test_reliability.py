@@ -157,6 +157,7 @@ CONFIG_CASES = [  # (args, text the one-line error must name); every recipe and 
     (["attack", "teachers.control=a"], "students.default"),
     (["pipeline", "attack_battery=huge"], "attack_battery"),
     (["demo", "attack.teachers.control=x"], "attack.teachers"),
+    (["attack", "students.default=b"], "'teachers'"),
 ]
 
 

@@ -114,6 +114,18 @@ class AttackConfig:
     task: TaskConfig = sub(TaskConfig, "The task (prompts and verifier).")
 
     def validate(self) -> None:
+        """What a partial config (e.g. the pipeline's `attack` section, whose models it fills in) can be checked
+        for; `check_inputs` checks the rest before a run."""
+        names = [a.name for a in self.battery] + [d.name for d in self.defenses]
+        if len(set(names)) != len(names):
+            raise ConfigError("config key 'battery'/'defenses': names must be unique")
+        for key in self.reuse:
+            if "/" not in key:
+                raise ConfigError(f"config key 'reuse.{key}': expected 'ATTACKER/TEACHER'")
+        if self.teachers:
+            self.check_inputs()
+
+    def check_inputs(self) -> None:
         if not self.teachers:
             raise ConfigError("config key 'teachers': give at least one teacher (e.g. teachers.control=PATH)")
         if self.reference not in self.teachers:
@@ -121,17 +133,11 @@ class AttackConfig:
                               f"({', '.join(self.teachers)})")
         if "default" not in self.students:
             raise ConfigError("config key 'students.default': the default attacker student is required")
-        names = [a.name for a in self.battery] + [d.name for d in self.defenses]
-        if len(set(names)) != len(names):
-            raise ConfigError("config key 'battery'/'defenses': names must be unique")
         for i, d in enumerate(self.defenses):
             if d.teacher not in self.teachers:
                 raise ConfigError(f"config key 'defenses[{i}].teacher': '{d.teacher}' is not one of teachers")
             if d.kind == "least_likely" and not self.proxy:
                 raise ConfigError(f"config key 'proxy': defenses[{i}] (least_likely) needs the defender's model")
-        for key in self.reuse:
-            if "/" not in key:
-                raise ConfigError(f"config key 'reuse.{key}': expected 'ATTACKER/TEACHER'")
 
     @staticmethod
     def help_extra() -> str:
@@ -269,6 +275,7 @@ def run(cfg: AttackConfig) -> dict:
     from ..report.attack import write_attack_report
 
     t0 = time.time()
+    cfg.check_inputs()
     out = check_output_dir(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "attack_config.yaml")
