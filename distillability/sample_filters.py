@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .scoring import sequence_logprobs
+from .scoring import normalise, sequence_logprobs
 
 
 def pick_per_prompt(rows: Sequence[dict], scores: Sequence[float], highest: bool = True,
@@ -42,7 +42,7 @@ def likelihood_per_char(model, tokenizer, rows: Sequence[dict], use_chat_templat
     out = sequence_logprobs(model, tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
                             add_eos=[bool(r.get("finished", True)) for r in rows], use_chat_template=use_chat_template,
                             batch_size=batch_size, autocast=autocast)
-    return [float(lp) / max(len(r["response"]), 1) for lp, r in zip(out["logprob"], rows)]
+    return normalise(out["logprob"], [r["response"] for r in rows], out["num_tokens"], "char").tolist()
 
 
 def answer_only(task, examples_by_prompt: dict, rows: Sequence[dict]) -> list[dict]:

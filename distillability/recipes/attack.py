@@ -35,6 +35,7 @@ import numpy as np
 from ..config import TaskConfig, opt, save_config, sub
 from ..errors import ConfigError, UserError
 from ..io import check_output_dir, load_json, versions, write_json
+from ..report.attack import BAR
 from . import distill
 from .stages import run_stage
 
@@ -251,7 +252,7 @@ def relate(cells: dict, reference: str) -> None:
             cell["gain_share"] = cell["gain"] / ref["gain"] if ref["gain"] > max(noise, 0.0) else None
 
 
-def protected_budget(cells: dict, battery: list[Attacker], teacher: str, bar: float = 0.6) -> dict:
+def protected_budget(cells: dict, battery: list[Attacker], teacher: str, bar: float = BAR) -> dict:
     """Per method: the largest budget up to which the teacher's ratio stays <= bar at every budget (None: not
     even at the smallest), and the ratios along the way."""
     out = {}
