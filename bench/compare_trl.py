@@ -1,7 +1,7 @@
 """Side by side with TRL, same machine, same run: seconds per optimizer step and peak RSS.
 
     bench/setup_trl_env.sh            # once: bench/.venv with torch 2.13.0 (CPU), trl 1.16.0 and this package
-    bench/.venv/bin/python bench/compare_trl.py [--quick] [--rounds R] [--steps N]
+    bench/.venv/bin/python bench/compare_trl.py [--quick] [--rounds R] [--steps N] [--size tiny|real]
 
 Work (issue #7): tiny Llama models built from configs, teacher 4 layers / hidden 256 / MLP 1024
 (4.3M parameters), student 2 / 128 / 512 (0.59M); one byte-level tokenizer (256 bytes + pad + eos);
@@ -12,6 +12,14 @@ prompts and completions of exactly 32 tokens.
       scores every completion with the proxy = the student), 8 prompts x 4 generations, beta 0.04,
       32 completion tokens, reward = ROUGE-L against a reference (the same function both ways);
   (c) RL with the student as policy, both ways.
+`--size real` (issue #29) moves the same comparison to the scale users run: SmolLM2-135M-Instruct (the packaged
+real model, vocabulary 49k) as the GRPO policy with LoRA r 16 / alpha 32 on every linear layer, 8 prompts x 8
+generations, 48 new tokens, beta 0.04, ours with eta = 0 and with eta = 1 against a proxy with another tokenizer
+(the tiny byte-level model), TRL with eta = 0; and GKD with SmolLM2-135M-Instruct as the teacher and a
+from-scratch Llama student with SmolLM2's tokenizer (hidden 256, 4 layers), lmbda 0.5, batch 8, 48 new tokens.
+Each side runs in its best configuration for the CPU: the precision the hardware computes natively (our
+`precision.resolve`: bf16 on AMX / AVX512-BF16, else float32, the same choice for TRL), threads = cores.
+Prompts are short arithmetic instructions with a worked reference (ROUGE-L reward).
 Every run is a fresh subprocess (peak RSS is its own ru_maxrss); runs alternate TRL / ours within each
 round; a run's figure is the median seconds per step after `--warmup` steps; a round's ratio is TRL's
 median / ours; the reported speed-up is the median over rounds. The last line is one JSON object.
@@ -70,6 +78,64 @@ def build(root: Path, n_rows: int = 512) -> dict:
     return {"params": info, "vocab": len(tok)}
 
 
+def build_real(root: Path, n_rows: int = 256) -> dict:
+    """The real-scale set-up: SmolLM2-135M-Instruct (packaged) as the GRPO policy and GKD teacher, the tiny
+    byte-level model as the eta = 1 proxy (another tokenizer), a from-scratch Llama with SmolLM2's tokenizer as
+    the GKD student; arithmetic instructions with worked references."""
+    from distillability.models import (
+        TinyModelSpec,
+        build_tiny_model,
+        load_tokenizer,
+        num_params,
+        resolve_model_path,
+        save_model,
+    )
+
+    tiny = build(root)  # the byte-level models: root/student is the proxy
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n_rows):
+        xs = [rng.randint(2, 19) for _ in range(rng.randint(2, 4))]
+        ops = [rng.choice("+-") for _ in xs[1:]]
+        total, steps = xs[0], []
+        for op, x in zip(ops, xs[1:]):
+            new = total + x if op == "+" else total - x
+            steps.append(f"{total} {op} {x} = {new}")
+            total = new
+        expr = " ".join([str(xs[0])] + [f"{o} {x}" for o, x in zip(ops, xs[1:])])
+        rows.append({"instruction": f"Compute {expr} step by step.", "output": " " + ", ".join(steps)
+                     + f". The answer is {total}."})
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    formatted = [TEMPLATE[0] + r["instruction"] + TEMPLATE[1] for r in rows]
+    (root / "samples.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r["output"], "finished": True})
+                                                + "\n" for p, r in zip(formatted, rows)))
+    smol = resolve_model_path("packaged:smollm2-135m-instruct")
+    tok = load_tokenizer(smol)
+    student = build_tiny_model(TinyModelSpec(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
+                               tok, seed=1)
+    save_model(student, tok, root / "smol_student")
+    paths = {"policy": smol, "proxy": str(root / "student"), "gkd_teacher": smol,
+             "gkd_student": str(root / "smol_student")}
+    (root / "paths.json").write_text(json.dumps(paths))
+    return {"params": {"policy/gkd teacher (SmolLM2-135M-Instruct)": 134_515_008, "gkd student": num_params(student),
+                       "proxy (byte-level)": tiny["params"]["student"]}, "vocab": len(tok)}
+
+
+def paths_of(root: Path) -> dict:
+    """Model folders by role; the tiny size's defaults unless build_real wrote paths.json."""
+    if (root / "paths.json").exists():
+        return json.loads((root / "paths.json").read_text())
+    return {"policy": str(root / "teacher"), "proxy": str(root / "student"), "gkd_teacher": str(root / "teacher"),
+            "gkd_student": str(root / "student"), "student_policy": str(root / "student")}
+
+
+def shape_of(root: Path) -> dict:
+    """Batch shapes: the issue #7 tiny ones, or the issue #29 real ones."""
+    if (root / "paths.json").exists():
+        return {"generations": 8, "prompts": 8, "new_tokens": 48, "gkd_batch": 8, "lora": True}
+    return {"generations": 4, "prompts": 8, "new_tokens": COMPLETION_TOKENS, "gkd_batch": 8, "lora": False}
+
+
 # ----------------------------------------------------------------------------- workers (one per subprocess)
 
 
@@ -110,17 +176,20 @@ def worker_trl(kind: str, root: Path, steps: int, bf16: bool) -> list[float]:
     from distillability.models import load_model
 
     rows = [json.loads(x) for x in (root / "data.jsonl").read_text().splitlines()]
+    paths, shape = paths_of(root), shape_of(root)
     timer = _StepTimer()
     out = tempfile.mkdtemp()
     if kind == "gkd":
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-        student, tok = load_model(str(root / "student"), device="cpu")
-        teacher, _ = load_model(str(root / "teacher"), device="cpu")
+        student, tok = load_model(paths["gkd_student"], device="cpu")
+        teacher, _ = load_model(paths["gkd_teacher"], device="cpu")
+        tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # our prompt format, no chat wrap
         ds = Dataset.from_list([{"messages": [{"role": "user", "content": TEMPLATE[0] + r["instruction"] + TEMPLATE[1]},
                                               {"role": "assistant", "content": r["output"]}]} for r in rows])
-        args = GKDConfig(**_trl_common(out, steps, bf16), per_device_train_batch_size=8, lmbda=0.5, beta=0.5,
-                         max_new_tokens=COMPLETION_TOKENS, temperature=1.0, max_length=PROMPT_TOKENS + COMPLETION_TOKENS + 1)
+        args = GKDConfig(**_trl_common(out, steps, bf16), per_device_train_batch_size=shape["gkd_batch"], lmbda=0.5,
+                         beta=0.5, max_new_tokens=shape["new_tokens"], temperature=1.0,
+                         max_length=(128 if shape["lora"] else PROMPT_TOKENS) + shape["new_tokens"] + 1)
         class FlaggedGKD(GKDTrainer):  # records which steps sampled from the student (on-policy)
             @staticmethod
             def generate_on_policy_outputs(model, inputs, generation_config):
@@ -132,14 +201,21 @@ def worker_trl(kind: str, root: Path, steps: int, bf16: bool) -> list[float]:
     else:
         from trl import GRPOConfig, GRPOTrainer
 
-        policy = "teacher" if kind == "grpo_teacher" else "student"
-        _, tok = load_model(str(root / policy), device="cpu")
+        policy = paths["policy"] if kind == "grpo_teacher" else paths["student_policy"]
+        _, tok = load_model(policy, device="cpu")
         ds = Dataset.from_list([{"prompt": TEMPLATE[0] + r["instruction"] + TEMPLATE[1], "reference": r["output"]}
                                 for r in rows])
-        args = GRPOConfig(**_trl_common(out, steps, bf16), per_device_train_batch_size=32, num_generations=4,
-                          max_completion_length=COMPLETION_TOKENS, beta=0.04, temperature=1.0)
-        trainer = GRPOTrainer(model=str(root / policy), reward_funcs=_rouge_reward, args=args, train_dataset=ds,
-                              processing_class=tok, callbacks=[timer.callback()])
+        args = GRPOConfig(**_trl_common(out, steps, bf16),
+                          per_device_train_batch_size=shape["prompts"] * shape["generations"],
+                          num_generations=shape["generations"], max_completion_length=shape["new_tokens"], beta=0.04,
+                          temperature=1.0)
+        peft = None
+        if shape["lora"]:
+            from peft import LoraConfig
+
+            peft = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+        trainer = GRPOTrainer(model=policy, reward_funcs=_rouge_reward, args=args, train_dataset=ds,
+                              processing_class=tok, callbacks=[timer.callback()], peft_config=peft)
     trainer.train()
     return {"times": timer.times, "on_policy": [bool(timer.on_policy.get(i)) for i in range(len(timer.times))]}
 
@@ -152,24 +228,28 @@ def worker_ours(kind: str, root: Path, steps: int, bf16: bool) -> list[float]:
 
     out = tempfile.mkdtemp()
     LAST_OUT[0] = out
-    task = {"name": "open", "path": str(root / "data.jsonl"), "num_train": 400, "num_eval": 8}
+    paths, shape = paths_of(root), shape_of(root)
+    task = {"name": "open", "path": str(root / "data.jsonl"), "num_train": 200 if shape["lora"] else 400,
+            "num_eval": 8}
     runtime = {"bf16": bf16, "threads": int(os.environ.get("BENCH_THREADS", "2")), "progress": False, "seed": 0}
     if kind == "gkd":
         from distillability.recipes import distill
 
         cfg = from_dict(distill.DistillConfig, {
-            "teacher": str(root / "teacher"), "student": str(root / "student"), "method": "gkd", "lmbda": 0.5,
-            "beta": 0.5, "temperature": 1.0, "max_new_tokens": COMPLETION_TOKENS, "max_steps": steps,
-            "per_device_train_batch_size": 8, "learning_rate": 1e-4, "teacher_samples": str(root / "samples.jsonl"),
+            "teacher": paths["gkd_teacher"], "student": paths["gkd_student"], "method": "gkd", "lmbda": 0.5,
+            "beta": 0.5, "temperature": 1.0, "max_new_tokens": shape["new_tokens"], "max_steps": steps,
+            "per_device_train_batch_size": shape["gkd_batch"], "learning_rate": 1e-4, "teacher_samples": str(root / "samples.jsonl"),
             "eval_prompts": 1, "save_steps": 0, "output_dir": out, "task": task, "runtime": runtime})
         distill.run(cfg)
     else:
         from distillability.recipes import calibrate
 
-        policy = "teacher" if kind.startswith("grpo_teacher") else "student"
+        policy = paths["policy"] if kind.startswith("grpo_teacher") else paths["student_policy"]
+        lora = {"use_peft": True, "lora_r": 16, "lora_alpha": 32} if shape["lora"] else {}
         cfg = from_dict(calibrate.CalibrateConfig, {
-            "model": str(root / policy), "proxy": str(root / "student"), "eta": 1.0 if kind.endswith("eta") else 0.0,
-            "beta": 0.04, "num_generations": 4, "prompts_per_step": 8, "max_completion_length": COMPLETION_TOKENS,
+            "model": policy, "proxy": paths["proxy"], "eta": 1.0 if kind.endswith("eta") else 0.0, **lora,
+            "beta": 0.04, "num_generations": shape["generations"], "prompts_per_step": shape["prompts"],
+            "max_completion_length": shape["new_tokens"],
             "temperature": 1.0, "max_steps": steps, "learning_rate": 1e-4, "eval_prompts": 1, "eval_generations": 1,
             "save_steps": 0, "output_dir": out, "task": task, "runtime": runtime})
         calibrate.run(cfg)
@@ -207,8 +287,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--trl-bf16", choices=["on", "off"], default="on", help="TRL's precision (its CPU default: on)")
-    ap.add_argument("--ours-bf16", choices=["on", "off"], default="on",
+    ap.add_argument("--size", choices=["tiny", "real"], default="tiny",
+                    help="tiny: issue #7's 4.3M/0.56M models; real: SmolLM2-135M-Instruct (issue #29)")
+    ap.add_argument("--out", default="", help="also write the result JSON here (e.g. bench/results/compare_trl_real.json)")
+    ap.add_argument("--trl-bf16", choices=["on", "off", "auto"], default="",
+                    help="TRL's precision (default: on for tiny, its CPU default; auto for real = what the CPU "
+                         "computes natively)")
+    ap.add_argument("--ours-bf16", choices=["on", "off", "auto"], default="",
                     help="our runtime.bf16 (bf16 autocast for training; the decoder picks bf16 per matmul size)")
     ap.add_argument("--only", default="", help="comma list of gkd,grpo_teacher,grpo_student")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -223,8 +308,15 @@ def main() -> None:
     import transformers
     import trl
 
+    from distillability.precision import cpu_name, resolve
+
+    native, why = resolve("auto", "cpu")
+    def choose(flag: str) -> bool:
+        flag = flag or ("auto" if args.size == "real" else "on")
+        return native if flag == "auto" else flag == "on"
     root = Path(tempfile.mkdtemp(prefix="bench_trl_"))
-    info = build(root)
+    info = build_real(root) if args.size == "real" else build(root)
+    print(f"CPU {cpu_name()}; native bf16: {native} ({why})", flush=True)
     print(f"models {info['params']}, vocab {info['vocab']}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}, trl {trl.__version__}; {args.rounds} rounds x {args.steps} steps "
           f"(median after {args.warmup})", flush=True)
@@ -233,10 +325,12 @@ def main() -> None:
         "grpo_teacher": ("grpo_teacher", ["grpo_teacher", "grpo_teacher_eta"]),
         "grpo_student": ("grpo_student", ["grpo_student"]),
     }
+    if args.size == "real":
+        plan.pop("grpo_student")  # (the student-policy GRPO is the tiny comparison's)
     if args.only:
         plan = {k: v for k, v in plan.items() if k in args.only.split(",")}
-    trl_bf16 = args.trl_bf16 == "on"
-    ours_bf16 = {k: args.ours_bf16 == "on" for k in ("gkd", "grpo_teacher", "grpo_teacher_eta", "grpo_student")}
+    trl_bf16 = choose(args.trl_bf16)
+    ours_bf16 = {k: choose(args.ours_bf16) for k in ("gkd", "grpo_teacher", "grpo_teacher_eta", "grpo_student")}
     per_round: dict[str, list[float]] = {}
     rss: dict[str, list[float]] = {}
     def med(res: dict) -> float:
@@ -271,9 +365,15 @@ def main() -> None:
             ratios.append(max(rss[f"ours_{ours_kind}"]) / max(rss[f"trl_{trl_kind}"]))
     result["rss_ratio"] = round(max(ratios), 3) if ratios else None
     result["peak_rss_mb"] = {k: round(max(v)) for k, v in rss.items()}
-    result["settings"] = {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "trl_bf16": trl_bf16,
+    result["size"] = args.size
+    result["models"] = info
+    result["settings"] = {"cpu": cpu_name(), "native_bf16": why, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "trl_bf16": trl_bf16,
                           "ours_bf16": ours_bf16, "threads": int(os.environ.get("BENCH_THREADS", "2")),
                           "trl": trl.__version__, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    if args.out:
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(args.out)
     print(json.dumps(result))
 
 

@@ -490,3 +490,58 @@ def test_the_embedded_default_comes_from_the_packaged_presets_and_uses_the_shipp
     # a world setting changed by the user is built, not answered by the shipped one
     other = load_pipeline_config(None, ["world.teacher_steps=2999"])
     assert shipped_world(other.world, dataclasses.replace(other.task, seed=0)) is None
+
+
+def test_adaptive_proxy_learns_from_samples_and_leaves_the_frozen_proxy(tiny_pair):
+    from distillability.adversary import AdaptiveProxy
+    from distillability.models import load_model
+    from distillability.scoring import sequence_logprobs
+    from distillability.tasks import world_splits
+
+    proxy, ptok = load_model(tiny_pair["student"], device="cpu")
+    proxy.requires_grad_(False)
+    before_w = {k: v.clone() for k, v in proxy.state_dict().items()}
+    train, _ = world_splits(64, 4, 1)
+    prompts, texts = [e.prompt for e in train], [e.solutions["running"] for e in train]  # a style it never saw
+
+    def nll(model):
+        lp = sequence_logprobs(model, ptok, prompts, texts, add_eos=True)
+        return float(-lp["logprob"].sum() / lp["num_tokens"].sum())
+
+    adv = AdaptiveProxy(proxy, ptok, learning_rate=3e-3, updates=30, batch_size=16)
+    start = nll(adv.model)
+    assert start == pytest.approx(nll(proxy))  # an exact copy to begin with
+    loss = adv.learn(prompts, texts)
+    assert loss is not None and adv.seen == len(prompts)
+    assert nll(adv.model) < 0.7 * start  # it learnt the style (per-token NLL down by > 30%)
+    assert all(torch.equal(before_w[k], v) for k, v in proxy.state_dict().items())  # the frozen proxy is untouched
+    assert adv.learn([], []) is None
+
+
+def test_calibrate_with_the_adversarial_proxy_logs_it_and_resumes_exactly(small_world, tmp_path):
+    common = [f"model={small_world['teacher']}", f"proxy={small_world['proxy']}", "eta=1.0", "num_generations=2",
+              "prompts_per_step=4", "max_completion_length=32", "eval_prompts=4", "eval_generations=1",
+              "proxy_updates=2", "proxy_learning_rate=1e-2", "runtime.progress=false", *SMALL_WORLD_TASK]
+    card = calibrate.run(load_config(calibrate.CalibrateConfig, overrides=[
+        *common, "max_steps=4", f"output_dir={tmp_path / 'a'}", "save_steps=0"]))
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    correct = sum(round(r["task_reward"] * 8) for r in log)  # 4 prompts x 2 responses per step
+    assert card["adversary"] == {"proxy_updates": 2, "proxy_learning_rate": 1e-2, "responses_learned": correct}
+    assert correct > 0 and all("proxy_loss" in r for r in log)
+    assert all((r["proxy_loss"] is None) == (r["task_reward"] == 0) for r in log)
+    # the adversary moved r_cal: the same run against the frozen proxy scores step 2 onwards differently
+    frozen = calibrate.run(load_config(calibrate.CalibrateConfig, overrides=[
+        *[c for c in common if not c.startswith("proxy_")], "max_steps=4", f"output_dir={tmp_path / 'f'}",
+        "save_steps=0"]))
+    flog = [json.loads(x) for x in (tmp_path / "f" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["r_cal"] == pytest.approx(flog[0]["r_cal"])  # step 1 is scored before the adversary learnt
+    assert frozen["adversary"] is None
+    assert any(abs(a["r_cal"] - b["r_cal"]) > 1e-6 for a, b in zip(log[1:], flog[1:]))
+    # interrupted after step 2 and resumed: the same weights as the uninterrupted run (the adversary's state too)
+    calibrate.run(load_config(calibrate.CalibrateConfig, overrides=[
+        *common, "max_steps=2", f"output_dir={tmp_path / 'b'}", "save_steps=1"]))
+    calibrate.run(load_config(calibrate.CalibrateConfig, overrides=[
+        *common, "max_steps=4", "save_steps=1", "resume=true", f"output_dir={tmp_path / 'b'}"]))
+    wa = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

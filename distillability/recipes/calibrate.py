@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..adversary import AdaptiveProxy
 from ..config import RuntimeConfig, TaskConfig, opt, save_config, sub, to_dict
 from ..distributed import get_dist
 from ..errors import ConfigError
@@ -93,6 +94,12 @@ class CalibrateConfig:
                        "wrong (every response the verifier does not score 1, malformed ones included: r_cal then "
                        "only ranks correct responses, so eta never trades accuracy for divergence).",
                        choices=("malformed", "wrong"))
+    proxy_updates: int = opt(0, "Adversarial proxy (issue #28): SFT steps of a trainable copy of the proxy on each "
+                             "rollout's correct responses, after r_cal has scored them against it; r_cal then rewards "
+                             "text a proxy distilled on the teacher's samples so far still finds unlikely. 0 = the "
+                             "frozen proxy. The card's D is always against the original proxy. One process only.", min=0)
+    proxy_learning_rate: float = opt(5e-4, "Adversarial proxy: its AdamW learning rate.", min=0, min_exclusive=True)
+    proxy_batch_size: int = opt(32, "Adversarial proxy: correct responses per SFT step (a random subset).", min=1)
     ema_decay: float = opt(0.9, "Decay of the running reward statistics used when a group has no spread.", min=0, max=1)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm.", min=0)
     use_peft: bool = opt(False, "Train LoRA adapters (peft) instead of all weights.")
@@ -138,6 +145,7 @@ class Run:
     pool: list  # the RL prompts
     dist: Any
     device: torch.device
+    adversary: AdaptiveProxy | None = None  # proxy_updates > 0: r_cal's trainable proxy
 
     @property
     def rt(self) -> RuntimeConfig:
@@ -186,6 +194,12 @@ def setup(cfg: CalibrateConfig) -> tuple[Run, list, str]:
     pool, val, val_where = guard_prompts(cfg, task, held_out)
     check_context(policy, tok, task.train + held_out, cfg.max_completion_length, cfg.task.use_chat_template, cfg.model)
     run_ = Run(cfg, policy, tok, proxy, ptok, reference, task, held_out, pool, dist, next(policy.parameters()).device)
+    if cfg.proxy_updates and cfg.eta != 0:  # (eta = 0 computes no r_cal: nothing to adapt)
+        if dist.world > 1:
+            raise ConfigError("config key 'proxy_updates': the adversarial proxy runs in one process only "
+                              "(set proxy_updates=0 under several processes)")
+        run_.adversary = AdaptiveProxy(proxy, ptok, cfg.proxy_learning_rate, cfg.proxy_updates, cfg.proxy_batch_size,
+                                       rt.autocast, cfg.task.use_chat_template, seed=rt.seed)
     return run_, val, val_where
 
 
@@ -259,6 +273,13 @@ class Rollout:
     logp_ref: torch.Tensor | None
     s_generate: float
     s_score: float
+    prompts: list[str]  # each sample's prompt
+
+
+def teach_adversary(r: Run, ro: Rollout) -> float | None:
+    """The adversarial proxy's SFT steps on this rollout's correct responses (after they were scored)."""
+    keep = [i for i in range(len(ro.texts)) if ro.r_task[i] >= 1]
+    return r.adversary.learn([ro.prompts[i] for i in keep], [ro.texts[i] for i in keep])
 
 
 def rollout(r: Run, step: int, ema: dict, mine: slice, rows_mine: slice) -> Rollout:
@@ -281,7 +302,8 @@ def rollout(r: Run, step: int, ema: dict, mine: slice, rows_mine: slice) -> Roll
     logp_ref = reference_logprobs(r, ids, attn) if cfg.beta else None
     prox = None
     if cfg.eta != 0:
-        prox = sequence_logprobs(r.proxy, r.ptok, [prompts[g.prompt_index] for g in gens], texts,
+        scorer = r.adversary.model if r.adversary is not None else r.proxy
+        prox = sequence_logprobs(scorer, r.ptok, [prompts[g.prompt_index] for g in gens], texts,
                                  [g.finished for g in gens], chat, autocast=rt.autocast)["logprob"]
     logp_first = None
     if cfg.num_iterations == 1:
@@ -306,7 +328,7 @@ def rollout(r: Run, step: int, ema: dict, mine: slice, rows_mine: slice) -> Roll
     r_task, r_cal = dist.gather(r_task), dist.gather(r_cal)
     adv = compute_advantages(r_task, r_cal, cfg.eta, G, ema, cfg.ema_decay)[rows_mine].to(r.device)
     return Rollout(texts, ids, attn, mask, r_task, r_cal, adv, logp_old, logp_first, logp_ref, t_gen,
-                   time.time() - t0 - t_gen)
+                   time.time() - t0 - t_gen, [prompts[g.prompt_index] for g in gens])
 
 
 def update(r: Run, ro: Rollout, optimizer, step: int, ckpt: Path) -> tuple[torch.Tensor, float, float]:
@@ -350,6 +372,9 @@ def write_card(r: Run, out: Path, before: dict, guard: UtilityGuard | None, t_st
             "steps": cfg.max_steps, "seed": rt.seed, "loss_type": cfg.loss_type,
             "cal_normalization": cfg.cal_normalization, "num_generations": cfg.num_generations,
             "learning_rate": cfg.learning_rate, **before, **after, "guard": guard.state if guard else None,
+            "adversary": None if r.adversary is None else {
+                "proxy_updates": cfg.proxy_updates, "proxy_learning_rate": cfg.proxy_learning_rate,
+                "responses_learned": r.adversary.seen},
             "wall_seconds": time.time() - t_start, "versions": versions(), "precision": rt.precision()}
     save_model(r.policy, r.tok, out / "model", state_dict=final_state)
     write_json(out / "calibration_card.json", card)
@@ -369,6 +394,8 @@ def run(cfg: CalibrateConfig) -> dict:
     if cfg.resume and (state := load_checkpoint(ckpt_root, r.policy, optimizer, scheduler)) is not None:
         start_step, ema, before, guard_state = state["step"], state["ema"], state["before"], state.get("guard")
         log.truncate_after(start_step)
+        if r.adversary is not None:
+            r.adversary.load(ckpt_root / "adversary", start_step)
     elif not cfg.resume and dist.is_main:
         log.path.unlink(missing_ok=True)
     with dist.full_weights(r.policy):
@@ -387,7 +414,10 @@ def run(cfg: CalibrateConfig) -> dict:
         ro = rollout(r, step, ema, mine, rows_mine)
         loss, clip_frac, kl = update(r, ro, optimizer, step, ckpt_root / "last")
         scheduler.step()
+        proxy_loss = teach_adversary(r, ro) if r.adversary is not None else None
         row = step_row(r, ro, step, loss, clip_frac, kl, time.time() - t0)
+        if r.adversary is not None:
+            row["proxy_loss"] = proxy_loss
         if guard is not None and ((step + 1) % cfg.guard_steps == 0 or step + 1 == cfg.max_steps):
             row["guard_val_accuracy"] = guard.check(step + 1)
         log.write(row)
@@ -395,4 +425,6 @@ def run(cfg: CalibrateConfig) -> dict:
         if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
             save_checkpoint(ckpt_root, step + 1, r.policy, optimizer, scheduler,  # (rank 0 writes)
                             {"ema": ema, "before": before, "guard": guard.state if guard else None})
+            if r.adversary is not None:
+                r.adversary.save(ckpt_root / "adversary", step + 1)
     return write_card(r, out, before, guard, t_start)
