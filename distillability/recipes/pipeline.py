@@ -28,9 +28,11 @@ class PipelineConfig:
     output_dir: str = opt("runs/demo", "Run folder: models, cards, reports, headline.json.")
     seed: int = opt(0, "Seed of the whole run (world, sampling, training).")
     quick: bool = opt(False, "Tiny settings for a smoke run of the whole chain (minutes).")
-    teacher: str = opt("", "Teacher model; empty = build the tiny world's teacher.")
-    proxy: str = opt("", "Calibration proxy; empty = the tiny world's proxy.")
-    student: str = opt("", "Student base; empty = the tiny world's student.")
+    teacher: str = opt("", "Teacher model; empty (all three empty) or `world` = the tiny world's teacher.")
+    proxy: str = opt("", "Calibration proxy; empty (all three empty) or `world` = the tiny world's proxy.")
+    student: str = opt("", "Student base; empty (all three empty) or `world` = the tiny world's student (e.g. a "
+                       "real teacher against the world's small models: teacher=packaged:..., proxy=world, "
+                       "student=world).")
     teacher_sft_steps: int = opt(0, "SFT steps on the task's reference solutions (teacher=dataset) that make a "
                                  "pretrained teacher competent on the task before anything else; 0 = skip.", min=0)
     converge_steps: int = opt(25, "RL steps on task reward alone that make the teacher 'converged' "
@@ -59,8 +61,13 @@ class PipelineConfig:
                                       "filled in: the base attacker is the distill stage's).")
 
     def validate(self) -> None:
-        if bool(self.teacher) != bool(self.proxy) or bool(self.teacher) != bool(self.student):
-            raise ConfigError("config keys 'teacher', 'proxy', 'student': give all three or none (tiny world)")
+        given = [bool(self.teacher), bool(self.proxy), bool(self.student)]
+        if any(given) and not all(given):
+            raise ConfigError("config keys 'teacher', 'proxy', 'student': give all three (a model, or `world` for the "
+                              "tiny world's) or none (the tiny world's three)")
+        if (not any(given) or "world" in (self.teacher, self.proxy, self.student)) and self.task.name != "tiny-world":
+            raise ConfigError(f"config key 'task.name': the tiny world's models (teacher/proxy/student empty or "
+                              f"`world`) are trained on task tiny-world, not '{self.task.name}'")
         c = self.calibrate
         if c.min_accuracy_ratio > 0 and c.guard_split == "held_out":
             # the guard selects checkpoints on the held-out split's last guard_prompts: no reported number may
@@ -113,10 +120,10 @@ def prepare_models(c: Chain) -> str:
     optional SFT on the task's reference solutions and the RL that makes it 'converged'."""
     cfg, out = c.cfg, c.out
     c.announce("models: build or load the teacher, proxy and student base")
-    if cfg.teacher:
-        c.models = {"teacher": cfg.teacher, "proxy": cfg.proxy, "student": cfg.student}
-    else:
-        c.models = build_world(cfg.world, c.task, progress=cfg.progress)
+    given = {"teacher": cfg.teacher, "proxy": cfg.proxy, "student": cfg.student}
+    world = (build_world(cfg.world, c.task, progress=cfg.progress)
+             if not cfg.teacher or "world" in given.values() else {})
+    c.models = {role: world[role] if not spec or spec == "world" else spec for role, spec in given.items()}
     original = c.models["teacher"]
     if cfg.teacher_sft_steps:
         c.announce(f"teacher SFT: {cfg.teacher_sft_steps} steps on the task's reference solutions")
