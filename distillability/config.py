@@ -325,13 +325,19 @@ class TaskConfig:
 
     def load(self):
         """The Task this section names."""
-        from .tasks import WorldSpec, load_task
+        from .tasks import load_task
 
-        spec = WorldSpec(self.world_min_terms, self.world_max_terms, self.world_mc_share, self.world_modulus,
-                         self.world_heldout)
+        spec = self.world_spec()
         if self.fallback and self.path and not Path(self.path).exists():
             return load_task(self.fallback, None, self.num_train, self.num_eval, self.seed, spec)
         return load_task(self.name, self.path, self.num_train, self.num_eval, self.seed, spec)
+
+    def world_spec(self):
+        """The tiny world's shape these keys describe."""
+        from .tasks import WorldSpec
+
+        return WorldSpec(self.world_min_terms, self.world_max_terms, self.world_mc_share, self.world_modulus,
+                         self.world_heldout)
 
     def validate(self) -> None:
         if self.world_max_terms < self.world_min_terms:

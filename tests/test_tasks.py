@@ -162,3 +162,22 @@ def test_world_too_small_for_the_split_is_a_config_error():
         with pytest.raises(ConfigError, match="task.num_train"):
             world_splits(400, 16, 0, WorldSpec(max_terms=2, mc_share=0.0, heldout=heldout))
     assert len(world_splits(100, 16, 0, WorldSpec(max_terms=2, mc_share=0.0))[0]) == 100
+
+
+def test_world_keys_of_the_later_options_and_the_disjoint_student_prompts():
+    from distillability.config import TaskConfig
+    from distillability.recipes.world import WorldConfig, student_examples, world_key
+
+    task = TaskConfig(num_train=300, num_eval=40, world_max_terms=3, world_mc_share=0.0)
+    base = world_key(WorldConfig(), task, True)
+    # at their defaults the later keys leave a world's key as it was (the shipped world keeps its folder)
+    assert world_key(WorldConfig(proxy_style_mix=[1.0, 0.0, 0.0], student_prompts="train"), task, True) == base
+    assert world_key(WorldConfig(proxy_style_mix=[0.5, 0.5, 0.0]), task, True) != base
+    assert world_key(WorldConfig(student_prompts="disjoint"), task, True) != base
+    split = task.load()
+    assert student_examples(WorldConfig(), task, split.train) is split.train
+    other = student_examples(WorldConfig(student_prompts="disjoint"), task, split.train)
+    assert len(other) == 300 and len({e.prompt for e in other}) == 300
+    assert not {e.prompt for e in other} & {e.prompt for e in split.train + split.eval}
+    assert [e.prompt for e in other] == [e.prompt for e in student_examples(WorldConfig(student_prompts="disjoint"),
+                                                                            task, split.train)]  # deterministic

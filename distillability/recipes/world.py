@@ -45,6 +45,15 @@ class WorldConfig:
     shipped: bool = opt(True, "Use the world shipped inside the package when one was built with these settings "
                         "(the embedded default, seed 0: the same models on every machine, no build); false = "
                         "build here (or reuse this machine's cache).")
+    proxy_style_mix: list[float] = opt([1.0, 0.0, 0.0], "Proxy SFT mix of styles worked, running, direct (issue #28: "
+                                       "the teacher's own mix, so the proxy is not blind to its hard mode by "
+                                       "construction).")
+    student_prompts: str = opt("train", "What the student base (and the attack battery's unseen and large students) "
+                               "learn from: train (the task's training prompts' worked solutions, which distillation "
+                               "also samples from) or disjoint (prompts of another draw in neither the training nor "
+                               "the held-out split: the base has seen no distillation prompt's reference answer; on the "
+                               "default task the short chains are all taken, so these are the longest chains).",
+                               choices=("train", "disjoint"))
     proxy_vocab: int = opt(300, "Proxy BPE vocabulary size.", min=260)
     student_vocab: int = opt(420, "Student BPE vocabulary size.", min=260)
 
@@ -56,6 +65,9 @@ def world_key(cfg: WorldConfig, task: TaskConfig, bf16: bool) -> str:
     """The cache key of a world: its settings, the task and the precision it is built in (resolved)."""
     d = dataclasses.asdict(cfg)
     d.pop("shipped")
+    for key, default in (("proxy_style_mix", [1.0, 0.0, 0.0]), ("student_prompts", "train")):
+        if d[key] == default:  # keys added later: at their default, the key of a world built before them
+            d.pop(key)
     d["bf16"] = bf16
     blob = json.dumps({**d, "task": dataclasses.asdict(task), "v": 3}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -79,6 +91,18 @@ def shipped_world(cfg: WorldConfig, task: TaskConfig) -> Path | None:
         if _complete(root):
             return root
     return None
+
+
+def student_examples(cfg: WorldConfig, task: TaskConfig, train: list) -> list:
+    """The examples the student base learns from: the training split, or (student_prompts=disjoint) as many
+    distinct prompts of another draw that are in neither the training nor the held-out split (at most 5,000)."""
+    if cfg.student_prompts == "train":
+        return train
+    from ..tasks import generate_world
+
+    split = task.load()
+    taken = {e.prompt for e in split.train + split.eval}
+    return generate_world(min(len(train), 5000), seed=20_000 + task.seed, spec=task.world_spec(), exclude=taken)
 
 
 def build_world(cfg: WorldConfig, task: TaskConfig, progress: bool = True, cache: bool = True) -> dict[str, str]:
@@ -108,21 +132,23 @@ def build_world(cfg: WorldConfig, task: TaskConfig, progress: bool = True, cache
     p_tok = train_tokenizer(corpus[::2], cfg.proxy_vocab, "bpe")
     s_tok = train_tokenizer(corpus[1::3], cfg.student_vocab, "bpe")
     plan = {
-        "teacher": (t_tok, cfg.teacher_size, cfg.teacher_steps, cfg.style_mix, "llama", cfg.teacher_learning_rate),
-        "proxy": (p_tok, cfg.proxy_size, cfg.proxy_steps, [1.0, 0.0, 0.0], "llama", cfg.learning_rate),
-        "student": (s_tok, cfg.student_size, cfg.student_steps, [1.0, 0.0, 0.0], "qwen2", cfg.learning_rate),
+        "teacher": (t_tok, cfg.teacher_size, cfg.teacher_steps, cfg.style_mix, "llama", cfg.teacher_learning_rate, train),
+        "proxy": (p_tok, cfg.proxy_size, cfg.proxy_steps, cfg.proxy_style_mix, "llama", cfg.learning_rate, train),
+        "student": (s_tok, cfg.student_size, cfg.student_steps, [1.0, 0.0, 0.0], "qwen2", cfg.learning_rate,
+                    student_examples(cfg, task, train)),
     }
     info = {}
-    for i, (name, (tok, size, steps, mix, arch, lr)) in enumerate(plan.items()):
+    for i, (name, (tok, size, steps, mix, arch, lr, examples)) in enumerate(plan.items()):
         h, layers, mlp = size
         model = build_tiny_model(TinyModelSpec(hidden_size=h, num_layers=layers, num_heads=4, intermediate_size=mlp,
                                                architecture=arch), tok, seed=seed + i).to(device)
-        chosen = [rng.choices(styles, weights=mix)[0] for _ in train]
-        losses = fit_lm(model, tok, [e.prompt for e in train], [e.solutions[s] for e, s in zip(train, chosen)],
+        chosen = [rng.choices(styles, weights=mix)[0] for _ in examples]
+        losses = fit_lm(model, tok, [e.prompt for e in examples], [e.solutions[s] for e, s in zip(examples, chosen)],
                         steps=steps, batch_size=cfg.batch_size, lr=lr, seed=seed + i,
                         desc=f"world: {name} SFT", progress=progress, autocast=bf16)
         save_model(model, tok, paths[name])
-        info[name] = {"params": num_params(model), "vocab": len(tok), "final_loss": losses[-1], "steps": steps}
+        info[name] = {"params": num_params(model), "vocab": len(tok), "final_loss": losses[-1], "steps": steps,
+                      "examples": len(examples)}
     from ..io import versions
     from ..precision import record
 
@@ -152,6 +178,7 @@ def build_attacker_students(cfg: WorldConfig, task: TaskConfig, progress: bool =
     seed_everything(seed)
     train = task.load().train
     corpus = [e.prompt + s for e in train for s in e.solutions.values()]
+    train = student_examples(cfg, task, train)  # (what the student base learnt from)
     plan = {"unseen": (train_tokenizer(corpus[2::3], 512, "bpe"), cfg.student_size, "gemma3"),
             "large": (train_tokenizer(corpus[1::3], cfg.student_vocab, "bpe"), cfg.teacher_size, "qwen2")}
     info = {}
