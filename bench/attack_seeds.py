@@ -28,13 +28,15 @@ from distillability.recipes.attack import FULL_BATTERY  # noqa: E402
 from distillability.report.attack import BAR  # noqa: E402
 
 
-def run_seed(seed: int, folder: Path, repeats: int, attackers: list[str] | None, overrides: list[str]) -> None:
+def run_seed(seed: int, folder: Path, repeats: int, attackers: list[str] | None, overrides: list[str],
+             defense_attackers: list[str]) -> None:
     extra = []
     if attackers:
         chosen = [a for a in FULL_BATTERY if a.name in attackers]
+        by = json.dumps(defense_attackers)
         extra = ["attack_battery=custom", "attack.battery=" + json.dumps([a.__dict__ for a in chosen]),
-                 "attack.defenses=[{name: control+answer_only, kind: answer_only}, "
-                 "{name: control+least_likely, kind: least_likely}]"]
+                 f"attack.defenses=[{{name: control+answer_only, kind: answer_only, attackers: {by}}}, "
+                 f"{{name: control+least_likely, kind: least_likely, attackers: {by}}}]"]
     cmd = [sys.executable, "-m", "distillability.cli", "demo", "--seed", str(seed), "--output-dir", str(folder),
            "progress=false", "attack_battery=full" if not attackers else "", f"attack.repeats={repeats}", *extra,
            *overrides]
@@ -101,7 +103,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--attackers", type=str, default="")
+    ap.add_argument("--attackers", type=str, default="",
+                    help="comma list: only these attackers, against the control and undistillable teachers")
+    ap.add_argument("--defense-attackers", type=str, default="",
+                    help="with --attackers: the SFT attackers that attack the defenses (default: all of them)")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--collect", action="store_true")
     args, overrides = ap.parse_known_args()
@@ -112,11 +117,13 @@ def main() -> None:
         folder = runs / f"seed{seed}"
         if not args.collect:
             t0 = time.time()
-            run_seed(seed, folder, args.repeats, attackers, overrides)
+            run_seed(seed, folder, args.repeats, attackers, overrides,
+                     [a for a in args.defense_attackers.split(",") if a])
             cost[seed] = time.time() - t0
         if (folder / "attack" / "attack.json").exists():
             per_seed[seed] = json.loads((folder / "attack" / "attack.json").read_text())
-            per_seed[seed]["headline"] = json.loads((folder / "headline.json").read_text())
+            headline = folder / "headline.json"  # (absent while the run's evaluations are still going)
+            per_seed[seed]["headline"] = json.loads(headline.read_text()) if headline.exists() else None
     if not per_seed:
         sys.exit("no finished seed to tabulate")
     table = pooled(per_seed)
@@ -124,7 +131,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "attack_seeds.json").write_text(json.dumps(
         {"seeds": per_seed, "pooled": table, "wall_seconds_per_seed": cost, "overrides": overrides,
-         "attackers": attackers, "repeats": args.repeats}, indent=1, default=str))
+         "attackers": attackers, "defense_attackers": args.defense_attackers, "repeats": args.repeats}, indent=1, default=str))
     (args.out / "attack_seeds.md").write_text(text + "\n")
     print(text)
 

@@ -68,6 +68,10 @@ def test_budgets_scale_steps_and_prompts_and_keep_the_learning_rate(tmp_path, ti
     assert d.teacher_defense == "least_likely" and d.defense_model == tiny_pair["student_same"]
     assert attack.skip_reason(cfg, by["kd@1x"], "control+answer_only").startswith("a text-only defense")
     assert "students.unseen" in attack.skip_reason(cfg, by["sft-unseen-student"], "control")
+    assert attack.skip_reason(cfg, by["sft@10x"], "control+answer_only") is None  # [] = every SFT attacker
+    few = _cfg(tmp_path, tiny_pair, "defenses=[{name: control+answer_only, kind: answer_only, attackers: [sft@1x]}]")
+    assert attack.skip_reason(few, by["sft@1x"], "control+answer_only") is None
+    assert "attackers" in attack.skip_reason(few, by["sft@10x"], "control+answer_only")
 
 
 def test_a_failed_cell_is_reported_not_dropped():
@@ -105,7 +109,8 @@ def test_protected_budget_is_the_largest_budget_below_the_bar():
 def test_config_errors_name_the_key(tiny_pair, tmp_path):
     for extra, needle in ((["reference=nobody"], "'reference'"), (["battery=[{name: x, methd: sft}]"], "battery[0].methd"),
                           (["battery=[{name: x, budget: 0}]"], "battery[0].budget"),
-                          (["defenses=[{name: d, teacher: ghost}]"], "defenses[0].teacher")):
+                          (["defenses=[{name: d, teacher: ghost}]"], "defenses[0].teacher"),
+                          (["defenses=[{name: d, attackers: [sft@99x]}]"], "defenses[0].attackers")):
         with pytest.raises(ConfigError, match=__import__("re").escape(needle)):
             _cfg(tmp_path, tiny_pair, *extra)
     with pytest.raises(ConfigError, match="students.default"):
@@ -174,3 +179,14 @@ def test_small_battery_end_to_end_resumes_and_reuses(tiny_pair, tmp_path):
     again = attack.run(cfg)
     assert again["cells"]["sft@2x"]["control"]["accuracy"] == cells["sft@2x"]["control"]["accuracy"]
     assert (out / "cells" / "sft@2x" / "control" / "r0" / "distill_card.json").stat().st_mtime_ns == mtime
+
+
+def test_the_pipeline_attacks_the_teachers_it_is_told_and_always_the_control():
+    from distillability.recipes.pipeline import attack_roles, load_pipeline_config
+
+    teachers = dict.fromkeys(("original", "control", "distillable", "undistillable"), "path")
+    assert attack_roles(load_pipeline_config(None, []), teachers) == ["control", "undistillable"]  # small
+    assert attack_roles(load_pipeline_config(None, ["attack_battery=full"]), teachers) == list(teachers)
+    chosen = load_pipeline_config(None, ["attack_battery=full", "attack_teachers=[undistillable]"])
+    assert attack_roles(chosen, teachers) == ["control", "undistillable"]
+    assert attack_roles(chosen, {"control": "path"}) == ["control"]

@@ -72,6 +72,7 @@ class Defense:
     kind: str = opt("answer_only", "answer_only: the chain of thought removed; least_likely: the correct sample "
                     "the defender's `proxy` finds least likely per character.", choices=("answer_only", "least_likely"))
     generations: int = opt(4, "least_likely: samples drawn per prompt to choose from.", min=1)
+    attackers: list[str] = opt([], "The battery's SFT attackers that attack this defense (names; [] = all of them).")
 
     def validate(self) -> None:
         if not self.name:
@@ -137,6 +138,9 @@ class AttackConfig:
         for i, d in enumerate(self.defenses):
             if d.teacher not in self.teachers:
                 raise ConfigError(f"config key 'defenses[{i}].teacher': '{d.teacher}' is not one of teachers")
+            if unknown := [n for n in d.attackers if n not in {a.name for a in self.battery}]:
+                raise ConfigError(f"config key 'defenses[{i}].attackers': {unknown[0]!r} is not an attacker of the "
+                                  f"battery")
             if d.kind == "least_likely" and not self.proxy:
                 raise ConfigError(f"config key 'proxy': defenses[{i}] (least_likely) needs the defender's model")
 
@@ -187,8 +191,11 @@ def cell_config(cfg: AttackConfig, a: Attacker, teacher: str, repeat: int, folde
 def skip_reason(cfg: AttackConfig, a: Attacker, teacher: str) -> str | None:
     if a.student not in cfg.students:
         return f"no attacker student '{a.student}' (students.{a.student}=PATH)"
-    if teacher in cfg.defenses_by_name() and a.method != "sft":
+    d = cfg.defenses_by_name().get(teacher)
+    if d is not None and a.method != "sft":
         return "a text-only defense exposes no logits (SFT attackers only)"
+    if d is not None and d.attackers and a.name not in d.attackers:
+        return f"not one of defenses[{d.name}].attackers"
     return None
 
 

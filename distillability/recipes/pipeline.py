@@ -46,6 +46,10 @@ class PipelineConfig:
                               "of `distillability attack --help` against every teacher, with the defenses and the "
                               "unseen students), custom (attack.battery and attack.defenses as given).",
                               choices=("small", "full", "custom"))
+    attack_teachers: list[str] = opt([], "The teachers the attack stage attacks ([] = control and undistillable for "
+                                     "the small battery, every teacher for full and custom; the control is always "
+                                     "included: it is the reference of every ratio).",
+                                     choices=("original", "control", "distillable", "undistillable"))
     threads: int = opt(2, "torch CPU threads.", min=0)
     progress: bool = opt(True, "Progress bars.")
     teacher_sft: distill.DistillConfig = sub(distill.DistillConfig, "Settings of the teacher's SFT stage "
@@ -191,6 +195,13 @@ def evaluate_all(c: Chain, teachers: dict, students: dict) -> dict:
     return evaluations
 
 
+def attack_roles(cfg: PipelineConfig, teachers: dict) -> list[str]:
+    """The teachers the attack stage attacks, in TEACHERS order (the control always: the reference)."""
+    full = cfg.attack_battery != "small"
+    wanted = set(cfg.attack_teachers or (TEACHERS if full else ("control", "undistillable"))) | {"control"}
+    return [t for t in TEACHERS if t in teachers and t in wanted]
+
+
 def attack_teachers(c: Chain, teachers: dict, students: dict) -> dict | None:
     """The attack battery against the calibrated teachers; the 1x cells that the distill stage already ran are
     read from it (same settings and seed), not retrained."""
@@ -198,12 +209,11 @@ def attack_teachers(c: Chain, teachers: dict, students: dict) -> dict | None:
     if "attack" in cfg.skip or "control" not in teachers:
         return None
     c.announce(f"attack: the {cfg.attack_battery} battery")
-    full = cfg.attack_battery != "small"
     battery = {"small": attack.SMALL_BATTERY, "full": attack.FULL_BATTERY}.get(cfg.attack_battery, cfg.attack.battery)
     defenses = {"small": [], "full": attack.DEFENSES}.get(cfg.attack_battery, cfg.attack.defenses)
-    roles = [t for t in TEACHERS if t in teachers and (full or t in ("control", "undistillable"))]
+    roles = attack_roles(cfg, teachers)
     pool = {"default": c.models["student"], **cfg.attack.students}
-    if not cfg.teacher and any(a.student in ("unseen", "large") for a in battery):
+    if cfg.student in ("", "world") and any(a.student in ("unseen", "large") for a in battery):
         pool = {**build_attacker_students(cfg.world, c.task, progress=cfg.progress), **pool}
     reuse = {f"{a.name}/{t}": str(c.out / f"distill_{a.method}_{t}") for a in battery for t in roles
              if a.is_budget and a.budget == 1.0 and (a.method, t) in students}
