@@ -200,6 +200,19 @@ def test_demo_quick_end_to_end(tmp_path):
     trained = sum(c["status"] == "ok" for a in ("sft@4x", "sft-best-of-4") for c in cells[a].values())
     assert trained >= 2 and len(students) == 24 + trained
     assert changed == students, sorted(changed ^ students)  # the base is not rerun
+    # the shifted split: every teacher also on chains one term longer than any it trained on (quick: 3 -> 4)
+    r4 = CliRunner().invoke(main, ["demo", "--quick", "--output-dir", str(run), "progress=false", "distill.max_steps=4",
+                                   "shifted_terms=4"])
+    assert r4.exit_code == 0, r4.output
+    shifted = json.loads((run / "headline.json").read_text())["teachers_shifted"]
+    assert set(shifted) == set(headline["teachers"]) and all(0 <= v <= 1 for v in shifted.values())
+    ev = json.loads((run / "eval" / "teacher_control_shifted4" / "eval.json").read_text())
+    assert ev["num_prompts"] == 8 and (ev["task"]["world_min_terms"], ev["task"]["world_max_terms"]) == (4, 4)
+    assert ev["greedy_accuracy"] == shifted["control"]
+    from distillability.config import TaskConfig, from_dict
+
+    assert all(e.prompt.count("+") + e.prompt.count("-") == 3 for e in from_dict(TaskConfig, ev["task"]).load().eval)
+    assert "teacher, shifted split" in (run / "report.md").read_text()
 
 
 def test_trl_reward_adapter_equals_recipe_reward(tiny_pair):

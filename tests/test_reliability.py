@@ -147,6 +147,7 @@ CONFIG_CASES = [  # (args, text the one-line error must name); every recipe and 
     (["pipeline", "teacher=/some/model"], "teacher"),
     (["pipeline", "teacher=/some/model", "proxy=world"], "teacher"),
     (["pipeline", "teacher=world", "proxy=world", "student=world", "task.name=gsm8k"], "task.name"),
+    (["pipeline", "shifted_terms=3"], "shifted_terms"),
     (["calibrate", "model=/m", "proxy=/p", "proxy_updates=-1"], "proxy_updates"),
     (["pipeline", "methods=[sft,dpo]"], "methods"),
     (["evaluate", "model"], "model"),

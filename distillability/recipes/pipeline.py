@@ -46,6 +46,9 @@ class PipelineConfig:
                               "of `distillability attack --help` against every teacher, with the defenses and the "
                               "unseen students), custom (attack.battery and attack.defenses as given).",
                               choices=("small", "full", "custom"))
+    shifted_terms: int = opt(0, "Utility on a shifted split (tiny-world): every teacher is also evaluated on held-out "
+                             "chains of exactly this many terms (e.g. task.world_max_terms + 1), a length neither "
+                             "the world nor the calibration saw; headline.json's teachers_shifted. 0 = off.", min=0)
     attack_teachers: list[str] = opt([], "The teachers the attack stage attacks ([] = control and undistillable for "
                                      "the small battery, every teacher for full and custom; the control is always "
                                      "included: it is the reference of every ratio).",
@@ -69,6 +72,11 @@ class PipelineConfig:
         if any(given) and not all(given):
             raise ConfigError("config keys 'teacher', 'proxy', 'student': give all three (a model, or `world` for the "
                               "tiny world's) or none (the tiny world's three)")
+        if self.shifted_terms and self.task.name != "tiny-world":
+            raise ConfigError("config key 'shifted_terms': a shifted split of chain lengths needs task tiny-world")
+        if 0 < self.shifted_terms <= self.task.world_max_terms:
+            raise ConfigError(f"config key 'shifted_terms': {self.shifted_terms} terms are inside the training "
+                              f"lengths (task.world_max_terms={self.task.world_max_terms}); use a longer chain")
         if (not any(given) or "world" in (self.teacher, self.proxy, self.student)) and self.task.name != "tiny-world":
             raise ConfigError(f"config key 'task.name': the tiny world's models (teacher/proxy/student empty or "
                               f"`world`) are trained on task tiny-world, not '{self.task.name}'")
@@ -188,6 +196,13 @@ def evaluate_all(c: Chain, teachers: dict, students: dict) -> dict:
 
     evaluations = {"teachers": {t: one(f"teacher_{t}", path, c.models["proxy"]) for t, path in teachers.items()},
                    "students": {}}
+    if cfg.shifted_terms:
+        n = cfg.shifted_terms
+        shifted = _with(c.task, num_train=1, world_min_terms=n, world_max_terms=n, world_mc_share=0.0,
+                        world_heldout="iid")
+        evaluations["teachers_shifted"] = {t: c.stage(f"teacher_{t}_shifted{n}", _with(
+            cfg.evaluate, model=path, proxy=None, output_dir=str(where / f"teacher_{t}_shifted{n}"), task=shifted,
+            runtime=c.runtime(cfg.evaluate)), "eval.json", evaluate.run, under=where) for t, path in teachers.items()}
     for (method, tname), path in students.items():
         evaluations["students"].setdefault(method, {})[tname] = one(f"student_{method}_{tname}", path, None)
     if students:

@@ -28,6 +28,9 @@ def headline_table(evaluations: dict, seed: int, wall_seconds: float, attacks: d
         "students": {m: {t: r["greedy_accuracy"] for t, r in per.items()} for m, per in evaluations["students"].items()},
         **({"student_base": evaluations["student_base"]["greedy_accuracy"]} if "student_base" in evaluations else {}),
     }
+    if "teachers_shifted" in evaluations:
+        out["teachers_shifted"] = {t: evaluations["teachers_shifted"][t]["greedy_accuracy"] for t in TEACHERS
+                                   if t in evaluations["teachers_shifted"]}
     if attacks:
         out["attacks"] = {"cells": {a: {t: {k: c.get(k) for k in ("status", "accuracy", "ratio", "gain_share")}
                                         for t, c in row.items()} for a, row in attacks["cells"].items()},
@@ -76,6 +79,9 @@ def markdown_table(headline: dict) -> str:
     cols = [t for t in TEACHERS if t in headline["teachers"]]
     lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
              "| teacher | " + " | ".join(f"{headline['teachers'][t]:.3f}" for t in cols) + " |"]
+    if "teachers_shifted" in headline:
+        lines.append("| teacher, shifted split | " + " | ".join(
+            f"{headline['teachers_shifted'].get(t, float('nan')):.3f}" for t in cols) + " |")
     for m, per in headline["students"].items():
         lines.append(f"| student ({m}) | " + " | ".join(f"{per.get(t, float('nan')):.3f}" for t in cols) + " |")
     if "student_base" in headline:
