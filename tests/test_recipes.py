@@ -544,7 +544,7 @@ def test_calibrate_with_the_adversarial_proxy_logs_it_and_resumes_exactly(small_
     assert all((r["proxy_loss"] is None) == (r["task_reward"] == 0) for r in log)
     # the adversary moved r_cal: the same run against the frozen proxy scores step 2 onwards differently
     frozen = calibrate.run(load_config(calibrate.CalibrateConfig, overrides=[
-        *[c for c in common if not c.startswith("proxy_")], "max_steps=4", f"output_dir={tmp_path / 'f'}",
+        *[c for c in common if not c.startswith("proxy_")], "max_steps=2", f"output_dir={tmp_path / 'f'}",
         "save_steps=0"]))
     flog = [json.loads(x) for x in (tmp_path / "f" / "log.jsonl").read_text().splitlines()]
     assert log[0]["r_cal"] == pytest.approx(flog[0]["r_cal"])  # step 1 is scored before the adversary learnt
