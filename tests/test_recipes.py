@@ -558,3 +558,24 @@ def test_calibrate_with_the_adversarial_proxy_logs_it_and_resumes_exactly(small_
     wa = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_an_ensemble_of_proxies_keeps_the_least_favourable_r_cal(tiny_pair, tmp_path):
+    base = [f"model={tiny_pair['teacher']}", f"proxy={tiny_pair['student']}", "num_generations=4", "prompts_per_step=2",
+            "max_completion_length=16", "eval_prompts=2", "eval_generations=1", "max_steps=1", "save_steps=0",
+            "wellformed_gate=off", *FAST]
+
+    def r_cal(name: str, *extra: str) -> float:
+        card = calibrate.run(load_config(calibrate.CalibrateConfig, overrides=[*base, *extra,
+                                                                               f"output_dir={tmp_path / name}"]))
+        return card, json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])["r_cal"]
+
+    for eta in (1.0, -1.0):
+        _, alone = r_cal(f"alone{eta}", f"eta={eta}")
+        _, same = r_cal(f"same{eta}", f"eta={eta}", f"extra_proxies=[{tiny_pair['student']}]")
+        card, two = r_cal(f"two{eta}", f"eta={eta}", f"extra_proxies=[{tiny_pair['student_same']}]")
+        assert same == pytest.approx(alone, abs=1e-12)  # a proxy twice is the proxy
+        # the same 8 samples (step 1 of the same policy), each scored by the proxy least favourable to eta:
+        # the smallest divergence for eta > 0, the largest for eta < 0 (by a margin: the two proxies differ)
+        assert (alone - two) * eta > 1e-3, (eta, alone, two)
+        assert card["extra_proxies"] == [tiny_pair["student_same"]]

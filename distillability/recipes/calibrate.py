@@ -94,6 +94,10 @@ class CalibrateConfig:
                        "wrong (every response the verifier does not score 1, malformed ones included: r_cal then "
                        "only ranks correct responses, so eta never trades accuracy for divergence).",
                        choices=("malformed", "wrong"))
+    extra_proxies: list[str] = opt([], "More calibration proxies (any tokenizers; issue #28's ensemble): r_cal is "
+                                   "computed against each proxy and the one least favourable to eta's goal is kept "
+                                   "per response (eta > 0: the smallest divergence, i.e. the proxy that finds the "
+                                   "response likeliest; eta < 0: the largest). The card's D is against `proxy`.")
     proxy_updates: int = opt(0, "Adversarial proxy (issue #28): SFT steps of a trainable copy of the proxy on each "
                              "rollout's correct responses, after r_cal has scored them against it; r_cal then rewards "
                              "text a proxy distilled on the teacher's samples so far still finds unlikely. 0 = the "
@@ -146,6 +150,7 @@ class Run:
     dist: Any
     device: torch.device
     adversary: AdaptiveProxy | None = None  # proxy_updates > 0: r_cal's trainable proxy
+    extras: list = dataclasses.field(default_factory=list)  # (model, tokenizer) of extra_proxies
 
     @property
     def rt(self) -> RuntimeConfig:
@@ -194,6 +199,7 @@ def setup(cfg: CalibrateConfig) -> tuple[Run, list, str]:
     pool, val, val_where = guard_prompts(cfg, task, held_out)
     check_context(policy, tok, task.train + held_out, cfg.max_completion_length, cfg.task.use_chat_template, cfg.model)
     run_ = Run(cfg, policy, tok, proxy, ptok, reference, task, held_out, pool, dist, next(policy.parameters()).device)
+    run_.extras = [rt.load(p, frozen=True) for p in cfg.extra_proxies] if cfg.eta != 0 else []
     if cfg.proxy_updates and cfg.eta != 0:  # (eta = 0 computes no r_cal: nothing to adapt)
         if dist.world > 1:
             raise ConfigError("config key 'proxy_updates': the adversarial proxy runs in one process only "
@@ -300,11 +306,12 @@ def rollout(r: Run, step: int, ema: dict, mine: slice, rows_mine: slice) -> Roll
     r_task = torch.tensor([r.task.score(batch[g.prompt_index], g.text) for g in gens], dtype=torch.float64)
     # the frozen models first, so their activations are gone before the policy's graph is built
     logp_ref = reference_logprobs(r, ids, attn) if cfg.beta else None
-    prox = None
+    proxies = []  # each proxy's sum log pi_C(y|x), the main (or adversarial) proxy first
     if cfg.eta != 0:
         scorer = r.adversary.model if r.adversary is not None else r.proxy
-        prox = sequence_logprobs(scorer, r.ptok, [prompts[g.prompt_index] for g in gens], texts,
-                                 [g.finished for g in gens], chat, autocast=rt.autocast)["logprob"]
+        for model, ptok in [(scorer, r.ptok), *r.extras]:
+            proxies.append(sequence_logprobs(model, ptok, [prompts[g.prompt_index] for g in gens], texts,
+                                             [g.finished for g in gens], chat, autocast=rt.autocast)["logprob"])
     logp_first = None
     if cfg.num_iterations == 1:
         # one forward serves as pi_old (detached), as the policy's own log-prob for r_cal, and as the graph of
@@ -319,7 +326,9 @@ def rollout(r: Run, step: int, ema: dict, mine: slice, rows_mine: slice) -> Roll
     r_cal = torch.zeros(len(gens), dtype=torch.float64)
     if cfg.eta != 0:
         own = (logp_old.double() * mask).sum(1).cpu()
-        r_cal = calibration_reward(own, prox, texts, mask.sum(1).cpu(), cfg.cal_normalization, cfg.cal_clip)
+        each = torch.stack([calibration_reward(own, p, texts, mask.sum(1).cpu(), cfg.cal_normalization, cfg.cal_clip)
+                            for p in proxies])
+        r_cal = each.min(0).values if cfg.eta > 0 else each.max(0).values  # the least favourable proxy
         if cfg.wellformed_gate != "off":
             bad = r_task < 1 if cfg.gate_on == "wrong" else torch.tensor(
                 [not r.task.well_formed(batch[g.prompt_index], g.text) for g in gens])
@@ -372,6 +381,7 @@ def write_card(r: Run, out: Path, before: dict, guard: UtilityGuard | None, t_st
             "steps": cfg.max_steps, "seed": rt.seed, "loss_type": cfg.loss_type,
             "cal_normalization": cfg.cal_normalization, "num_generations": cfg.num_generations,
             "learning_rate": cfg.learning_rate, **before, **after, "guard": guard.state if guard else None,
+            "extra_proxies": cfg.extra_proxies,
             "adversary": None if r.adversary is None else {
                 "proxy_updates": cfg.proxy_updates, "proxy_learning_rate": cfg.proxy_learning_rate,
                 "responses_learned": r.adversary.seen},
