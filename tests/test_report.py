@@ -118,6 +118,10 @@ def test_verdict_names_the_method_that_protected_least():
     assert verdict(head)[0].startswith("Partly protected")  # sft 0.2x, gkd 0.75x
     head["students"]["sft"]["undistillable"] = 0.45
     assert verdict(head)[0].startswith("Not protected")
+    assert not any("shifted split" in line for line in verdict(head))  # not measured: not said
+    head["teachers_shifted"] = {"control": 0.5, "undistillable": 0.45}
+    assert ("On the shifted split (longer chains than any trained on): the undistillable teacher 0.90x (0.450 vs "
+            "0.500) the control's accuracy.") in verdict(head)
 
 
 def test_every_plot_is_embedded_and_no_markdown_leaks_into_the_html(report_dir):

@@ -51,9 +51,24 @@ def teacher_sentence(headline: dict, teacher: str) -> str | None:
             f"accuracy {_accs(accs)}{vs_base}.")
 
 
+def shifted_sentence(headline: dict) -> str | None:
+    """The calibrated teachers' utility on the shifted split (chains longer than any trained on), when measured."""
+    sh = headline.get("teachers_shifted") or {}
+    c = sh.get("control")
+    rows = [(t, sh[t]) for t in ("undistillable", "distillable") if t in sh]
+    if not rows or c is None:
+        return None
+    if not c:
+        return "On the shifted split the control teacher scores 0, so the teachers' utility there has no ratio."
+    parts = [f"the {t} teacher {v / c:.2f}x ({v:.3f} vs {c:.3f})" for t, v in rows]
+    return "On the shifted split (longer chains than any trained on): " + ", ".join(parts) + " the control's accuracy."
+
+
 def verdict(headline: dict, attack_summary: str | None = None) -> list[str]:
     """The verdict block's sentences, the undistillable teacher first."""
     lines = [s for t in ("undistillable", "distillable") if (s := teacher_sentence(headline, t))]
+    if (shifted := shifted_sentence(headline)) is not None:
+        lines.append(shifted)
     if attack_summary:
         lines.append(attack_summary)
     if lines:
