@@ -239,17 +239,54 @@ def _bad_case(name: str, tiny_pair, tmp: Path) -> tuple[list[str], str]:
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", ["empty file", "not utf-8", "missing field", "wrong type", "prompt longer than context",
-                                  "not a causal LM", "tokenizer without eos", "vocabulary mismatch",
-                                  "nothing left after filtering", "empty JSON list", "data path is a folder",
-                                  "answer without ####"])
-def test_bad_input_with_models_is_one_line_exit_2(tiny_pair, tmp_path, name):
-    args, needle = _bad_case(name, tiny_pair, tmp_path)
-    r = subprocess.run(CLI + args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
-    lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
-    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert needle in lines[0], lines[0]
-    assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / "eval.json").exists()
+BAD_CASES = ["empty file", "not utf-8", "missing field", "wrong type", "prompt longer than context", "not a causal LM",
+             "tokenizer without eos", "vocabulary mismatch", "nothing left after filtering", "empty JSON list",
+             "data path is a folder", "answer without ####"]
+# every case through the CLI's entry point in one child process (one import of torch and transformers, not
+# twelve): the exit code each command asks for, and what it wrote to stderr, including any traceback
+_DRIVER = """
+import contextlib, io, json, os, sys, traceback
+from distillability.cli import main
+cases, out = json.loads(sys.argv[1]), {}
+for name, case in cases.items():
+    os.chdir(case["tmp"])
+    err, code = io.StringIO(), 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main.main(args=case["args"], standalone_mode=False)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    out[name] = {"code": code, "stderr": err.getvalue()}
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tiny_pair, tmp_path_factory):
+    cases = {}
+    for name in BAD_CASES:
+        tmp = tmp_path_factory.mktemp("bad")
+        args, needle = _bad_case(name, tiny_pair, tmp)
+        cases[name] = {"args": args, "needle": needle, "tmp": str(tmp)}
+    r = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(cases)], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, r.stderr[-3000:]
+    results = json.loads(lines[-1][7:])
+    return {name: {**cases[name], **results[name]} for name in BAD_CASES}
+
+
+@pytest.mark.parametrize("name", BAD_CASES)
+def test_bad_input_with_models_is_one_line_exit_2(bad_runs, name):
+    run = bad_runs[name]
+    lines = [x for x in run["stderr"].splitlines() if x.startswith("error:")]
+    assert run["code"] == 2 and len(lines) == 1 and "Traceback" not in run["stderr"], run["stderr"][-2000:]
+    assert run["needle"] in lines[0], lines[0]
+    out = Path(run["tmp"]) / "out"
+    assert not (out / "model").exists() and not (out / "eval.json").exists()
 
 
 def test_bad_data_file_through_the_cli(tiny_pair, tmp_path):
