@@ -201,3 +201,37 @@ def test_knob_seeds_table_pools_and_counts_targets():
     t = summary["teacher_undistillable_vs_control"]
     assert t["values"] == pytest.approx([0.8 / 0.9, 0.95]) and t["held_in_seeds"] == 1
     assert "| student base (before distillation) | 0.45 | 0.50 |" in md
+
+
+def test_knob_v2_marks_issue_28s_targets():
+    """bench/knob_v2.py: 'teaches' (control SFT >= base + 0.10, distillable >= 1.1x), utility on the held-out and
+    the shifted split, gain share <= 0.3 (met outright when the student gained nothing), ratio <= 0.5 at 1x and for
+    the 1x-budget attackers, <= 0.6 at 4x / 10x; None where a cell did not run."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("knob_v2", Path(__file__).resolve().parents[1] / "bench" / "knob_v2.py")
+    kv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kv)
+
+    def c(acc, ratio=None, gain=None, share=None, base=0.4):
+        return {"status": "ok", "accuracy": acc, "ratio": ratio, "gain": gain, "gain_share": share, "base": base}
+
+    attack = {"cells": {
+        "sft@1x": {"control": c(0.55, 1.0, 0.15), "distillable": c(0.62, 1.13, 0.22), "undistillable": c(0.2, 0.36, -0.2)},
+        "sft@4x": {"control": c(0.7, 1.0, 0.3), "undistillable": c(0.46, 0.66, 0.06, 0.2)},
+        "sft@10x": {"control": c(0.8, 1.0, 0.4), "undistillable": c(0.5, 0.62, 0.1, 0.25)},
+        "sft-best-of-16": {"control": c(0.6, 1.0, 0.2), "undistillable": c(0.33, 0.55, 0.13, 0.65)},
+        "kd@1x": {"control": c(0.5, 1.0, 0.1), "undistillable": {"status": "failed"}}}}
+    head = {"teachers": {"control": 0.9, "distillable": 0.9, "undistillable": 0.85},
+            "teachers_shifted": {"control": 0.5, "distillable": 0.46, "undistillable": 0.44}}
+    got = kv.checks(attack, head)
+    assert got["teaches: control SFT@1x >= base + 0.10"] is True
+    assert got["teaches: distillable SFT@1x >= 1.1x control"] is True
+    assert got["utility: undistillable >= 0.95x (held-out)"] is False  # 0.944
+    assert got["utility: distillable >= 0.9x (shifted)"] is True and got["utility: undistillable >= 0.9x (shifted)"] is False
+    assert got["sft@1x: gain share <= 0.3"] is True and got["sft@1x: ratio <= 0.5"] is True  # below its base
+    assert got["sft@4x: gain share <= 0.3"] is True and got["sft@4x: ratio <= 0.6"] is False
+    assert got["sft@10x: ratio <= 0.6"] is False
+    assert got["sft-best-of-16: gain share <= 0.3"] is False and got["sft-best-of-16: ratio <= 0.5"] is False
+    assert got["kd@1x: ratio <= 0.5"] is None and got["gkd@10x: gain share <= 0.3"] is None
