@@ -35,9 +35,10 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def run_variant(name: str, seeds: list[int], repeats: int, out: Path, extra: list[str], dry: bool) -> None:
+def run_variant(name: str, seeds: list[int], repeats: int, out: Path, extra: list[str], dry: bool,
+                attackers: list[str]) -> None:
     cmd = [sys.executable, str(Path(__file__).parent / "attack_seeds.py"), *COMMON, *VARIANTS[name], *extra,
-           "--attackers", ",".join(ATTACKERS), "--repeats", str(repeats), "--out", str(out / name),
+           "--attackers", ",".join(attackers), "--repeats", str(repeats), "--out", str(out / name),
            "--seeds", *map(str, seeds)]
     print(" ".join(cmd), flush=True)
     if not dry:
@@ -113,6 +114,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("bench/results/knob_v2"))
+    ap.add_argument("--attackers", default=",".join(ATTACKERS),
+                    help="comma list (default: the targets' attackers; fewer while tuning, all for the final table)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--collect", action="store_true", help="only tabulate what the run folders hold")
     args, extra = ap.parse_known_args()
@@ -121,7 +124,8 @@ def main() -> None:
         sys.exit(f"--variants: unknown {unknown[0]!r} (known: {', '.join(VARIANTS)})")
     if not args.collect:
         for name in names:
-            run_variant(name, args.seeds, args.repeats, args.out, extra, args.dry_run)
+            run_variant(name, args.seeds, args.repeats, args.out, extra, args.dry_run,
+                        [a for a in args.attackers.split(",") if a])
     if args.dry_run:
         return
     result = collect(names, args.seeds, args.out)
