@@ -85,6 +85,7 @@ def build_real(root: Path, n_rows: int = 256) -> dict:
     from distillability.models import (
         TinyModelSpec,
         build_tiny_model,
+        load_model,
         load_tokenizer,
         num_params,
         resolve_model_path,
@@ -117,7 +118,8 @@ def build_real(root: Path, n_rows: int = 256) -> dict:
     paths = {"policy": smol, "proxy": str(root / "student"), "gkd_teacher": smol,
              "gkd_student": str(root / "smol_student")}
     (root / "paths.json").write_text(json.dumps(paths))
-    return {"params": {"policy/gkd teacher (SmolLM2-135M-Instruct)": 134_515_008, "gkd student": num_params(student),
+    teacher, _ = load_model(smol, device="cpu")
+    return {"params": {"policy/gkd teacher (SmolLM2-135M-Instruct)": num_params(teacher), "gkd student": num_params(student),
                        "proxy (byte-level)": tiny["params"]["student"]}, "vocab": len(tok)}
 
 

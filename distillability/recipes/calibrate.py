@@ -306,12 +306,14 @@ def rollout(r: Run, step: int, ema: dict, mine: slice, rows_mine: slice) -> Roll
     r_task = torch.tensor([r.task.score(batch[g.prompt_index], g.text) for g in gens], dtype=torch.float64)
     # the frozen models first, so their activations are gone before the policy's graph is built
     logp_ref = reference_logprobs(r, ids, attn) if cfg.beta else None
+    sample_prompts = [prompts[g.prompt_index] for g in gens]
     proxies = []  # each proxy's sum log pi_C(y|x), the main (or adversarial) proxy first
     if cfg.eta != 0:
         scorer = r.adversary.model if r.adversary is not None else r.proxy
+        finished = [g.finished for g in gens]
         for model, ptok in [(scorer, r.ptok), *r.extras]:
-            proxies.append(sequence_logprobs(model, ptok, [prompts[g.prompt_index] for g in gens], texts,
-                                             [g.finished for g in gens], chat, autocast=rt.autocast)["logprob"])
+            proxies.append(sequence_logprobs(model, ptok, sample_prompts, texts, finished, chat,
+                                             autocast=rt.autocast)["logprob"])
     logp_first = None
     if cfg.num_iterations == 1:
         # one forward serves as pi_old (detached), as the policy's own log-prob for r_cal, and as the graph of
@@ -337,7 +339,7 @@ def rollout(r: Run, step: int, ema: dict, mine: slice, rows_mine: slice) -> Roll
     r_task, r_cal = dist.gather(r_task), dist.gather(r_cal)
     adv = compute_advantages(r_task, r_cal, cfg.eta, G, ema, cfg.ema_decay)[rows_mine].to(r.device)
     return Rollout(texts, ids, attn, mask, r_task, r_cal, adv, logp_old, logp_first, logp_ref, t_gen,
-                   time.time() - t0 - t_gen, [prompts[g.prompt_index] for g in gens])
+                   time.time() - t0 - t_gen, sample_prompts)
 
 
 def update(r: Run, ro: Rollout, optimizer, step: int, ckpt: Path) -> tuple[torch.Tensor, float, float]:

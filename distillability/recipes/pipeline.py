@@ -133,9 +133,9 @@ def prepare_models(c: Chain) -> str:
     cfg, out = c.cfg, c.out
     c.announce("models: build or load the teacher, proxy and student base")
     given = {"teacher": cfg.teacher, "proxy": cfg.proxy, "student": cfg.student}
-    world = (build_world(cfg.world, c.task, progress=cfg.progress)
-             if not cfg.teacher or "world" in given.values() else {})
-    c.models = {role: world[role] if not spec or spec == "world" else spec for role, spec in given.items()}
+    from_world = {role for role, spec in given.items() if spec in ("", "world")}
+    world = build_world(cfg.world, c.task, progress=cfg.progress) if from_world else {}
+    c.models = {role: world[role] if role in from_world else spec for role, spec in given.items()}
     original = c.models["teacher"]
     if cfg.teacher_sft_steps:
         c.announce(f"teacher SFT: {cfg.teacher_sft_steps} steps on the task's reference solutions")
@@ -189,8 +189,8 @@ def evaluate_all(c: Chain, teachers: dict, students: dict) -> dict:
     cfg, where = c.cfg, c.out / "eval"
     c.announce("evaluate: every teacher and student; write the report")
 
-    def one(name: str, model: str, proxy: str | None) -> dict:
-        ecfg = _with(cfg.evaluate, model=model, proxy=proxy, output_dir=str(where / name), task=c.task,
+    def one(name: str, model: str, proxy: str | None, task=c.task) -> dict:
+        ecfg = _with(cfg.evaluate, model=model, proxy=proxy, output_dir=str(where / name), task=task,
                      runtime=c.runtime(cfg.evaluate))
         return c.stage(name, ecfg, "eval.json", evaluate.run, under=where)
 
@@ -200,9 +200,8 @@ def evaluate_all(c: Chain, teachers: dict, students: dict) -> dict:
         n = cfg.shifted_terms
         shifted = _with(c.task, num_train=1, world_min_terms=n, world_max_terms=n, world_mc_share=0.0,
                         world_heldout="iid")
-        evaluations["teachers_shifted"] = {t: c.stage(f"teacher_{t}_shifted{n}", _with(
-            cfg.evaluate, model=path, proxy=None, output_dir=str(where / f"teacher_{t}_shifted{n}"), task=shifted,
-            runtime=c.runtime(cfg.evaluate)), "eval.json", evaluate.run, under=where) for t, path in teachers.items()}
+        evaluations["teachers_shifted"] = {t: one(f"teacher_{t}_shifted{n}", path, None, shifted)
+                                           for t, path in teachers.items()}
     for (method, tname), path in students.items():
         evaluations["students"].setdefault(method, {})[tname] = one(f"student_{method}_{tname}", path, None)
     if students:
