@@ -256,7 +256,29 @@ def worker_ours(kind: str, root: Path, steps: int, bf16: bool) -> list[float]:
             "save_steps": 0, "output_dir": out, "task": task, "runtime": runtime})
         calibrate.run(cfg)
     rows = [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]
-    return {"times": [r["s_step"] for r in rows], "on_policy": [bool(r.get("on_policy")) for r in rows]}
+    return {"times": [r["s_step"] for r in rows], "on_policy": [bool(r.get("on_policy")) for r in rows],
+            "phases": [{k: r[k] for k in ("s_generate", "s_score") if k in r} for r in rows]}
+
+
+def phase_profile(runs: list[dict], warmup: int) -> dict:
+    """Where our steps spent their time, from the recipes' own per-step timers in the timed runs themselves
+    (median over every round's steps after warm-up): generation, scoring (policy + reference [+ proxy]
+    forwards and rewards), update (the rest: backward + optimizer); GKD split by on-/off-policy steps."""
+    rows = [dict(p, s_step=t, on=o) for r in runs
+            for t, o, p in list(zip(r["times"], r["on_policy"], r.get("phases", [{}] * len(r["times"]))))[warmup:]]
+    def split(rs: list[dict]) -> dict:
+        out = {"s_step": statistics.median(r["s_step"] for r in rs)}
+        for k in ("s_generate", "s_score"):
+            if all(k in r for r in rs):
+                out[k] = statistics.median(r[k] for r in rs)
+        out["s_update"] = statistics.median(r["s_step"] - r.get("s_generate", 0.0) - r.get("s_score", 0.0) for r in rs)
+        out["steps"] = len(rs)
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+    on = [r for r in rows if r["on"]]
+    off = [r for r in rows if not r["on"]]
+    if on and off:
+        return {"on_policy": split(on), "off_policy": split(off)}
+    return split(rows)
 
 
 def worker_main(args) -> None:
@@ -335,6 +357,7 @@ def main() -> None:
     ours_bf16 = {k: choose(args.ours_bf16) for k in ("gkd", "grpo_teacher", "grpo_teacher_eta", "grpo_student")}
     per_round: dict[str, list[float]] = {}
     rss: dict[str, list[float]] = {}
+    ours_runs: dict[str, list[dict]] = {}
     def med(res: dict) -> float:
         """Median s/step after warm-up; for GKD the expected step at lmbda = 0.5 from the medians of on- and
         off-policy steps, since each side flips its own coins (equal work, not equal luck)."""
@@ -351,6 +374,7 @@ def main() -> None:
             for ours in our_kinds:
                 o = run_one("ours", ours, root, args.steps, ours_bf16[ours])
                 o_med = med(o)
+                ours_runs.setdefault(ours, []).append(o)
                 rss.setdefault(f"ours_{ours}", []).append(o["rss_mb"])
                 key = ours
                 per_round.setdefault(key, []).append(t_med / o_med)
@@ -367,6 +391,7 @@ def main() -> None:
             ratios.append(max(rss[f"ours_{ours_kind}"]) / max(rss[f"trl_{trl_kind}"]))
     result["rss_ratio"] = round(max(ratios), 3) if ratios else None
     result["peak_rss_mb"] = {k: round(max(v)) for k, v in rss.items()}
+    result["profile_ours"] = {k: phase_profile(v, args.warmup) for k, v in ours_runs.items()}
     result["size"] = args.size
     result["models"] = info
     result["settings"] = {"cpu": cpu_name(), "native_bf16": why, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "trl_bf16": trl_bf16,

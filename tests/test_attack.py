@@ -92,6 +92,10 @@ def test_a_failed_cell_is_reported_not_dropped():
     cells = {"a": {"control": attack.summarise([small]), "undistillable": attack.summarise([{**small, "student_accuracy": 0.1}])}}
     attack.relate(cells, "control")
     assert attack.gain_noise(0.25, 100) == pytest.approx(2 * (2 * 0.25 * 0.75 / 100) ** 0.5)
+    # the binomial SE of a cell pools its students' graded answers: 3 students x 100 prompts at mean 0.3
+    three = attack.summarise([{**small, "student_accuracy": a} for a in (0.2, 0.3, 0.4)])
+    assert three["accuracy_se"] == pytest.approx((0.3 * 0.7 / 300) ** 0.5)
+    assert attack.summarise([ok])["accuracy_se"] is None  # no eval_prompts recorded: no SE claimed
     assert cells["a"]["undistillable"]["gain_share"] is None and cells["a"]["undistillable"]["ratio"] == pytest.approx(0.1 / 0.33)
 
 

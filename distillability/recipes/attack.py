@@ -226,8 +226,10 @@ def summarise(cards: list[dict]) -> dict:
     acc = np.array([c["student_accuracy"] for c in ok], dtype=float)
     base = np.array([c["student_accuracy_before"] for c in ok], dtype=float)
     settings = ok[0].get("settings", {})
+    n = settings.get("eval_prompts")
     return {"status": "ok" if len(ok) == len(cards) else "partial", "accuracy": float(acc.mean()),
             "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, "accuracies": acc.tolist(),
+            "accuracy_se": binomial_se(float(acc.mean()), n * len(acc)) if n else None,
             "base": float(base.mean()), "gain": float(acc.mean() - base.mean()),
             "samples": int(np.mean([c.get("num_teacher_samples", 0) for c in ok])),
             "steps": settings.get("max_steps"), "prompts": settings.get("num_prompts"),
@@ -235,6 +237,12 @@ def summarise(cards: list[dict]) -> dict:
             "teacher_sample_accuracy": ok[0].get("teacher_sample_accuracy"),
             "wall_seconds": float(sum(c.get("wall_seconds", 0.0) for c in ok if "reused_from" not in c)),
             "errors": [c["failed"] for c in cards if "failed" in c]}
+
+
+def binomial_se(accuracy: float, n: int) -> float:
+    """The binomial standard error of an accuracy read on n graded answers (a cell's students pooled:
+    eval_prompts x students), sqrt(p (1 - p) / n); the spread between students comes on top of it."""
+    return math.sqrt(accuracy * (1 - accuracy) / n)
 
 
 def gain_noise(accuracy: float, n: int | None) -> float:

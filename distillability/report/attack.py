@@ -61,12 +61,14 @@ def markdown(result: dict, image_dir: str = ".") -> str:
         first = next((c for c in row.values() if c.get("status") in ("ok", "partial")), {})
         lines.append(f"| {a['name']} | " + " | ".join(cell_text(row.get(t, {})) for t in teachers)
                      + f" | {_fmt(first.get('steps'), 'd')} | {_fmt(first.get('prompts'), 'd')} |")
-    lines += ["", "| attacker | teacher | base | gain | share of the control's gain (- where that gain is within 2 SE of 0) | samples | wall s | note |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| attacker | teacher | accuracy ± binomial SE (prompts x students) | base | gain | share of the control's "
+              "gain (- where that gain is within 2 SE of 0) | samples | wall s | note |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for a in result["battery"]:
         for t, c in result["cells"][a["name"]].items():
             note = c.get("reason") or "; ".join(c.get("errors", []))
-            lines.append(f"| {a['name']} | {t} | {_fmt(c.get('base'))} | {_fmt(c.get('gain'), '+.3f')} | "
+            se = f" ± {c['accuracy_se']:.3f}" if c.get("accuracy_se") is not None else ""
+            lines.append(f"| {a['name']} | {t} | {_fmt(c.get('accuracy'))}{se} | {_fmt(c.get('base'))} | {_fmt(c.get('gain'), '+.3f')} | "
                          f"{_fmt(c.get('gain_share'), '.2f')} | {_fmt(c.get('samples'), 'd')} | "
                          f"{_fmt(c.get('wall_seconds'), '.0f')} | {note} |")
     for name in result.get("plots", []):

@@ -32,7 +32,7 @@ def headline_table(evaluations: dict, seed: int, wall_seconds: float, attacks: d
         out["teachers_shifted"] = {t: evaluations["teachers_shifted"][t]["greedy_accuracy"] for t in TEACHERS
                                    if t in evaluations["teachers_shifted"]}
     if attacks:
-        out["attacks"] = {"cells": {a: {t: {k: c.get(k) for k in ("status", "accuracy", "ratio", "gain_share")}
+        out["attacks"] = {"cells": {a: {t: {k: c.get(k) for k in ("status", "accuracy", "accuracy_se", "ratio", "gain_share")}
                                         for t, c in row.items()} for a, row in attacks["cells"].items()},
                           "protection": attacks["protection"], "summary": headline_sentence(attacks)}
     out["verdict"] = verdict(out, out["attacks"]["summary"] if attacks else None)
