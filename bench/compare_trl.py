@@ -269,9 +269,10 @@ def phase_profile(runs: list[dict], warmup: int) -> dict:
     def split(rs: list[dict]) -> dict:
         out = {"s_step": statistics.median(r["s_step"] for r in rs)}
         for k in ("s_generate", "s_score"):
-            if all(k in r for r in rs):
-                out[k] = statistics.median(r[k] for r in rs)
-        out["s_update"] = statistics.median(r["s_step"] - r.get("s_generate", 0.0) - r.get("s_score", 0.0) for r in rs)
+            if any(k in r for r in rs):
+                out[k] = statistics.median(r[k] for r in rs if k in r)
+        full = [r for r in rs if "s_score" in r] or rs  # (rows logged before a recipe timed its scoring: none)
+        out["s_update"] = statistics.median(r["s_step"] - r.get("s_generate", 0.0) - r.get("s_score", 0.0) for r in full)
         out["steps"] = len(rs)
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
     on = [r for r in rows if r["on"]]

@@ -99,6 +99,73 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return per_pos.sum() / m.sum().clamp(min=1)
 
 
+def closed_form_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str, beta: float = 0.5,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """divergence_rows for fkl / rkl / jsd and its gradient w.r.t. the student's logits, in closed form (float32,
+    no autograd graph). With p = softmax(z_S / tau), q = softmax(z_T / tau): fkl gives (p - q) / tau; rkl and jsd
+    give p * (g - <p, g>) / tau with g = log p - log q (rkl) or (1 - beta) (log p - log m), m = beta q + (1 - beta) p
+    (jsd: d/dp of beta KL(q||m) + (1 - beta) KL(p||m) is (1 - beta) log(p / m))."""
+    s = F.log_softmax(_at_least_f32(student_logits) / temperature, dim=-1)
+    t = F.log_softmax(_at_least_f32(teacher_logits) / temperature, dim=-1)
+    p = s.exp()
+    if kind == "fkl" or (kind == "jsd" and beta == 0.0):
+        q = t.exp()
+        return _kl_from_logprobs(t, s), (p - q) / temperature
+    if kind == "rkl" or (kind == "jsd" and beta == 1.0):
+        loss, g = _kl_from_logprobs(s, t), s - t
+    elif kind == "jsd":
+        m = torch.logaddexp(t + math.log(beta), s + math.log(1 - beta))
+        loss = beta * _kl_from_logprobs(t, m) + (1 - beta) * _kl_from_logprobs(s, m)
+        g = (1 - beta) * (s - m)
+    else:
+        raise ValueError(f"no closed-form gradient for {kind!r}")
+    g = torch.where(p > 0, g, torch.zeros_like(g))  # (0 log 0 = 0; -inf - -inf would be nan)
+    return loss, p * (g - (p * g).sum(-1, keepdim=True)) / temperature
+
+
+def _autocast_dtype(dev: str) -> torch.dtype:
+    if hasattr(torch, "get_autocast_dtype"):  # (torch >= 2.4)
+        return torch.get_autocast_dtype(dev)
+    return torch.get_autocast_cpu_dtype() if dev == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+class _HeadDivergence(torch.autograd.Function):
+    """One chunk of a fused head divergence with its gradient in closed form: the forward makes both heads'
+    logits, the per-row divergence and d loss / d student logits; the backward is two matmuls. `keep`: hold the
+    chunk's logit gradient until the backward (fast), else keep only the hidden states and make it again there
+    (one chunk of logits at a time, as activation checkpointing would, minus autograd's elementwise graph)."""
+
+    @staticmethod
+    def forward(ctx, sh, s_w, s_b, th, t_w, t_b, kind, beta, temperature, keep):
+        dev = sh.device.type
+        amp = torch.is_autocast_enabled(dev), _autocast_dtype(dev)
+
+        def logit_grad():  # (the backward's recomputation runs under the forward's autocast state)
+            with torch.no_grad(), torch.autocast(dev, dtype=amp[1], enabled=amp[0]):
+                z = F.linear(sh, s_w, s_b)
+                loss, dz = closed_form_rows(z, F.linear(th, t_w, t_b), kind, beta, temperature)
+            return loss, dz.to(z.dtype)  # (the matmuls of the backward run in the forward's precision)
+        loss, dz = logit_grad()
+        ctx.keep, ctx.recompute = keep, logit_grad
+        ctx.save_for_backward(sh, s_w, s_b, dz if keep else None)
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        sh, s_w, s_b, dz = ctx.saved_tensors
+        if dz is None:
+            dz = ctx.recompute()[1]
+        dz = dz * grad_out.to(dz.dtype)
+        w = s_w.to(dz.dtype)
+        g_h = (dz @ w).to(sh.dtype) if ctx.needs_input_grad[0] else None
+        g_w = (dz.t() @ sh.to(dz.dtype)).to(s_w.dtype) if ctx.needs_input_grad[1] else None
+        g_b = dz.sum(0).to(s_b.dtype) if s_b is not None and ctx.needs_input_grad[2] else None
+        return g_h, g_w, g_b, None, None, None, None, None, None, None
+
+
+KEEP_GRAD_BYTES = 1 << 30  # hold every chunk's logit gradient until the backward up to this size (else recompute)
+
+
 def fused_token_divergence(student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_hidden: torch.Tensor,
                            teacher_head: torch.Tensor, kind: str = "fkl", mask: torch.Tensor | None = None,
                            beta: float = 0.5, alpha: float = 0.1, temperature: float = 1.0, chunk_size: int = 256,
@@ -106,10 +173,13 @@ def fused_token_divergence(student_hidden: torch.Tensor, student_head: torch.Ten
                            teacher_bias: torch.Tensor | None = None) -> torch.Tensor:
     """token_divergence computed from hidden states [..., H] and output projections [V, H] (lm_head
     weights), chunked over positions so that the [positions, V] logits never exist at once: each chunk's
-    logits are made, reduced to one number and dropped, and made again in the backward pass (activation
-    checkpointing). Peak memory is one chunk's logits instead of all of them (for V = 262,144 and 4,096
-    positions: ~0.3 GB instead of tens of GB); the result and gradients equal the unfused computation.
-    reduction: "sum" or "mean" over unmasked positions."""
+    logits are made, reduced to one number and dropped. For fkl / rkl / jsd the gradient w.r.t. the student's
+    logits comes in closed form from the forward (`_HeadDivergence`: no autograd graph over [chunk, V]
+    intermediates; kept until the backward while all of them fit in KEEP_GRAD_BYTES, else made again there);
+    the other kinds run each chunk under activation checkpointing. Peak memory is one chunk's logits (plus the
+    kept gradients) instead of all the logits (for V = 262,144 and 4,096 positions: ~0.3 GB instead of tens of
+    GB); the result and gradients equal the unfused computation. reduction: "sum" or "mean" over unmasked
+    positions."""
     H_s, H_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
     s2, t2 = student_hidden.reshape(-1, H_s), teacher_hidden.reshape(-1, H_t)
     m = torch.ones(s2.shape[0], dtype=torch.bool, device=s2.device) if mask is None else mask.reshape(-1).bool()
@@ -122,10 +192,17 @@ def fused_token_divergence(student_hidden: torch.Tensor, student_head: torch.Ten
         return divergence_rows(s_logits, t_logits, kind, beta, alpha, temperature).sum()
 
     needs_grad = torch.is_grad_enabled() and (s2.requires_grad or student_head.requires_grad)
+    closed = needs_grad and kind in ("fkl", "rkl", "jsd")
+    keep = rows.numel() * student_head.shape[0] * 4 <= KEEP_GRAD_BYTES  # (4 bytes: float32 at most, bf16 half)
     total = s2.new_zeros(())
     for idx in rows.split(chunk_size):
         sh, th = s2[idx], t2[idx]
-        total = total + (checkpoint(chunk_sum, sh, th, use_reentrant=False) if needs_grad else chunk_sum(sh, th))
+        if closed:
+            part = _HeadDivergence.apply(sh, student_head, student_bias, th, teacher_head, teacher_bias, kind, beta,
+                                         temperature, keep)
+        else:
+            part = checkpoint(chunk_sum, sh, th, use_reentrant=False) if needs_grad else chunk_sum(sh, th)
+        total = total + part
     if reduction == "sum":
         return total
     return total / m.sum().clamp(min=1)

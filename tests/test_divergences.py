@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from distillability.divergences import (
     divergence_rows,
@@ -104,26 +105,63 @@ def test_topk_bucket_sums_to_one_and_equals_full_at_k_eq_V():
     assert (divergence_rows(s_lp, t_lp, "fkl") <= divergence_rows(s, t, "fkl") + 1e-5).all()
 
 
-@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd"])
-def test_fused_token_divergence_equals_logits_path_with_gradients(kind):
+@pytest.mark.parametrize("kind,beta,keep", [("fkl", 0.3, True), ("rkl", 0.3, True), ("jsd", 0.3, True),
+                                            ("jsd", 0.3, False), ("jsd", 0.0, True), ("jsd", 1.0, False),
+                                            ("tvd", 0.3, True)])
+def test_fused_token_divergence_equals_logits_path_with_gradients(kind, beta, keep, monkeypatch):
     """Hidden states + lm_head, chunked (logits never materialised at once) == logits then token_divergence,
-    values and gradients of the student's hidden states and head (float64, 1e-10)."""
+    values and gradients of the student's hidden states, head and bias (float64, 1e-10): the closed-form
+    gradients of fkl / rkl / jsd (kept, or made again in the backward) and the checkpointed path (tvd)."""
+    from distillability import divergences
     from distillability.divergences import fused_token_divergence
 
+    monkeypatch.setattr(divergences, "KEEP_GRAD_BYTES", 1 << 30 if keep else 0)
     g = torch.Generator().manual_seed(0)
     B, T, H, V = 3, 7, 16, 50
     sh = torch.randn(B, T, H, generator=g, dtype=torch.float64, requires_grad=True)
     th = torch.randn(B, T, H + 4, generator=g, dtype=torch.float64)
     sw = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    sb = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=True)
     tw = torch.randn(V, H + 4, generator=g, dtype=torch.float64)
     mask = torch.rand(B, T, generator=g) > 0.3
-    ref = token_divergence(sh @ sw.T, th @ tw.T, kind, mask, beta=0.3, temperature=1.5)
-    ref_grads = torch.autograd.grad(ref, (sh, sw))
-    out = fused_token_divergence(sh, sw, th, tw, kind, mask, beta=0.3, temperature=1.5, chunk_size=4)
-    grads = torch.autograd.grad(out, (sh, sw))
+    ref = token_divergence(sh @ sw.T + sb, th @ tw.T, kind, mask, beta=beta, temperature=1.5)
+    ref_grads = torch.autograd.grad(2.0 * ref, (sh, sw, sb))
+    out = fused_token_divergence(sh, sw, th, tw, kind, mask, beta=beta, temperature=1.5, chunk_size=4,
+                                 student_bias=sb)
+    grads = torch.autograd.grad(2.0 * out, (sh, sw, sb))  # (an upstream gradient other than 1)
     assert abs(out.item() - ref.item()) < 1e-10
     for a, b in zip(grads, ref_grads):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_fused_token_divergence_closed_form_under_bf16_autocast():
+    """Under CPU bf16 autocast the closed-form path's value and gradients match the checkpointed autograd path
+    within bf16 rounding (the backward's recomputation runs under the forward's autocast state)."""
+    from distillability import divergences
+    from distillability.divergences import fused_token_divergence
+
+    g = torch.Generator().manual_seed(1)
+    sh = torch.randn(24, 32, generator=g, requires_grad=True)
+    sw = torch.randn(300, 32, generator=g, requires_grad=True)
+    th, tw = torch.randn(24, 40, generator=g), torch.randn(300, 40, generator=g)
+    def run(closed: bool, keep: bool):
+        old = divergences.KEEP_GRAD_BYTES
+        divergences.KEEP_GRAD_BYTES = (1 << 30) if keep else 0
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if closed:
+                    out = fused_token_divergence(sh, sw, th, tw, "jsd", beta=0.5, chunk_size=8, reduction="sum")
+                else:
+                    out = divergences.token_divergence(F.linear(sh, sw), F.linear(th, tw), "jsd", beta=0.5,
+                                                       reduction="sum")
+            return (out.detach(), *torch.autograd.grad(out, (sh, sw)))
+        finally:
+            divergences.KEEP_GRAD_BYTES = old
+    ref = run(False, True)
+    for keep in (True, False):
+        got = run(True, keep)
+        for a, b in zip(got, ref):
+            assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
 
 
 @pytest.mark.parametrize("lora", [False, True])

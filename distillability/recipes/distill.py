@@ -338,11 +338,12 @@ def run(cfg: DistillConfig) -> dict:
         t_gen = time.time() - t0
         r.student.train()
         loss = loss_of(r, prompts, responses, finished, on_policy, gens)
+        t_score = time.time() - t0 - t_gen  # the loss's forward passes (teacher and student) and divergence
         optimizer_step(r.student, optimizer, loss, cfg.max_grad_norm, step + 1, ckpt_root / "last")
         scheduler.step()
         loss_value = float(dist.sum(loss.detach()))  # the global-batch loss
         log.write({"step": step + 1, "loss": loss_value, "on_policy": on_policy, "s_generate": t_gen,
-                   "s_step": time.time() - t0})
+                   "s_score": t_score, "s_step": time.time() - t0})
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
             save_checkpoint(ckpt_root, step + 1, r.student, optimizer, scheduler)  # (rank 0 writes)
