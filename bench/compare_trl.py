@@ -265,14 +265,13 @@ def phase_profile(runs: list[dict], warmup: int) -> dict:
     (median over every round's steps after warm-up): generation, scoring (policy + reference [+ proxy]
     forwards and rewards), update (the rest: backward + optimizer); GKD split by on-/off-policy steps."""
     rows = [dict(p, s_step=t, on=o) for r in runs
-            for t, o, p in list(zip(r["times"], r["on_policy"], r.get("phases", [{}] * len(r["times"]))))[warmup:]]
+            for t, o, p in list(zip(r["times"], r["on_policy"], r["phases"]))[warmup:]]
     def split(rs: list[dict]) -> dict:
         out = {"s_step": statistics.median(r["s_step"] for r in rs)}
         for k in ("s_generate", "s_score"):
             if any(k in r for r in rs):
                 out[k] = statistics.median(r[k] for r in rs if k in r)
-        full = [r for r in rs if "s_score" in r] or rs  # (rows logged before a recipe timed its scoring: none)
-        out["s_update"] = statistics.median(r["s_step"] - r.get("s_generate", 0.0) - r.get("s_score", 0.0) for r in full)
+        out["s_update"] = statistics.median(r["s_step"] - r.get("s_generate", 0.0) - r.get("s_score", 0.0) for r in rs)
         out["steps"] = len(rs)
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
     on = [r for r in rows if r["on"]]

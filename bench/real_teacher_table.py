@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
+from distillability.recipes.attack import binomial_se as se
+
 TEACHERS = ("original", "control", "distillable", "undistillable")
-
-
-def se(p: float, n: int) -> float:
-    return math.sqrt(p * (1 - p) / n)
 
 
 def tables(run: Path) -> tuple[str, dict]:

@@ -146,7 +146,7 @@ class _HeadDivergence(torch.autograd.Function):
                 loss, dz = closed_form_rows(z, F.linear(th, t_w, t_b), kind, beta, temperature)
             return loss, dz.to(z.dtype)  # (the matmuls of the backward run in the forward's precision)
         loss, dz = logit_grad()
-        ctx.keep, ctx.recompute = keep, logit_grad
+        ctx.recompute = logit_grad
         ctx.save_for_backward(sh, s_w, s_b, dz if keep else None)
         return loss.sum()
 

@@ -134,7 +134,7 @@ def test_fused_token_divergence_equals_logits_path_with_gradients(kind, beta, ke
         assert torch.allclose(a, b, atol=1e-10)
 
 
-def test_fused_token_divergence_closed_form_under_bf16_autocast():
+def test_fused_token_divergence_closed_form_under_bf16_autocast(monkeypatch):
     """Under CPU bf16 autocast the closed-form path's value and gradients match the checkpointed autograd path
     within bf16 rounding (the backward's recomputation runs under the forward's autocast state)."""
     from distillability import divergences
@@ -145,18 +145,14 @@ def test_fused_token_divergence_closed_form_under_bf16_autocast():
     sw = torch.randn(300, 32, generator=g, requires_grad=True)
     th, tw = torch.randn(24, 40, generator=g), torch.randn(300, 40, generator=g)
     def run(closed: bool, keep: bool):
-        old = divergences.KEEP_GRAD_BYTES
-        divergences.KEEP_GRAD_BYTES = (1 << 30) if keep else 0
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                if closed:
-                    out = fused_token_divergence(sh, sw, th, tw, "jsd", beta=0.5, chunk_size=8, reduction="sum")
-                else:
-                    out = divergences.token_divergence(F.linear(sh, sw), F.linear(th, tw), "jsd", beta=0.5,
-                                                       reduction="sum")
-            return (out.detach(), *torch.autograd.grad(out, (sh, sw)))
-        finally:
-            divergences.KEEP_GRAD_BYTES = old
+        monkeypatch.setattr(divergences, "KEEP_GRAD_BYTES", (1 << 30) if keep else 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if closed:
+                out = fused_token_divergence(sh, sw, th, tw, "jsd", beta=0.5, chunk_size=8, reduction="sum")
+            else:
+                out = divergences.token_divergence(F.linear(sh, sw), F.linear(th, tw), "jsd", beta=0.5,
+                                                   reduction="sum")
+        return (out.detach(), *torch.autograd.grad(out, (sh, sw)))
     ref = run(False, True)
     for keep in (True, False):
         got = run(True, keep)

@@ -251,7 +251,7 @@ def gain_noise(accuracy: float, n: int | None) -> float:
     if not n:
         return 0.0
     p = min(max(accuracy, 1.0 / n), 1 - 1.0 / n)
-    return 2 * math.sqrt(2 * p * (1 - p) / n)
+    return 2 * math.sqrt(2) * binomial_se(p, n)
 
 
 def relate(cells: dict, reference: str) -> None:
