@@ -213,23 +213,55 @@ def _target_logprobs(h: torch.Tensor, t: torch.Tensor, head: torch.Tensor, bias:
     return logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
+class _HeadTargetLogprob(torch.autograd.Function):
+    """One chunk of fused_target_logprobs for a frozen head (LoRA, a frozen embedding) with the gradient w.r.t. the
+    hidden states in closed form: d log p(t) / dz = onehot(t) - softmax(z), so d log p(t) / dh = W[t] - softmax(z) W,
+    made in the forward from the chunk's logits (one matmul more there) and kept ([chunk, H], the hidden's size);
+    the backward scales it by the upstream gradient, instead of making the [chunk, V] logits again and
+    back-propagating through them (two matmuls)."""
+
+    @staticmethod
+    def forward(ctx, h, head, bias, t):
+        with torch.no_grad():
+            z = F.linear(h, head, bias)  # (under the caller's autocast, as the checkpointed path)
+            zf = _at_least_f32(z)
+            lse = torch.logsumexp(zf, -1, keepdim=True)
+            out = zf.gather(-1, t.unsqueeze(-1)).squeeze(-1) - lse.squeeze(-1)
+            w = head.to(z.dtype)
+            u = w[t] - (zf - lse).exp().to(z.dtype) @ w  # d out / d h, in the forward's precision
+        ctx.save_for_backward(u)
+        ctx.h_dtype = h.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (u,) = ctx.saved_tensors
+        return (grad_out.unsqueeze(-1).to(u.dtype) * u).to(ctx.h_dtype), None, None, None
+
+
 def fused_target_logprobs(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
                           mask: torch.Tensor | None = None, chunk_size: int = 1024,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """log softmax(hidden @ head^T + bias)[target] for every position ([..., H] -> [...]; 0 where `mask`
-    is false, and those positions get no logits at all), chunked with activation checkpointing like
-    fused_token_divergence: one chunk's [chunk, V] logits exist at a time (float32 log-sum-exp, like
-    scoring.gather_logprobs), and the backward pass makes them again."""
+    is false, and those positions get no logits at all), chunked like fused_token_divergence: one chunk's
+    [chunk, V] logits exist at a time (float32 log-sum-exp, like scoring.gather_logprobs). With a frozen head
+    (and bias) the gradient w.r.t. the hidden states comes in closed form from the forward
+    (`_HeadTargetLogprob`); a trainable head runs each chunk under activation checkpointing (the backward
+    makes its logits again)."""
     H = hidden.shape[-1]
     h2, t2 = hidden.reshape(-1, H), targets.reshape(-1)
     rows = (torch.arange(h2.shape[0], device=h2.device) if mask is None
             else mask.reshape(-1).bool().nonzero().squeeze(-1))
     needs_grad = torch.is_grad_enabled() and (h2.requires_grad or head.requires_grad)
+    closed = needs_grad and not head.requires_grad and not (bias is not None and bias.requires_grad)
     parts = []
     for idx in rows.split(chunk_size):
         h, t = h2[idx], t2[idx]
-        parts.append(checkpoint(_target_logprobs, h, t, head, bias, use_reentrant=False) if needs_grad
-                     else _target_logprobs(h, t, head, bias))
+        if closed:
+            parts.append(_HeadTargetLogprob.apply(h, head, bias, t))
+        else:
+            parts.append(checkpoint(_target_logprobs, h, t, head, bias, use_reentrant=False) if needs_grad
+                         else _target_logprobs(h, t, head, bias))
     dtype = torch.promote_types(h2.dtype, torch.float32)
     values = torch.cat(parts) if parts else h2.new_zeros(0, dtype=dtype)
     out = h2.new_zeros(h2.shape[0], dtype=dtype).index_put((rows,), values)

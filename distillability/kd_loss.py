@@ -89,27 +89,40 @@ def _rows(x: torch.Tensor, pairs: list, side: int) -> torch.Tensor:
     return torch.cat([x[i, pair[side].positions] for i, pair in enumerate(pairs)])
 
 
+TEACHER_CACHE_BYTES = 1 << 30  # the off-policy teacher targets a CrossTokenizerLoss keeps (float32 rows), at most
+
+
 class CrossTokenizerLoss:
     """Different tokenizers: positions aligned by character offsets, compared as next-character distributions
-    (`char`) or by sorted-probability distance (`uld`), plus `ce_weight` x the NLL of the teacher's text off-policy."""
+    (`char`) or by sorted-probability distance (`uld`), plus `ce_weight` x the NLL of the teacher's text off-policy.
+
+    The teacher is frozen, so its next-character distributions on a fixed (prompt, response) are a function of the
+    text alone: off-policy (the teacher's own samples, each drawn many times over a run: 120 steps x 32 rows from
+    600 samples is each ~6 times) the fused `char` path keeps them per text, up to TEACHER_CACHE_BYTES, and runs the
+    teacher only on texts it has not seen (the same numbers up to float rounding of another batch's padding)."""
 
     def __init__(self, settings, teacher, ttok, student, stok, kind: str):
         self.cfg, self.teacher, self.ttok, self.student, self.stok, self.kind = settings, teacher, ttok, student, stok, kind
         self.projector = FirstCharProjector([ttok, stok]) if settings.cross_tokenizer == "char" else None
+        self.targets: dict[tuple[str, str], torch.Tensor] = {}  # (prompt, response) -> [shared positions, C]
+        self.target_bytes = 0
+        self.teacher_rows = 0  # sequences the teacher ran on (what the cache saves)
 
     def __call__(self, prompts: list[str], responses: list[str], finished: list[bool], on_policy: bool,
                  gens: list | None = None) -> torch.Tensor:
         cfg, dev = self.cfg, _device(self.student)
         pairs = [align_pair(self.ttok, self.stok, p, r, True, cfg.task.use_chat_template)
                  for p, r in zip(prompts, responses)]
-        t_ids, t_attn = pad_batch([a.ids for a, _ in pairs], self.ttok.pad_token_id, _device(self.teacher))
         s_ids, s_attn = pad_batch([b.ids for _, b in pairs], self.stok.pad_token_id, dev)
         s_parts, t_parts = lm_parts(self.student), lm_parts(self.teacher)
         fused = s_parts is not None and t_parts is not None and self.projector is not None
+        keys = None if on_policy or gens is not None else list(zip(prompts, responses))  # (the teacher's texts)
         with autocast_ctx(dev, cfg.runtime.autocast):
             if fused:
-                per_row, s_h = self._fused(pairs, t_ids, t_attn, s_ids, s_attn, s_parts, t_parts)
+                per_row, s_h = self._fused(pairs, keys, s_ids, s_attn, s_parts, t_parts)
             else:
+                t_ids, t_attn = pad_batch([a.ids for a, _ in pairs], self.ttok.pad_token_id, _device(self.teacher))
+                self.teacher_rows += len(pairs)
                 per_row, s_logits = self._from_logits(pairs, t_ids, t_attn, s_ids, s_attn)
         loss = global_mean(per_row.sum(), per_row.numel())
         if on_policy or not cfg.ce_weight:
@@ -127,16 +140,38 @@ class CrossTokenizerLoss:
             lp = gather_logprobs(s_logits[:, :-1], s_ids[:, 1:])
         return loss + cfg.ce_weight * global_mean(-(lp * lmask).sum(), lmask.sum())
 
-    def _fused(self, pairs, t_ids, t_attn, s_ids, s_attn, s_parts, t_parts):
-        """Hidden states, and the heads only where needed: the teacher's [positions, V] logits are made a chunk
-        of aligned rows at a time and reduced to next-character distributions."""
-        cfg, dev = self.cfg, s_ids.device
+    def _teacher_char(self, pairs, t_parts, dev) -> torch.Tensor:
+        """The teacher's next-character log-probabilities at every pair's shared positions, stacked [N, C]."""
+        cfg = self.cfg
+        t_ids, t_attn = pad_batch([a.ids for a, _ in pairs], self.ttok.pad_token_id, _device(self.teacher))
+        self.teacher_rows += len(pairs)
         with torch.no_grad():
             t_h = t_parts[0](input_ids=t_ids, attention_mask=t_attn).last_hidden_state
             t_head = t_parts[1]
-            t_char = self.projector.project_hidden(
+            return self.projector.project_hidden(
                 _rows(t_h, pairs, 0).to(dev), t_head.weight.to(dev), 0, cfg.temperature,
                 None if t_head.bias is None else t_head.bias.to(dev), head_chunk_rows(t_head.weight.shape[0]))
+
+    def _cached_teacher_char(self, pairs, keys, t_parts, dev) -> torch.Tensor:
+        """_teacher_char through the per-text cache: the teacher runs once on the texts not yet kept."""
+        fresh: dict[tuple[str, str], torch.Tensor] = {}
+        todo = list(dict.fromkeys(k for k in keys if k not in self.targets))
+        if todo:
+            where = {k: i for i, k in enumerate(keys)}
+            rows = self._teacher_char([pairs[where[k]] for k in todo], t_parts, dev)
+            for k, part in zip(todo, rows.split([len(pairs[where[k]][0].positions) for k in todo])):
+                fresh[k] = part
+                if self.target_bytes + part.numel() * part.element_size() <= TEACHER_CACHE_BYTES:
+                    self.targets[k] = part
+                    self.target_bytes += part.numel() * part.element_size()
+        return torch.cat([self.targets[k] if k in self.targets else fresh[k] for k in keys])
+
+    def _fused(self, pairs, keys, s_ids, s_attn, s_parts, t_parts):
+        """Hidden states, and the heads only where needed: the teacher's [positions, V] logits are made a chunk
+        of aligned rows at a time and reduced to next-character distributions (kept per text off-policy)."""
+        cfg, dev = self.cfg, s_ids.device
+        t_char = (self._teacher_char(pairs, t_parts, dev) if keys is None
+                  else self._cached_teacher_char(pairs, keys, t_parts, dev))
         s_h = s_parts[0](input_ids=s_ids, attention_mask=s_attn).last_hidden_state
         s_head = s_parts[1]
         s_rows = F.linear(_rows(s_h, pairs, 1), s_head.weight, s_head.bias)

@@ -160,6 +160,50 @@ def test_fused_token_divergence_closed_form_under_bf16_autocast(monkeypatch):
             assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("frozen_head", [True, False])
+def test_fused_target_logprobs_equals_log_softmax_with_gradients(frozen_head):
+    """fused_target_logprobs == log_softmax(h W^T + b)[t], values and gradients under a non-uniform upstream
+    gradient (float64, 1e-10): the closed-form hidden-state gradient of a frozen head (LoRA's case) and the
+    checkpointed path of a trainable one; masked positions are 0 and get no gradient."""
+    from distillability.divergences import fused_target_logprobs
+
+    g = torch.Generator().manual_seed(3)
+    B, T, H, V = 3, 9, 16, 70
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=not frozen_head)
+    b = torch.randn(V, generator=g, dtype=torch.float64, requires_grad=not frozen_head)
+    t = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    up = torch.randn(B, T, generator=g, dtype=torch.float64)
+    wrt = (h,) if frozen_head else (h, w, b)
+    ref = torch.log_softmax(h @ w.T + b, -1).gather(-1, t[..., None]).squeeze(-1) * mask
+    ref_grads = torch.autograd.grad((ref * up).sum(), wrt)
+    out = fused_target_logprobs(h, w, t, mask, chunk_size=5, bias=b)
+    grads = torch.autograd.grad((out * up).sum(), wrt)
+    assert (out - ref).abs().max().item() < 1e-10
+    for a, r in zip(grads, ref_grads):
+        assert (a - r).abs().max().item() < 1e-10
+
+
+def test_fused_target_logprobs_closed_form_under_bf16_autocast():
+    """Under CPU bf16 autocast the closed-form gradient of a frozen head matches autograd through the bf16 logits
+    within bf16 rounding, and the values are the same computation."""
+    from distillability.divergences import _target_logprobs, fused_target_logprobs
+
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(40, 32, generator=g, requires_grad=True)
+    w = torch.randn(500, 32, generator=g) * 0.3
+    t = torch.randint(0, 500, (40,), generator=g)
+    up = torch.rand(40, generator=g) + 0.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_target_logprobs(h, w, t, chunk_size=16)
+        ref = _target_logprobs(h, t, w, None)
+    g_got, = torch.autograd.grad((got * up).sum(), h)
+    g_ref, = torch.autograd.grad((ref * up).sum(), h)
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert torch.allclose(g_got, g_ref, rtol=2e-2, atol=2e-2 * g_ref.abs().max().item())
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_fused_nll_loss_equals_the_logits_path_with_gradients(lora):
     """training.nll_loss from hidden states, chunked over the masked positions only (what SFT on a 262k

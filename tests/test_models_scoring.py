@@ -282,6 +282,50 @@ def test_fused_cross_tokenizer_loss_equals_the_logits_path(monkeypatch, on_polic
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g1, g2))
 
 
+def test_cross_tokenizer_teacher_targets_are_kept_per_text(monkeypatch):
+    """Off-policy, the char loss runs the teacher only on texts it has not seen (a repeated text, within a batch or
+    across calls, costs no teacher row) and gives the uncached loss and gradients (float64, 1e-10); on-policy
+    rows are never kept; past the byte cap nothing more is kept and the loss is unchanged."""
+    import distillability.kd_loss as K
+    import distillability.recipes.distill as D
+    from distillability.config import load_config
+
+    tok_c, tok_b = train_tokenizer(CORPUS, 0, "char"), train_tokenizer(CORPUS, 300, "bpe")
+    teacher, student = _model(tok_c, 1).double(), _model(tok_b, 2).double().train()
+    cfg = load_config(D.DistillConfig, None, {"teacher": "t", "student": "s", "method": "kd", "cross_tokenizer": "char",
+                                              "loss": "fkl", "runtime": {"bf16": False}})
+    texts = [("Q: 3+4=?\nA:", " 3+4=7. #### 7"), ("Q: 9-2+5=?\nA:", " 9-2=7, 7+5=12. #### 12"),
+             ("Q: 8-1=?\nA:", " 7. #### 7")]
+    batches = [[0, 1, 0], [1, 2, 2], [2, 0, 1]]
+    def run(loss_fn, on_policy=False):
+        out = []
+        for b in batches:
+            student.zero_grad()
+            loss = loss_fn([texts[i][0] for i in b], [texts[i][1] for i in b], [True] * 3, on_policy)
+            loss.backward()
+            out.append((loss.item(), [p.grad.clone() for p in student.parameters()]))
+        return out
+    cached = K.token_loss(cfg, teacher, tok_c, student, tok_b, "fkl")
+    got = run(cached)
+    assert cached.teacher_rows == 3 and len(cached.targets) == 3  # (9 rows asked for, 3 texts)
+    monkeypatch.setattr(K.CrossTokenizerLoss, "_cached_teacher_char",
+                        lambda self, pairs, keys, t_parts, dev: self._teacher_char(pairs, t_parts, dev))
+    plain = K.token_loss(cfg, teacher, tok_c, student, tok_b, "fkl")
+    ref = run(plain)
+    assert plain.teacher_rows == 9
+    for (l1, g1), (l2, g2) in zip(got, ref):
+        assert l1 > 0 and abs(l1 - l2) < 1e-10
+        assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g1, g2))
+    monkeypatch.undo()
+    on = K.token_loss(cfg, teacher, tok_c, student, tok_b, "fkl")
+    run(on, on_policy=True)
+    assert on.teacher_rows == 9 and not on.targets
+    monkeypatch.setattr(K, "TEACHER_CACHE_BYTES", 0)
+    capped = K.token_loss(cfg, teacher, tok_c, student, tok_b, "fkl")
+    assert [x[0] for x in run(capped)] == pytest.approx([x[0] for x in ref], abs=1e-10)
+    assert not capped.targets and capped.teacher_rows == 7  # (only a batch's own repeats are shared)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_short_sequence_cpu_attention_matches_sdpa(arch):
     """The attention registered for short bf16 CPU sequences (attention.py) gives the logits and gradients
