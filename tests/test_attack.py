@@ -178,6 +178,17 @@ def test_small_battery_end_to_end_resumes_and_reuses(tiny_pair, tmp_path):
     out = tmp_path / "attack"
     assert {"attack.json", "attack.md", "attack_budget.png", "attack_variants.png"} <= {p.name for p in out.iterdir()}
     assert "sft@2x" in (out / "attack.md").read_text()
+    # KD at the SFT cell's budget and repeat trains on that cell's teacher samples, drawn once (the same teacher
+    # file under both roles here); a budget with other prompts draws its own
+    import yaml
+
+    def used(cell):
+        return yaml.safe_load((out / "cells" / cell / "r0" / "config.yaml").read_text())["teacher_samples"]
+
+    first = out / "cells" / "sft@1x" / "undistillable" / "r0" / "teacher_samples.jsonl"
+    assert used("kd@1x/control") == str(first) and used("sft@1x/undistillable") is None and used("sft@2x/control") is None
+    assert (out / "cells" / "kd@1x" / "control" / "r0" / "teacher_samples.jsonl").read_text() == first.read_text()
+    assert used("sft@1x/control+answer_only") is None  # a defended teacher's samples are its own
     # resumable: a rerun trains nothing (every cell reused) and gives the same numbers
     mtime = (out / "cells" / "sft@2x" / "control" / "r0" / "distill_card.json").stat().st_mtime_ns
     again = attack.run(cfg)

@@ -199,19 +199,35 @@ def skip_reason(cfg: AttackConfig, a: Attacker, teacher: str) -> str | None:
     return None
 
 
-def run_cell(cfg: AttackConfig, a: Attacker, teacher: str, repeat: int, log: dict) -> dict:
-    """One student of one cell: reused (cfg.reuse, or an earlier run of the same cell), else trained. A failure is
-    returned as {'failed': message}."""
+def sampling_key(d: distill.DistillConfig) -> tuple | None:
+    """What a cell's teacher samples depend on (None: a defended teacher, whose samples are never shared). Cells
+    with one key (SFT, KD and GKD at one budget and repeat) train on the same samples, drawn once, as the
+    pipeline's distill stage does: the methods are compared on the same data, and the teacher samples once."""
+    if d.teacher_defense != "none":
+        return None
+    return (d.teacher, d.num_prompts, d.num_generations, d.keep_correct_only, d.keep_most_likely,
+            d.student if d.keep_most_likely else None, d.sample_temperature, d.max_new_tokens, d.runtime.seed)
+
+
+def run_cell(cfg: AttackConfig, a: Attacker, teacher: str, repeat: int, log: dict, samples: dict) -> dict:
+    """One student of one cell: reused (cfg.reuse, or an earlier run of the same cell), else trained, on the
+    teacher samples of an earlier cell with the same sampling_key when there is one (`samples`: key -> JSONL). A
+    failure is returned as {'failed': message}."""
     key = f"{a.name}/{teacher}"
     if repeat == 0 and key in cfg.reuse:
         return {**load_json(Path(cfg.reuse[key]) / "distill_card.json"), "reused_from": cfg.reuse[key]}
     out = Path(cfg.output_dir)
     name = f"cells/{a.name}/{teacher}/r{repeat}"
     dcfg = cell_config(cfg, a, teacher, repeat, out / name)
+    skey = sampling_key(dcfg)
+    if skey is not None and skey in samples:
+        dcfg = dataclasses.replace(dcfg, teacher_samples=samples[skey])
     try:
         card = run_stage(out, name, dcfg, "distill_card.json", distill.run, log)
     except UserError as e:  # e.g. a NaN loss, no correct samples: the cell failed, the battery goes on
         return {"failed": str(e)}
+    if skey is not None and skey not in samples and (out / name / "teacher_samples.jsonl").exists():
+        samples[skey] = str(out / name / "teacher_samples.jsonl")
     acc = card.get("student_accuracy")
     if acc is None or not math.isfinite(acc):
         return {"failed": f"student accuracy is {acc}"}
@@ -298,6 +314,7 @@ def run(cfg: AttackConfig) -> dict:
     columns = list(cfg.teachers) + [d.name for d in cfg.defenses]
     log: dict = {"_root": out}
     cells: dict = {}
+    samples: dict = {}  # sampling_key -> the teacher samples a cell drew (shared with the cells after it)
     for a in cfg.battery:
         cells[a.name] = {}
         for teacher in columns:
@@ -305,7 +322,7 @@ def run(cfg: AttackConfig) -> dict:
                 cells[a.name][teacher] = {"status": "skipped", "reason": why}
                 continue
             print(f"attack: {a.name} on the {teacher} teacher ({time.time() - t0:.0f}s elapsed)", flush=True)
-            cells[a.name][teacher] = summarise([run_cell(cfg, a, teacher, r, log) for r in range(cfg.repeats)])
+            cells[a.name][teacher] = summarise([run_cell(cfg, a, teacher, r, log, samples) for r in range(cfg.repeats)])
     relate(cells, cfg.reference)
     result = {"reference": cfg.reference, "teachers": columns, "repeats": cfg.repeats,
               "battery": [dataclasses.asdict(a) | {"is_budget": a.is_budget} for a in cfg.battery],
