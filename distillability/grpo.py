@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .distributed import global_mean
-from .scoring import normalise, token_logprobs
+from .scoring import normalise, shared_prompt_token_logprobs, token_logprobs
 from .training import autocast_ctx
 
 
@@ -84,9 +84,18 @@ def grpo_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor
     return loss, ((clipped * m).sum() / m.sum().clamp(min=1)).item(), ((kl * m).sum() / m.sum().clamp(min=1)).item()
 
 
-def per_token_logprobs(model, ids, attn, autocast: bool):
+def per_token_logprobs(model, ids, attn, autocast: bool, positions: torch.Tensor | None = None,
+                       groups: tuple | None = None):
+    """[B, T-1] log-probs of the next tokens; with `positions` (the response mask) only those get head logits
+    (the others are 0): a step needs no log-prob of a prompt or padding token. `groups` = (prompt lengths,
+    prompt index per row) of rows that share prompts: each prompt runs once (scoring.shared_prompt_token_logprobs)
+    where the model allows."""
     with autocast_ctx(ids.device, autocast):
-        return token_logprobs(model, ids, attn)
+        if groups is not None and len(set(groups[1])) < len(groups[1]):
+            lp = shared_prompt_token_logprobs(model, ids, attn, groups[0], groups[1], positions)
+            if lp is not None:
+                return lp
+        return token_logprobs(model, ids, attn, positions)
 
 
 def calibration_reward(policy_seq_logprob: torch.Tensor, proxy_seq_logprob: torch.Tensor, texts: list[str],

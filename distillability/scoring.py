@@ -15,6 +15,7 @@ string, so no token alignment is needed (method.md §3).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -96,6 +97,67 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                      head_chunk_rows(head.weight.shape[0]), head.bias)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
     return gather_logprobs(logits, input_ids[:, 1:])
+
+
+def shared_prompt_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                 prompt_lengths: Sequence[int], prompt_index: Sequence[int],
+                                 positions: torch.Tensor | None = None) -> torch.Tensor | None:
+    """token_logprobs for rows that share prompts (GRPO's G samples of one prompt), the prompt run once: each
+    distinct prompt goes through the body once (left-padded, one batch), its keys/values are repeated to its
+    rows, and only the response tokens run per row; the gradient reaches the prompt's activations summed over
+    its rows. Right-padded `input_ids` = prompt ids + response ids as in training.encode_generations, rows of
+    one `prompt_index` holding the same prompt ids. Returns the [B, T-1] frame of token_logprobs with the
+    response positions filled (the others 0, as are positions outside `positions`); the values are
+    token_logprobs' up to float rounding. None where it does not apply (no separable head, models.lm_parts;
+    gradient checkpointing on; a sequence longer than a sliding window; an empty prompt): call token_logprobs."""
+    from .divergences import fused_target_logprobs, head_chunk_rows
+    from .models import lm_parts
+
+    parts = lm_parts(model)
+    if parts is None or min(prompt_lengths) < 1:
+        return None
+    body, head = parts
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "sliding_window", None)
+    B, T = input_ids.shape
+    if (window and T > window) or (torch.is_grad_enabled() and getattr(body, "gradient_checkpointing", False)):
+        return None
+    dev = input_ids.device
+    first: dict[int, int] = {}
+    for b, u in enumerate(prompt_index):
+        first.setdefault(u, b)
+    order = list(first)
+    row_u = torch.tensor([order.index(u) for u in prompt_index], device=dev)
+    P = max(prompt_lengths)
+    p_ids = input_ids.new_zeros((len(order), P))
+    p_attn = attention_mask.new_zeros((len(order), P))
+    for i, u in enumerate(order):  # left-padded, so each prompt's last token is the last column
+        b, n = first[u], prompt_lengths[first[u]]
+        p_ids[i, P - n:] = input_ids[b, :n]
+        p_attn[i, P - n:] = 1
+    out = body(input_ids=p_ids, attention_mask=p_attn, position_ids=(p_attn.cumsum(1) - 1).clamp(min=0),
+               use_cache=True)
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    if cache is None:
+        return None
+    cache.reorder_cache(row_u)  # [U, ...] -> [B, ...]: each row gets its prompt's keys and values
+    pl = torch.tensor(list(prompt_lengths), device=dev).unsqueeze(1)
+    lens = attention_mask.sum(1, keepdim=True)
+    R = int((lens - pl).max().clamp(min=1))
+    idx = pl + torch.arange(R, device=dev)  # [B, R]: the response tokens' columns in input_ids
+    valid = idx < lens
+    r_ids = torch.where(valid, input_ids.gather(1, idx.clamp(max=T - 1)), 0)
+    # transformers >= 5.25 names the argument `cache` (`past_key_values` goes in 5.40)
+    kw = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+    h = body(input_ids=r_ids, attention_mask=torch.cat([p_attn[row_u], valid.long()], 1), position_ids=idx,
+             use_cache=True, **{kw: cache}).last_hidden_state
+    # the hidden state that predicts response token j: the prompt's last one for j = 0, the row's j - 1 after
+    pred = torch.cat([out.last_hidden_state[:, -1][row_u].unsqueeze(1), h[:, :-1]], 1)
+    frame = (idx - 1).clamp(max=T - 2)  # token j's position in token_logprobs' shifted frame
+    want = valid if positions is None else valid & positions.gather(1, frame)
+    lp = fused_target_logprobs(pred, head.weight, r_ids, want, head_chunk_rows(head.weight.shape[0]), head.bias)
+    rows, cols = want.nonzero(as_tuple=True)
+    return lp.new_zeros((B, T - 1)).index_put((rows, frame[rows, cols]), lp[rows, cols])
 
 
 def _device_of(model) -> torch.device:

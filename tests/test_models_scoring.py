@@ -361,3 +361,58 @@ def test_short_sequence_cpu_attention_matches_sdpa(arch):
         else:
             assert torch.equal(ours, ref) and torch.equal(g_ours, g_ref)
     model.set_attn_implementation(NAME)
+
+
+@pytest.mark.parametrize("arch,lora", [("llama", False), ("llama", True), ("gemma3", False)])
+def test_shared_prompt_logprobs_are_the_full_forwards(arch, lora):
+    """scoring.shared_prompt_token_logprobs (each distinct prompt run once, left-padded, its keys/values
+    repeated to its rows) gives token_logprobs' values at the response positions, 0 elsewhere, and the same
+    parameter gradients, in float32 to 1e-5: prompts of different lengths, responses of different lengths
+    (some ended by EOS), rows of one prompt not adjacent, a LoRA policy, Gemma-3's local layers. Under bf16
+    autocast it stays within bf16 rounding. A sequence past a sliding window falls back (None)."""
+    from distillability.scoring import shared_prompt_token_logprobs, token_logprobs
+    from distillability.training import apply_lora, encode_generations
+
+    train, _ = world_splits(80, 4, 0)
+    tok = train_tokenizer([e.prompt + e.solutions["worked"] for e in train], 0 if arch == "llama" else 300,
+                          "char" if arch == "llama" else "bpe")
+    model = build_tiny_model(TinyModelSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                                           architecture=arch, num_kv_heads=2, sliding_window=512), tok, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] += 0.15  # some rows finish early
+        if arch == "gemma3":
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
+    if lora:
+        model = apply_lora(model, 4, 8)
+    prompts = [e.prompt for e in train[:5]]
+    assert len({len(p) for p in prompts}) > 1
+    gens = generate(model, tok, prompts, 16, 1.0, num_return_sequences=3, seed=3)
+    gens = gens[1::2] + gens[::2]  # rows of one prompt apart
+    assert len({len(g.token_ids) for g in gens}) > 1 and any(g.finished for g in gens)
+    prompt_ids = [tok(p)["input_ids"] for p in prompts]
+    ids, attn, mask = encode_generations(tok, prompt_ids, gens)
+    plens, pidx = [len(prompt_ids[g.prompt_index]) for g in gens], [g.prompt_index for g in gens]
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(shared: bool, bf16: bool = False):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            lp = (shared_prompt_token_logprobs(model, ids, attn, plens, pidx, mask) if shared
+                  else token_logprobs(model, ids, attn, mask))
+        (lp * weights).sum().backward()
+        return lp.detach().float(), torch.cat([p.grad.flatten() for p in params])
+
+    ours, g_ours = run(True)
+    ref, g_ref = run(False)
+    assert (ours[~mask] == 0).all() and (ours[mask] < 0).all()
+    assert (ours - ref).abs().max() < 1e-5
+    assert (g_ours - g_ref).norm() <= 1e-5 * g_ref.norm()
+    ours16, _ = run(True, True)
+    ref16, _ = run(False, True)
+    assert (ours16 - ref16).abs().max() < 0.1 and (ours16 - ref).abs().mean() < 0.02
+    if arch == "gemma3":
+        model.config.sliding_window = 8
+        assert shared_prompt_token_logprobs(model, ids, attn, plens, pidx, mask) is None

@@ -254,14 +254,17 @@ class UtilityGuard:
             read_weights(self.r.policy, self.file)  # the last step that kept the teacher's accuracy
 
 
-def reference_logprobs(r: Run, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """Per-token log pi_0 of the sampled sequences (frozen copy, or the LoRA policy with its adapter off)."""
+def reference_logprobs(r: Run, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor,
+                       groups: tuple) -> torch.Tensor:
+    """Per-token log pi_0 of the sampled sequences (frozen copy, or the LoRA policy with its adapter off), at the
+    response positions `mask` (0 elsewhere); `groups` as per_token_logprobs."""
     with torch.no_grad():
         if r.reference is not None:
             dev = next(r.reference.parameters()).device
-            return per_token_logprobs(r.reference, ids.to(dev), attn.to(dev), r.rt.autocast).to(r.device)
+            return per_token_logprobs(r.reference, ids.to(dev), attn.to(dev), r.rt.autocast,
+                                      mask.to(dev).bool(), groups).to(r.device)
         with r.policy.disable_adapter():
-            return per_token_logprobs(r.policy, ids, attn, r.rt.autocast)
+            return per_token_logprobs(r.policy, ids, attn, r.rt.autocast, mask.bool(), groups)
 
 
 @dataclasses.dataclass
@@ -280,6 +283,7 @@ class Rollout:
     s_generate: float
     s_score: float
     prompts: list[str]  # each sample's prompt
+    groups: tuple  # (prompt length, prompt index) of each row: rows of one prompt share its forward
 
 
 def teach_adversary(r: Run, ro: Rollout) -> float | None:
@@ -301,11 +305,13 @@ def rollout(r: Run, step: int, ema: dict, mine: slice, rows_mine: slice) -> Roll
                         seed=step_seed(rt.seed, step, 1), autocast=rt.autocast, use_chat_template=chat,
                         index_offset=mine.start)
     texts = [g.text for g in gens]
-    ids, attn, mask = encode_generations(r.tok, [encode_prompt(r.tok, p, chat) for p in prompts], gens, r.device)
+    prompt_ids = [encode_prompt(r.tok, p, chat) for p in prompts]
+    ids, attn, mask = encode_generations(r.tok, prompt_ids, gens, r.device)
+    groups = ([len(prompt_ids[g.prompt_index]) for g in gens], [g.prompt_index for g in gens])
     t_gen = time.time() - t0
     r_task = torch.tensor([r.task.score(batch[g.prompt_index], g.text) for g in gens], dtype=torch.float64)
     # the frozen models first, so their activations are gone before the policy's graph is built
-    logp_ref = reference_logprobs(r, ids, attn) if cfg.beta else None
+    logp_ref = reference_logprobs(r, ids, attn, mask, groups) if cfg.beta else None
     sample_prompts = [prompts[g.prompt_index] for g in gens]
     proxies = []  # each proxy's sum log pi_C(y|x), the main (or adversarial) proxy first
     if cfg.eta != 0:
@@ -319,12 +325,12 @@ def rollout(r: Run, step: int, ema: dict, mine: slice, rows_mine: slice) -> Roll
         # one forward serves as pi_old (detached), as the policy's own log-prob for r_cal, and as the graph of
         # the single update: ratio = 1, the same gradient as a second forward, one forward less
         r.policy.train()
-        logp_first = per_token_logprobs(r.policy, ids, attn, rt.autocast)
+        logp_first = per_token_logprobs(r.policy, ids, attn, rt.autocast, mask.bool(), groups)
         logp_old = logp_first.detach()
     else:
         r.policy.eval()
         with torch.no_grad():
-            logp_old = per_token_logprobs(r.policy, ids, attn, rt.autocast)
+            logp_old = per_token_logprobs(r.policy, ids, attn, rt.autocast, mask.bool(), groups)
     r_cal = torch.zeros(len(gens), dtype=torch.float64)
     if cfg.eta != 0:
         own = (logp_old.double() * mask).sum(1).cpu()
@@ -339,7 +345,7 @@ def rollout(r: Run, step: int, ema: dict, mine: slice, rows_mine: slice) -> Roll
     r_task, r_cal = dist.gather(r_task), dist.gather(r_cal)
     adv = compute_advantages(r_task, r_cal, cfg.eta, G, ema, cfg.ema_decay)[rows_mine].to(r.device)
     return Rollout(texts, ids, attn, mask, r_task, r_cal, adv, logp_old, logp_first, logp_ref, t_gen,
-                   time.time() - t0 - t_gen, sample_prompts)
+                   time.time() - t0 - t_gen, sample_prompts, groups)
 
 
 def update(r: Run, ro: Rollout, optimizer, step: int, ckpt: Path) -> tuple[torch.Tensor, float, float]:
@@ -348,7 +354,7 @@ def update(r: Run, ro: Rollout, optimizer, step: int, ckpt: Path) -> tuple[torch
     r.policy.train()
     for it in range(cfg.num_iterations):
         logp = ro.logp_first if it == 0 and ro.logp_first is not None else per_token_logprobs(
-            r.policy, ro.ids, ro.attn, r.rt.autocast)
+            r.policy, ro.ids, ro.attn, r.rt.autocast, ro.mask.bool(), ro.groups)
         loss, clip_frac, kl = grpo_loss(logp, ro.logp_old, ro.logp_ref, ro.adv, ro.mask, cfg.epsilon, cfg.beta,
                                         cfg.loss_type, cfg.max_completion_length)
         optimizer_step(r.policy, optimizer, loss, cfg.max_grad_norm, step + 1, ckpt)
