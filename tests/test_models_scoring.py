@@ -139,6 +139,24 @@ def test_sampling_is_batch_invariant(tmp_path):
     assert [g.token_ids for g in other_seed] != [g.token_ids for g in full]
 
 
+def _tiny_arch_model(arch: str, sliding_window: int):
+    """(train split, tokenizer, model): a 2-layer GQA model of `arch` whose EOS is likelier (some rows finish
+    early) and, for Gemma-3, whose norm weights matter (they start at 0 = identity)."""
+    train, _ = world_splits(80, 4, 0)
+    tok = train_tokenizer([e.prompt + e.solutions["worked"] for e in train], 0 if arch == "llama" else 300,
+                          "char" if arch == "llama" else "bpe")
+    model = build_tiny_model(TinyModelSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                                           architecture=arch, num_kv_heads=2, sliding_window=sliding_window), tok,
+                             seed=3)
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] += 0.15
+        if arch == "gemma3":
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
+    return train, tok, model
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_fast_decoder_gives_the_tokens_of_hf_generate(arch):
     """fastgen's lean KV-cached loop and Hugging Face generate: same tokens, greedy and sampled, with
@@ -146,17 +164,8 @@ def test_fast_decoder_gives_the_tokens_of_hf_generate(arch):
     norms and local layers whose sliding window (8) is shorter than the sequences."""
     from distillability import fastgen
 
-    train, _ = world_splits(80, 4, 0)
-    tok = train_tokenizer([e.prompt + e.solutions["worked"] for e in train], 0 if arch == "llama" else 300,
-                          "char" if arch == "llama" else "bpe")
-    model = build_tiny_model(TinyModelSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
-                                           architecture=arch, num_kv_heads=2, sliding_window=8), tok, seed=3)
+    train, tok, model = _tiny_arch_model(arch, sliding_window=8)
     with torch.no_grad():
-        model.lm_head.weight[tok.eos_token_id] += 0.15  # some rows finish early
-        if arch == "gemma3":  # (norm weights start at 0 = identity; make them matter)
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.normal_(0, 0.3)
         if arch == "qwen2":
             for layer in model.model.layers:
                 layer.self_attn.q_proj.bias.normal_(0, 0.5)
@@ -373,17 +382,7 @@ def test_shared_prompt_logprobs_are_the_full_forwards(arch, lora):
     from distillability.scoring import shared_prompt_token_logprobs, token_logprobs
     from distillability.training import apply_lora, encode_generations
 
-    train, _ = world_splits(80, 4, 0)
-    tok = train_tokenizer([e.prompt + e.solutions["worked"] for e in train], 0 if arch == "llama" else 300,
-                          "char" if arch == "llama" else "bpe")
-    model = build_tiny_model(TinyModelSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
-                                           architecture=arch, num_kv_heads=2, sliding_window=512), tok, seed=3)
-    with torch.no_grad():
-        model.lm_head.weight[tok.eos_token_id] += 0.15  # some rows finish early
-        if arch == "gemma3":
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.normal_(0, 0.3)
+    train, tok, model = _tiny_arch_model(arch, sliding_window=512)
     if lora:
         model = apply_lora(model, 4, 8)
     prompts = [e.prompt for e in train[:5]]
