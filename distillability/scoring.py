@@ -126,8 +126,8 @@ def shared_prompt_token_logprobs(model, input_ids: torch.Tensor, attention_mask:
     first: dict[int, int] = {}
     for b, u in enumerate(prompt_index):
         first.setdefault(u, b)
-    order = list(first)
-    row_u = torch.tensor([order.index(u) for u in prompt_index], device=dev)
+    order = {u: i for i, u in enumerate(first)}  # prompt index -> its row in the prompt batch
+    row_u = torch.tensor([order[u] for u in prompt_index], device=dev)
     P = max(prompt_lengths)
     p_ids = input_ids.new_zeros((len(order), P))
     p_attn = attention_mask.new_zeros((len(order), P))

@@ -262,9 +262,9 @@ def reference_logprobs(r: Run, ids: torch.Tensor, attn: torch.Tensor, mask: torc
         if r.reference is not None:
             dev = next(r.reference.parameters()).device
             return per_token_logprobs(r.reference, ids.to(dev), attn.to(dev), r.rt.autocast,
-                                      mask.to(dev).bool(), groups).to(r.device)
+                                      mask.to(dev), groups).to(r.device)
         with r.policy.disable_adapter():
-            return per_token_logprobs(r.policy, ids, attn, r.rt.autocast, mask.bool(), groups)
+            return per_token_logprobs(r.policy, ids, attn, r.rt.autocast, mask, groups)
 
 
 @dataclasses.dataclass
@@ -325,12 +325,12 @@ def rollout(r: Run, step: int, ema: dict, mine: slice, rows_mine: slice) -> Roll
         # one forward serves as pi_old (detached), as the policy's own log-prob for r_cal, and as the graph of
         # the single update: ratio = 1, the same gradient as a second forward, one forward less
         r.policy.train()
-        logp_first = per_token_logprobs(r.policy, ids, attn, rt.autocast, mask.bool(), groups)
+        logp_first = per_token_logprobs(r.policy, ids, attn, rt.autocast, mask, groups)
         logp_old = logp_first.detach()
     else:
         r.policy.eval()
         with torch.no_grad():
-            logp_old = per_token_logprobs(r.policy, ids, attn, rt.autocast, mask.bool(), groups)
+            logp_old = per_token_logprobs(r.policy, ids, attn, rt.autocast, mask, groups)
     r_cal = torch.zeros(len(gens), dtype=torch.float64)
     if cfg.eta != 0:
         own = (logp_old.double() * mask).sum(1).cpu()
@@ -354,7 +354,7 @@ def update(r: Run, ro: Rollout, optimizer, step: int, ckpt: Path) -> tuple[torch
     r.policy.train()
     for it in range(cfg.num_iterations):
         logp = ro.logp_first if it == 0 and ro.logp_first is not None else per_token_logprobs(
-            r.policy, ro.ids, ro.attn, r.rt.autocast, ro.mask.bool(), ro.groups)
+            r.policy, ro.ids, ro.attn, r.rt.autocast, ro.mask, ro.groups)
         loss, clip_frac, kl = grpo_loss(logp, ro.logp_old, ro.logp_ref, ro.adv, ro.mask, cfg.epsilon, cfg.beta,
                                         cfg.loss_type, cfg.max_completion_length)
         optimizer_step(r.policy, optimizer, loss, cfg.max_grad_norm, step + 1, ckpt)
