@@ -15,9 +15,43 @@ import torch.nn.functional as F
 SUPPORTED = ("llama", "qwen2", "mistral", "gemma3_text")
 
 
-def supports(model) -> bool:
+def _plain_lora(module) -> bool:
+    """A peft LoRA linear layer whose forward is base + B A x scale (no DoRA, no LoRA bias)."""
+    return (hasattr(module, "lora_A") and hasattr(module, "get_delta_weight")
+            and not any(getattr(module, "use_dora", {}).values()) and not any(getattr(module, "lora_bias", {}).values()))
+
+
+def lora_base(model):
+    """The base model of a peft LoRA model whose every adapted layer is a plain LoRA linear layer (the decoder
+    then reads each layer's effective weight, base + delta, instead of a merged copy of the model); else None."""
+    if not (hasattr(model, "peft_config") and hasattr(model, "get_base_model")):
+        return None
+    base = model.get_base_model()
+    adapted = [m for m in base.modules() if hasattr(m, "lora_A")]
+    if not adapted or not all(_plain_lora(m) and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)
+                              for m in adapted):
+        return None
+    return base
+
+
+@torch.no_grad()
+def effective_weight(linear) -> tuple:
+    """(weight, bias) of a linear layer as its forward applies it: a peft LoRA layer's base weight plus its
+    active adapters' deltas (unless merged into it already or the adapters are disabled)."""
+    if not hasattr(linear, "lora_A"):
+        return linear.weight, linear.bias
+    weight = linear.base_layer.weight
+    if not linear.merged and not getattr(linear, "disable_adapters", False):
+        for name in linear.active_adapters:
+            if name in linear.lora_A:
+                weight = weight + linear.get_delta_weight(name).to(weight.dtype)
+    return weight, linear.base_layer.bias
+
+
+def supports(model, lora: bool = False) -> bool:
+    """lora=True: `model` may be the base model of a peft LoRA model (`lora_base`)."""
     cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED or hasattr(model, "peft_config"):
+    if cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED or (hasattr(model, "peft_config") and not lora):
         return False
     if cfg.model_type == "gemma3_text" and (getattr(cfg, "attn_logit_softcapping", None)
                                             or getattr(cfg, "use_bidirectional_attention", False)):
@@ -62,22 +96,21 @@ class Decoder:
             dtype = torch.bfloat16 if big else torch.float32
             return weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
 
-        self.head = prep(model.lm_head.weight, model.lm_head.bias)
+        def cat(linears: list) -> tuple:  # effective weights (LoRA deltas added) of layers fed the same input
+            wbs = [effective_weight(m) for m in linears]
+            bias = None
+            if any(b is not None for _, b in wbs):
+                bias = torch.cat([b if b is not None else torch.zeros(w.shape[0]) for w, b in wbs])
+            return prep(torch.cat([w for w, _ in wbs]) if len(wbs) > 1 else wbs[0][0], bias)
+
+        self.head = cat([model.lm_head])
         self.fused = []  # per layer: q|k|v and gate|up projections as one matrix each (fewer, larger matmuls)
         for layer in self.inner.layers:
             att, mlp = layer.self_attn, layer.mlp
-            qkv = [att.q_proj, att.k_proj, att.v_proj]
-            bias = None
-            if any(m.bias is not None for m in qkv):
-                bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in qkv])
-            self.fused.append({
-                "qkv": prep(torch.cat([m.weight for m in qkv]), bias),
-                "o": prep(att.o_proj.weight, att.o_proj.bias),
-                "gu": prep(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                "down": prep(mlp.down_proj.weight),
-            })
-            if mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None or mlp.down_proj.bias is not None:
+            if any(effective_weight(m)[1] is not None for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
                 raise ValueError("fastgen: MLP biases are not supported")
+            self.fused.append({"qkv": cat([att.q_proj, att.k_proj, att.v_proj]), "o": cat([att.o_proj]),
+                               "gu": cat([mlp.gate_proj, mlp.up_proj]), "down": cat([mlp.down_proj])})
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads

@@ -180,6 +180,56 @@ def test_fast_decoder_gives_the_tokens_of_hf_generate(arch):
     assert any(g.finished for g in fast) and not all(g.finished for g in fast)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_fast_decoder_decodes_a_lora_policy_without_a_merged_copy(arch, monkeypatch):
+    """A peft LoRA policy (GRPO's) decodes through the lean decoder from each layer's base + LoRA weight: the
+    tokens of the merged copy it replaces (fast path and Hugging Face generate), greedy and sampled, float32 and
+    with every matmul in bf16; no deep copy is made and the policy is left as it was (unmerged, same weights)."""
+    import copy as copy_module
+
+    from peft import LoraConfig, get_peft_model
+
+    from distillability import fastgen
+
+    train, tok, model = _tiny_arch_model(arch, sliding_window=8)
+    with torch.no_grad():
+        if arch == "qwen2":
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.bias.normal_(0, 0.5)
+    prompts = [e.prompt for e in train[:12]]
+    base_tokens = [g.token_ids for g in generate(model, tok, prompts, 20, 1.0, greedy=True)]
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)  # a trained adapter: the deltas change the tokens
+    assert fastgen.lora_base(policy) is not None
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    for greedy, bf16 in ((True, False), (False, False), (False, True)):
+        if bf16:
+            monkeypatch.setattr(fastgen.Decoder, "BF16_MIN_MACS", 0)
+        kw = dict(num_return_sequences=2, seed=3, greedy=greedy, autocast=bf16)
+        with monkeypatch.context() as m:
+            m.setattr(copy_module, "deepcopy", lambda *a, **k: pytest.fail("the LoRA policy was copied"))
+            direct = generate(policy, tok, prompts, 20, 1.0, **kw)
+        with monkeypatch.context() as m:
+            m.setattr(fastgen, "lora_base", lambda model: None)  # the merged copy
+            merged = generate(policy, tok, prompts, 20, 1.0, **kw)
+        assert [(g.token_ids, g.finished) for g in direct] == [(g.token_ids, g.finished) for g in merged], (greedy, bf16)
+        if greedy:
+            greedy_direct = [g.token_ids for g in direct]
+        if not bf16:  # Hugging Face generate on the merged copy (in float32 only: it does not run bf16 matmuls)
+            slow = generate(policy, tok, prompts, 20, 1.0, use_fast=False, **kw)
+            assert [(g.token_ids, g.finished) for g in direct] == [(g.token_ids, g.finished) for g in slow]
+    with policy.disable_adapter():  # the adapter off: the base model's tokens
+        assert [g.token_ids for g in generate(policy, tok, prompts, 20, 1.0, greedy=True)] == base_tokens
+    assert greedy_direct != base_tokens
+    after = policy.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(getattr(m, "merged", False) for m in policy.modules())
+
+
 def test_fast_decoder_bf16_tokens_are_the_models_own_bf16_argmax(monkeypatch):
     """With every matmul in bf16 (the size threshold forced to 0), each greedy token of the lean decoder is
     the argmax of the Hugging Face model's own forward under bf16 autocast over the same prefix, up to bf16
