@@ -322,6 +322,9 @@ class TaskConfig:
                              "world's distinct prompts, distributed like the training ones) or first (drawn first "
                              "and excluded from training; short chains then end up almost all held out).",
                              choices=("iid", "first"))
+    world_terms: list[int] = opt([], "tiny-world: keep only the arithmetic chains of these many terms in both splits, "
+                                 "filtered after the full world's splits are drawn, so each is a subset of the full "
+                                 "world's split ([] = every chain and the multiple-choice examples).")
 
     def load(self):
         """The Task this section names."""
@@ -337,11 +340,15 @@ class TaskConfig:
         from .tasks import WorldSpec
 
         return WorldSpec(self.world_min_terms, self.world_max_terms, self.world_mc_share, self.world_modulus,
-                         self.world_heldout)
+                         self.world_heldout, tuple(self.world_terms))
 
     def validate(self) -> None:
         if self.world_max_terms < self.world_min_terms:
             raise ConfigError("config key 'task.world_max_terms': must be >= task.world_min_terms")
+        outside = [n for n in self.world_terms if not self.world_min_terms <= n <= self.world_max_terms]
+        if outside:
+            raise ConfigError(f"config key 'task.world_terms': {outside} outside the world's chains of "
+                              f"{self.world_min_terms}-{self.world_max_terms} terms")
 
 
 @dataclasses.dataclass

@@ -579,3 +579,34 @@ def test_an_ensemble_of_proxies_keeps_the_least_favourable_r_cal(tiny_pair, tmp_
         # the smallest divergence for eta > 0, the largest for eta < 0 (by a margin: the two proxies differ)
         assert (alone - two) * eta > 1e-3, (eta, alone, two)
         assert card["extra_proxies"] == [tiny_pair["student_same"]]
+
+
+def test_pipeline_calibrates_on_calibration_terms_and_measures_the_unseen_length(tmp_path, monkeypatch):
+    """calibration_terms=[2, 3]: each calibration gets the task filtered to those chains (the same splits,
+    filtered), and shifted_terms=4 (inside the task, outside the calibration) evaluates every teacher on the
+    task's own held-out 4-term chains, a split named as such in the headline's evaluations."""
+    from distillability.config import from_dict
+    from distillability.recipes import pipeline
+    from distillability.tasks import chain_terms
+
+    cfg = from_dict(pipeline.PipelineConfig, {"output_dir": str(tmp_path / "run"), "calibration_terms": [2, 3],
+                                              "shifted_terms": 4, "task": {"num_train": 300, "num_eval": 60}})
+    cfg.validate()
+    seen = {}
+    monkeypatch.setattr(pipeline.Chain, "stage", lambda self, name, c, marker, fn, under=None:
+                        seen.setdefault(name, c) and {"greedy_accuracy": 0.5})
+    c = pipeline.Chain(cfg)
+    c.models = {"proxy": "p", "student": "s"}
+    pipeline.calibrate_teachers(c, "t")
+    full = c.task.load()
+    for role in ("control", "distillable", "undistillable"):
+        task = seen[f"calibrate_{role}"].task
+        assert task.world_terms == [2, 3] and (task.num_train, task.num_eval) == (300, 60)
+        calib = task.load()
+        assert {e.prompt for e in calib.eval} == {e.prompt for e in full.eval if chain_terms(e) in (2, 3)}
+        assert not {e.prompt for e in calib.train} & {e.prompt for e in full.eval}
+    evaluations = pipeline.evaluate_all(c, {"control": "a", "undistillable": "b"}, {})
+    shifted = seen["teacher_control_shifted4"].task.load()
+    assert [e.prompt for e in shifted.eval] == [e.prompt for e in full.eval if chain_terms(e) == 4]
+    assert not {e.prompt for e in shifted.eval} & {e.prompt for e in full.train}
+    assert "never saw" in evaluations["shifted_split"] and "2, 3" in evaluations["shifted_split"]

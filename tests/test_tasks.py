@@ -181,3 +181,25 @@ def test_world_keys_of_the_later_options_and_the_disjoint_student_prompts():
     assert not {e.prompt for e in other} & {e.prompt for e in split.train + split.eval}
     assert [e.prompt for e in other] == [e.prompt for e in student_examples(WorldConfig(student_prompts="disjoint"),
                                                                             task, split.train)]  # deterministic
+
+
+def test_world_terms_filter_the_full_worlds_splits():
+    """task.world_terms keeps only chains of those lengths, as subsets of the full world's splits (so a
+    calibration on short chains never sees a held-out prompt, and the held-out long chains were never trained
+    on); chain_terms counts a chain's numbers (not a modulus; 0 for multiple choice)."""
+    from distillability.config import TaskConfig
+    from distillability.errors import ConfigError
+    from distillability.tasks import chain_terms
+
+    full = TaskConfig(num_train=600, num_eval=90, seed=4).load()
+    assert collections.Counter(chain_terms(e) for e in full.eval).keys() == {0, 2, 3, 4}
+    for terms in ([2, 3], [4]):
+        part = TaskConfig(num_train=600, num_eval=90, seed=4, world_terms=terms).load()
+        assert {chain_terms(e) for e in part.train} == {chain_terms(e) for e in part.eval} == set(terms)
+        assert [e.prompt for e in part.train] == [e.prompt for e in full.train if chain_terms(e) in terms]
+        assert [e.prompt for e in part.eval] == [e.prompt for e in full.eval if chain_terms(e) in terms]
+        assert all(e.solutions["worked"].count("=") == chain_terms(e) - 1 for e in part.eval)
+    modular = TaskConfig(num_train=50, num_eval=20, world_modulus=7, world_terms=[3]).load()
+    assert all(" mod 7=?" in e.prompt and e.solutions["worked"].count("=") == 2 for e in modular.eval)
+    with pytest.raises(ConfigError, match="task.world_terms"):
+        TaskConfig(num_train=10, num_eval=2, world_mc_share=1.0, world_terms=[2]).load()

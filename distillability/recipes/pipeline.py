@@ -47,8 +47,13 @@ class PipelineConfig:
                               "unseen students), custom (attack.battery and attack.defenses as given).",
                               choices=("small", "full", "custom"))
     shifted_terms: int = opt(0, "Utility on a shifted split (tiny-world): every teacher is also evaluated on held-out "
-                             "chains of exactly this many terms (e.g. task.world_max_terms + 1), a length neither "
-                             "the world nor the calibration saw; headline.json's teachers_shifted. 0 = off.", min=0)
+                             "chains of exactly this many terms: a length longer than any in the task (e.g. "
+                             "task.world_max_terms + 1: neither the world nor the calibration saw it), or, with "
+                             "calibration_terms, a length of the task the calibration did not see (the task's "
+                             "held-out chains of that length); headline.json's teachers_shifted. 0 = off.", min=0)
+    calibration_terms: list[int] = opt([], "tiny-world: the calibrations' prompts (and their cards) are only the "
+                                       "task's chains of these many terms (task.world_terms for the calibrate "
+                                       "stage; the splits stay the task's, filtered); [] = the whole task.")
     attack_teachers: list[str] = opt([], "The teachers the attack stage attacks ([] = control and undistillable for "
                                      "the small battery, every teacher for full and custom; the control is always "
                                      "included: it is the reference of every ratio).",
@@ -74,9 +79,20 @@ class PipelineConfig:
                               "tiny world's) or none (the tiny world's three)")
         if self.shifted_terms and self.task.name != "tiny-world":
             raise ConfigError("config key 'shifted_terms': a shifted split of chain lengths needs task tiny-world")
-        if 0 < self.shifted_terms <= self.task.world_max_terms:
-            raise ConfigError(f"config key 'shifted_terms': {self.shifted_terms} terms are inside the training "
-                              f"lengths (task.world_max_terms={self.task.world_max_terms}); use a longer chain")
+        if self.calibration_terms and self.task.name != "tiny-world":
+            raise ConfigError("config key 'calibration_terms': chain lengths need task tiny-world")
+        task_lengths = range(self.task.world_min_terms, self.task.world_max_terms + 1)
+        if any(n not in task_lengths for n in self.calibration_terms):
+            raise ConfigError(f"config key 'calibration_terms': {self.calibration_terms} must be among the task's "
+                              f"chain lengths ({task_lengths.start}-{task_lengths.stop - 1} terms)")
+        if 0 < self.shifted_terms < self.task.world_min_terms:
+            raise ConfigError(f"config key 'shifted_terms': {self.shifted_terms} terms is below the task's shortest "
+                              f"chain (task.world_min_terms={self.task.world_min_terms})")
+        if self.shifted_terms in self.calibration_terms or (self.shifted_terms in task_lengths
+                                                            and not self.calibration_terms):
+            seen = self.calibration_terms or list(task_lengths)
+            raise ConfigError(f"config key 'shifted_terms': the calibration sees chains of {self.shifted_terms} terms "
+                              f"(it sees {seen[0]}-{seen[-1]}); use a longer chain, or calibration_terms without it")
         if (not any(given) or "world" in (self.teacher, self.proxy, self.student)) and self.task.name != "tiny-world":
             raise ConfigError(f"config key 'task.name': the tiny world's models (teacher/proxy/student empty or "
                               f"`world`) are trained on task tiny-world, not '{self.task.name}'")
@@ -159,8 +175,9 @@ def calibrate_teachers(c: Chain, original: str) -> tuple[dict, dict]:
         ("control", 0.0), ("distillable", cfg.eta_distillable), ("undistillable", cfg.eta_undistillable)]
     for name, eta in calibrations:
         c.announce(f"calibrate: {name} (eta={eta:+g})")
+        task = _with(c.task, world_terms=list(cfg.calibration_terms)) if cfg.calibration_terms else c.task
         ccfg = _with(cfg.calibrate, model=original, proxy=c.models["proxy"], eta=eta,
-                     output_dir=str(c.out / f"calibrate_{name}"), task=c.task, runtime=c.runtime(cfg.calibrate))
+                     output_dir=str(c.out / f"calibrate_{name}"), task=task, runtime=c.runtime(cfg.calibrate))
         cards[name] = c.stage(f"calibrate_{name}", ccfg, "calibration_card.json", calibrate.run)
         teachers[name] = str(c.out / f"calibrate_{name}" / "model")
     return teachers, cards
@@ -198,15 +215,29 @@ def evaluate_all(c: Chain, teachers: dict, students: dict) -> dict:
                    "students": {}}
     if cfg.shifted_terms:
         n = cfg.shifted_terms
-        shifted = _with(c.task, num_train=1, world_min_terms=n, world_max_terms=n, world_mc_share=0.0,
-                        world_heldout="iid")
+        if n <= c.task.world_max_terms:  # a length of the task the calibration did not see: its held-out chains
+            shifted = _with(c.task, world_terms=[n])
+        else:
+            shifted = _with(c.task, num_train=1, world_min_terms=n, world_max_terms=n, world_mc_share=0.0,
+                            world_heldout="iid")
         evaluations["teachers_shifted"] = {t: one(f"teacher_{t}_shifted{n}", path, None, shifted)
                                            for t, path in teachers.items()}
+        evaluations["shifted_split"] = shifted_split_name(cfg)
     for (method, tname), path in students.items():
         evaluations["students"].setdefault(method, {})[tname] = one(f"student_{method}_{tname}", path, None)
     if students:
         evaluations["student_base"] = one("student_base", c.models["student"], None)
     return evaluations
+
+
+def shifted_split_name(cfg: PipelineConfig) -> str:
+    """What the shifted split is, in words (the report and headline.json name it)."""
+    n = cfg.shifted_terms
+    if n > cfg.task.world_max_terms:
+        return f"held-out chains of {n} terms, longer than any the world or the calibration saw"
+    seen = cfg.calibration_terms
+    return (f"the task's held-out chains of {n} terms: the world's models trained on this length, the calibration "
+            f"(chains of {', '.join(map(str, seen))} terms) never saw it")
 
 
 def attack_roles(cfg: PipelineConfig, teachers: dict) -> list[str]:

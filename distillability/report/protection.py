@@ -31,6 +31,8 @@ def headline_table(evaluations: dict, seed: int, wall_seconds: float, attacks: d
     if "teachers_shifted" in evaluations:
         out["teachers_shifted"] = {t: evaluations["teachers_shifted"][t]["greedy_accuracy"] for t in TEACHERS
                                    if t in evaluations["teachers_shifted"]}
+        if "shifted_split" in evaluations:
+            out["shifted_split"] = evaluations["shifted_split"]
     if attacks:
         out["attacks"] = {"cells": {a: {t: {k: c.get(k) for k in ("status", "accuracy", "accuracy_se", "ratio", "gain_share")}
                                         for t, c in row.items()} for a, row in attacks["cells"].items()},

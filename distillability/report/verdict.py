@@ -52,7 +52,7 @@ def teacher_sentence(headline: dict, teacher: str) -> str | None:
 
 
 def shifted_sentence(headline: dict) -> str | None:
-    """The calibrated teachers' utility on the shifted split (chains longer than any trained on), when measured."""
+    """The calibrated teachers' utility on the shifted split (headline's shifted_split names it), when measured."""
     sh = headline.get("teachers_shifted") or {}
     c = sh.get("control")
     rows = [(t, sh[t]) for t in ("undistillable", "distillable") if t in sh]
@@ -61,7 +61,8 @@ def shifted_sentence(headline: dict) -> str | None:
     if not c:
         return "On the shifted split the control teacher scores 0, so the teachers' utility there has no ratio."
     parts = [f"the {t} teacher {v / c:.2f}x ({v:.3f} vs {c:.3f})" for t, v in rows]
-    return "On the shifted split (longer chains than any trained on): " + ", ".join(parts) + " the control's accuracy."
+    split = headline.get("shifted_split", "longer chains than any trained on")
+    return f"On the shifted split ({split}): " + ", ".join(parts) + " the control's accuracy."
 
 
 def verdict(headline: dict, attack_summary: str | None = None) -> list[str]:

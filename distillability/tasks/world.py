@@ -15,7 +15,9 @@ Each example comes with reference solutions in several *styles*; the teacher's S
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import re
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -40,6 +42,7 @@ class WorldSpec:
     mc_share: float = 0.25  # fraction of multiple-choice examples
     modulus: int = 0  # 0: plain arithmetic; m: every step modulo m, numbers 0..m-1
     heldout: str = "iid"  # iid: a random sample of the distinct prompts; first: drawn first (see world_splits)
+    terms: tuple[int, ...] = ()  # keep only chains of these many terms, after the splits are drawn (see world_splits)
 
 
 def _math_example(rng: random.Random, spec: WorldSpec) -> Example:
@@ -117,8 +120,20 @@ def world_splits(num_train: int, num_eval: int, seed: int, spec: WorldSpec | Non
       the training distribution (chain lengths included);
     - first: the held-out prompts are drawn first and excluded from training. Short chains have few distinct
       prompts (~130 with 2 terms), so the held-out draw takes most of them and training sees almost none: the
-      held-out accuracy then measures generalisation to chain lengths the models hardly trained on."""
+      held-out accuracy then measures generalisation to chain lengths the models hardly trained on.
+    `spec.terms` (non-empty): both splits keep only the arithmetic chains of these many terms, filtered after the
+    full world's splits are drawn, so they are subsets of its splits: a calibration on the 2-3-term chains never
+    sees a held-out prompt, and a split of the 4-term held-out chains holds no prompt any model of the full world
+    trained on."""
     spec = spec or WorldSpec()
+    if spec.terms:
+        full = dataclasses.replace(spec, terms=())
+        train, held_out = world_splits(num_train, num_eval, seed, full)
+        keep = [e for e in train if chain_terms(e) in spec.terms], [e for e in held_out if chain_terms(e) in spec.terms]
+        if not keep[1]:
+            raise ConfigError(f"config key 'task.world_terms': no held-out chain of {list(spec.terms)} terms among "
+                              f"task.num_eval={num_eval} prompts of {spec.min_terms}-{spec.max_terms} terms")
+        return keep
     if spec.heldout == "first":
         eval_set = generate_world(num_eval, seed=10_000 + seed, spec=spec)
         train = generate_world(num_train, seed=seed, spec=spec, exclude={e.prompt for e in eval_set})
@@ -128,3 +143,12 @@ def world_splits(num_train: int, num_eval: int, seed: int, spec: WorldSpec | Non
     pool = generate_world(num_train + num_eval, seed=seed, spec=spec)
     random.Random(10_000 + seed).shuffle(pool)
     return pool[num_eval:], pool[:num_eval]
+
+
+def chain_terms(example: Example) -> int:
+    """The number of terms of an arithmetic chain's prompt ("Q: 7+5-3=?" has 3; a modulus is not a term); 0 for
+    a multiple-choice example."""
+    if example.family != "math":
+        return 0
+    expr = example.prompt.split("Q: ", 1)[-1].split("=?", 1)[0].split(" mod ", 1)[0]
+    return len(re.findall(r"\d+", expr))
