@@ -119,6 +119,32 @@ def test_world_cache_key_tracks_every_setting_and_the_resolved_precision():
     # bf16 setting vs resolved: the key follows what the world is built in, not how that was asked for
     assert world_key(WorldConfig(bf16="false"), task, True) == base
     assert len(keys) == 6 and base in keys
+    # task.world_terms (added later): at its default the key of a world built before it; set, another world
+    assert world_key(WorldConfig(), dataclasses.replace(task, world_terms=[2]), True) != base
+
+
+def test_a_stage_saved_before_a_later_key_is_reused(tmp_path):
+    """A stage's saved config leaves out keys added later at their defaults (task.world_terms), so a stage run
+    before the key existed is reused; the key set to another value reruns it."""
+    import yaml
+
+    from distillability.config import TaskConfig, to_dict
+    from distillability.recipes.evaluate import EvaluateConfig
+    from distillability.recipes.stages import run_stage, stage_config_text
+
+    cfg = EvaluateConfig(model="m", task=TaskConfig())
+    old = to_dict(cfg)
+    del old["task"]["world_terms"]  # the config as a version without the key saved it
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "stage_config.yaml").write_text(yaml.safe_dump(old, sort_keys=True)
+                                                      + yaml.safe_dump({"inputs": {}}, sort_keys=True))
+    (tmp_path / "s" / "eval.json").write_text('{"saved": 1}')
+    ran = []
+    assert run_stage(tmp_path, "s", cfg, "eval.json", lambda c: ran.append(c) or {"new": 1}) == {"saved": 1}
+    assert "world_terms" not in stage_config_text(cfg) and not ran
+    changed = dataclasses.replace(cfg, task=TaskConfig(world_terms=[3]))
+    assert run_stage(tmp_path, "s", changed, "eval.json", lambda c: ran.append(c) or {"new": 1}) == {"new": 1}
+    assert "world_terms" in stage_config_text(changed) and len(ran) == 1
 
 
 def _terms(examples):

@@ -31,12 +31,30 @@ def _inputs(cfg) -> dict:
     return found
 
 
+# keys added to a section after runs were made with it: at these values (their defaults, which do what the
+# section did before the key existed) they are left out of a stage's saved config, so finished stages stay reused
+LATER_KEYS = {"world_terms": []}
+
+
+def _without_later_keys(value):
+    if isinstance(value, dict):
+        return {k: _without_later_keys(v) for k, v in value.items() if not (k in LATER_KEYS and v == LATER_KEYS[k])}
+    if isinstance(value, list):
+        return [_without_later_keys(v) for v in value]
+    return value
+
+
+def stage_config_text(cfg) -> str:
+    """The text a stage's config is saved as and compared by (keys added later, at their defaults, left out)."""
+    return yaml.safe_dump(_without_later_keys(to_dict(cfg)), sort_keys=True)
+
+
 def run_stage(out: Path, name: str, cfg, marker: str, fn, log: dict | None = None):
     """Run fn(cfg) unless out/name holds `marker` from a run with the same config and the same inputs. `log`
     records the stage's wall time and whether it was reused."""
     folder = out / name
     saved = folder / "stage_config.yaml"
-    current = yaml.safe_dump(to_dict(cfg), sort_keys=True) + yaml.safe_dump({"inputs": _inputs(cfg)}, sort_keys=True)
+    current = stage_config_text(cfg) + yaml.safe_dump({"inputs": _inputs(cfg)}, sort_keys=True)
     t0 = time.time()
     if (folder / marker).exists() and saved.exists() and saved.read_text() == current:
         if log is not None:

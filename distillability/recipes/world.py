@@ -69,7 +69,10 @@ def world_key(cfg: WorldConfig, task: TaskConfig, bf16: bool) -> str:
         if d[key] == default:  # keys added later: at their default, the key of a world built before them
             d.pop(key)
     d["bf16"] = bf16
-    blob = json.dumps({**d, "task": dataclasses.asdict(task), "v": 3}, sort_keys=True)
+    t = dataclasses.asdict(task)
+    if not t["world_terms"]:  # a key added later: at its default, the key of a world built before it
+        t.pop("world_terms")
+    blob = json.dumps({**d, "task": t, "v": 3}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
