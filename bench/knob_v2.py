@@ -30,6 +30,10 @@ VARIANTS: dict[str, list[str]] = {
     "trap": TRAP,
     "trap-adv": [*TRAP, "calibrate.proxy_updates=4"],
     "trap-adv-disjoint": [*TRAP, "calibrate.proxy_updates=4", "world.student_prompts=disjoint", "world.student_steps=200"],
+    # calibrated on the 2-3-term chains only; utility also on the held-out 4-term chains, a length the world's
+    # teacher trained on and the calibration never saw (the shifted split; later overrides win over COMMON's)
+    "trap-adv-disjoint-short": [*TRAP, "calibrate.proxy_updates=4", "world.student_prompts=disjoint",
+                                "world.student_steps=200", "calibration_terms=[2,3]", "shifted_terms=4"],
     "trap-adv-disjoint-seen": [*TRAP, "calibrate.proxy_updates=4", "world.student_prompts=disjoint",
                                "world.student_steps=200", "world.proxy_style_mix=[0.4,0.3,0.3]"],
 }
