@@ -134,8 +134,13 @@ def main() -> None:
         return
     result = collect(names, args.seeds, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "knob_v2.json").write_text(json.dumps(result, indent=1))
-    text = markdown(result)
+    path = args.out / "knob_v2.json"
+    # other variants' results stay: a run updates the variants (and seeds) it names
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    for name, per_seed in result.items():
+        merged.setdefault(name, {}).update({str(s): v for s, v in per_seed.items()})
+    path.write_text(json.dumps(merged, indent=1))
+    text = markdown({n: {int(s): v for s, v in per.items()} for n, per in merged.items() if n in VARIANTS})
     (args.out / "knob_v2.md").write_text(text + "\n")
     print(text)
 
