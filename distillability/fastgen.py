@@ -27,7 +27,9 @@ def lora_base(model):
     if not (hasattr(model, "peft_config") and hasattr(model, "get_base_model")):
         return None
     base = model.get_base_model()
-    adapted = [m for m in base.modules() if hasattr(m, "lora_A")]
+    # every module peft put into the model must be a plain LoRA linear layer (modules_to_save copies, trainable
+    # tokens, LoRA embeddings, DoRA... fall back to the merged copy)
+    adapted = [m for m in base.modules() if type(m).__module__.startswith("peft.")]
     if not adapted or not all(_plain_lora(m) and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)
                               for m in adapted):
         return None

@@ -222,6 +222,10 @@ def test_fast_decoder_decodes_a_lora_policy_without_a_merged_copy(arch, monkeypa
         if not bf16:  # Hugging Face generate on the merged copy (in float32 only: it does not run bf16 matmuls)
             slow = generate(policy, tok, prompts, 20, 1.0, use_fast=False, **kw)
             assert [(g.token_ids, g.finished) for g in direct] == [(g.token_ids, g.finished) for g in slow]
+    # anything but plain LoRA linear layers (here a trained copy of the head) keeps the merged copy
+    _, _, other = _tiny_arch_model(arch, sliding_window=8)
+    other = get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert fastgen.lora_base(other) is None
     with policy.disable_adapter():  # the adapter off: the base model's tokens
         assert [g.token_ids for g in generate(policy, tok, prompts, 20, 1.0, greedy=True)] == base_tokens
     assert greedy_direct != base_tokens
