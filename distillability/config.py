@@ -273,6 +273,21 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# keys added to a section after runs were made with it: at these values (their defaults, which do what the
+# section did before the key existed) they are left out of a stage's saved config and of a world's cache key,
+# so finished stages and built (and shipped) worlds stay reused
+LATER_KEYS = {"world_terms": []}
+
+
+def without_later_keys(value):
+    """`value` (a config as nested dicts and lists) without the LATER_KEYS that are at their defaults."""
+    if isinstance(value, dict):
+        return {k: without_later_keys(v) for k, v in value.items() if not (k in LATER_KEYS and v == LATER_KEYS[k])}
+    if isinstance(value, list):
+        return [without_later_keys(v) for v in value]
+    return value
+
+
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key, type, default, meaning) for every field, sections flattened with dotted keys."""
     rows = []

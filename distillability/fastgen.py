@@ -109,10 +109,11 @@ class Decoder:
         self.fused = []  # per layer: q|k|v and gate|up projections as one matrix each (fewer, larger matmuls)
         for layer in self.inner.layers:
             att, mlp = layer.self_attn, layer.mlp
-            if any(effective_weight(m)[1] is not None for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+            fused = {"qkv": cat([att.q_proj, att.k_proj, att.v_proj]), "o": cat([att.o_proj]),
+                     "gu": cat([mlp.gate_proj, mlp.up_proj]), "down": cat([mlp.down_proj])}
+            if fused["gu"][1] is not None or fused["down"][1] is not None:
                 raise ValueError("fastgen: MLP biases are not supported")
-            self.fused.append({"qkv": cat([att.q_proj, att.k_proj, att.v_proj]), "o": cat([att.o_proj]),
-                               "gu": cat([mlp.gate_proj, mlp.up_proj]), "down": cat([mlp.down_proj])})
+            self.fused.append(fused)
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads

@@ -93,11 +93,12 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
     reps = 1 if greedy else num_return_sequences
     rows = [(i, j) for i in range(len(prompts)) for j in range(reps)]
     gen, lora = model, fastgen.lora_base(model) if use_fast else None
-    if lora is not None and fastgen.supports(lora, lora=True):
+    fast = lora is not None and fastgen.supports(lora, lora=True)
+    if fast:
         gen = lora  # the lean decoder reads each layer's base + LoRA weight: no merged copy of the model
     elif hasattr(model, "peft_config") and hasattr(model, "merge_and_unload") and rows:
         gen = copy.deepcopy(model).merge_and_unload().eval()  # LoRA unmerged costs ~3x per token
-    fast = use_fast and fastgen.supports(gen, lora=gen is lora)
+    fast = fast or (use_fast and fastgen.supports(gen))
     # Hugging Face's loop (architectures fastgen does not cover) decodes in the model's own precision even when
     # bf16 is asked for: autocast would re-cast every weight at every token, and a bf16 copy makes torch's CPU
     # matmul expand a large head once per row; the lean decoder casts its weights once and feeds the head a 2-D

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import to_dict
+from ..config import to_dict, without_later_keys
 
 
 def _inputs(cfg) -> dict:
@@ -31,22 +31,9 @@ def _inputs(cfg) -> dict:
     return found
 
 
-# keys added to a section after runs were made with it: at these values (their defaults, which do what the
-# section did before the key existed) they are left out of a stage's saved config, so finished stages stay reused
-LATER_KEYS = {"world_terms": []}
-
-
-def _without_later_keys(value):
-    if isinstance(value, dict):
-        return {k: _without_later_keys(v) for k, v in value.items() if not (k in LATER_KEYS and v == LATER_KEYS[k])}
-    if isinstance(value, list):
-        return [_without_later_keys(v) for v in value]
-    return value
-
-
 def stage_config_text(cfg) -> str:
     """The text a stage's config is saved as and compared by (keys added later, at their defaults, left out)."""
-    return yaml.safe_dump(_without_later_keys(to_dict(cfg)), sort_keys=True)
+    return yaml.safe_dump(without_later_keys(to_dict(cfg)), sort_keys=True)
 
 
 def run_stage(out: Path, name: str, cfg, marker: str, fn, log: dict | None = None):

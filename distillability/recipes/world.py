@@ -10,7 +10,7 @@ import json
 import random
 from pathlib import Path
 
-from ..config import TaskConfig, opt
+from ..config import TaskConfig, opt, without_later_keys
 from ..io import write_json
 from ..models import (
     TinyModelSpec,
@@ -69,10 +69,7 @@ def world_key(cfg: WorldConfig, task: TaskConfig, bf16: bool) -> str:
         if d[key] == default:  # keys added later: at their default, the key of a world built before them
             d.pop(key)
     d["bf16"] = bf16
-    t = dataclasses.asdict(task)
-    if not t["world_terms"]:  # a key added later: at its default, the key of a world built before it
-        t.pop("world_terms")
-    blob = json.dumps({**d, "task": t, "v": 3}, sort_keys=True)
+    blob = json.dumps({**d, "task": without_later_keys(dataclasses.asdict(task)), "v": 3}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
