@@ -110,6 +110,41 @@ def test_protected_budget_is_the_largest_budget_below_the_bar():
     assert "never" in headline_sentence({"protection": {"undistillable": attack.protected_budget(cells, battery, "u")}})
 
 
+def test_cost_multiplier_and_strongest_attack_against_hand_computed_values():
+    import math
+
+    battery = [attack.Attacker(name=f"sft@{b:g}x", budget=b) for b in (1.0, 4.0, 10.0)]
+    battery += [attack.Attacker(name="sft-best-of-16", keep_correct_only=True, best_of=16),
+                attack.Attacker(name="kd@1x", method="kd")]
+    ok = lambda acc: {"status": "ok", "accuracy": acc}  # noqa: E731
+    cells = {"sft@1x": {"c": ok(0.27), "u": ok(0.06)}, "sft@4x": {"c": ok(0.65), "u": ok(0.25)},
+             "sft@10x": {"c": ok(0.82), "u": ok(0.90)}, "sft-best-of-16": {"c": ok(0.30), "u": ok(0.22)},
+             "kd@1x": {"c": ok(0.20), "u": {"status": "failed"}}}
+    cost = attack.cost_multiplier(cells, battery, "u", "c")
+    assert set(cost) == {"sft"}  # one KD point of the reference, none of the teacher: no curve
+    # 1x: 0.06 <= the control's 1x accuracy: at least 1 / 1
+    assert cost["sft"]["1x"] == {"multiplier": 1.0, "bound": "at_least", "accuracy": 0.06}
+    # 4x: 0.25 < 0.27, the control's smallest budget already teaches more: at least 4 / 1
+    assert cost["sft"]["4x"]["multiplier"] == 4.0 and cost["sft"]["4x"]["bound"] == "at_least"
+    # 10x: 0.90 above every control point: at most 10 / 10
+    assert cost["sft"]["10x"] == {"multiplier": 1.0, "bound": "at_most", "accuracy": 0.90}
+    cells["sft@10x"]["u"] = ok(0.70)  # between the control's 4x (0.65) and 10x (0.82), log-linear
+    b_equal = math.exp(math.log(4) + (0.70 - 0.65) / (0.82 - 0.65) * math.log(10 / 4))
+    got = attack.cost_multiplier(cells, battery, "u", "c")["sft"]["10x"]
+    assert got["bound"] is None and got["multiplier"] == pytest.approx(10 / b_equal) and 1.90 < got["multiplier"] < 1.92
+    strong = attack.strongest_attack(cells, battery, "u", "c")
+    # at 1x the best against u is best-of-16 (0.22 > 0.06), and against c too (0.30 > 0.27 > 0.20)
+    assert strong["1x"] == {"attacker": "sft-best-of-16", "accuracy": 0.22, "reference_attacker": "sft-best-of-16",
+                            "reference_accuracy": 0.30, "ratio": pytest.approx(0.22 / 0.30)}
+    assert strong["10x"]["ratio"] == pytest.approx(0.70 / 0.82) and set(strong) == {"1x", "4x", "10x"}
+    from distillability.report.attack import markdown
+
+    text = markdown({"teachers": ["c", "u"], "reference": "c", "repeats": 1, "battery": [], "cells": {},
+                     "cost_multiplier": {"u": attack.cost_multiplier(cells, battery, "u", "c")},
+                     "strongest_attack": {"u": strong}})
+    assert "| u | SFT | >= 1.00x | >= 4.00x | 1.91x |" in text and "| u | 1x | sft-best-of-16 | 0.220 |" in text
+
+
 def test_config_errors_name_the_key(tiny_pair, tmp_path):
     for extra, needle in ((["reference=nobody"], "'reference'"), (["battery=[{name: x, methd: sft}]"], "battery[0].methd"),
                           (["battery=[{name: x, budget: 0}]"], "battery[0].budget"),

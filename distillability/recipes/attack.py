@@ -302,6 +302,59 @@ def protected_budget(cells: dict, battery: list[Attacker], teacher: str, bar: fl
     return out
 
 
+def _budget_curve(cells: dict, battery: list[Attacker], teacher: str, method: str) -> list[tuple[float, float]]:
+    """(budget, mean accuracy) of one teacher's budget attackers of one method, by budget (measured cells only)."""
+    pts = sorted((a.budget, cells.get(a.name, {}).get(teacher, {})) for a in battery if a.is_budget and a.method == method)
+    return [(b, c["accuracy"]) for b, c in pts if c.get("status") in ("ok", "partial")]
+
+
+def cost_multiplier(cells: dict, battery: list[Attacker], teacher: str, reference: str) -> dict:
+    """Protection as what it costs the attacker, per method: at each budget b of the teacher's curve, b / b', where
+    b' is the budget at which the reference teacher's students first reach the accuracy the teacher's students
+    reached at b (linear in log budget between the reference's measured budgets). 2.5 reads: from this teacher an
+    attacker pays 2.5 times the data for what the reference teaches. Outside the reference's measured range only a
+    bound is known: `at_least` b / (its smallest budget) when the reference's smallest budget already teaches as
+    much, `at_most` b / (its largest budget) when the reference never teaches as much."""
+    out: dict = {}
+    for method in ("sft", "kd", "gkd"):
+        ref, own = _budget_curve(cells, battery, reference, method), _budget_curve(cells, battery, teacher, method)
+        if not ref or not own:
+            continue
+        rows = {}
+        for b, y in own:
+            if y <= ref[0][1]:
+                rows[f"{b:g}x"] = {"multiplier": b / ref[0][0], "bound": "at_least", "accuracy": y}
+                continue
+            found = None
+            for (b0, y0), (b1, y1) in zip(ref, ref[1:]):
+                if y0 < y <= y1:
+                    found = math.exp(math.log(b0) + (y - y0) / (y1 - y0) * (math.log(b1) - math.log(b0)))
+                    break
+            rows[f"{b:g}x"] = ({"multiplier": b / found, "bound": None, "accuracy": y} if found is not None
+                               else {"multiplier": b / ref[-1][0], "bound": "at_most", "accuracy": y})
+        out[method] = rows
+    return out
+
+
+def strongest_attack(cells: dict, battery: list[Attacker], teacher: str, reference: str) -> dict:
+    """Per budget: the attacker (any method, filter or student) whose students reached the highest accuracy against
+    the teacher, the same against the reference, and the ratio of the two: what the attacker's best known option
+    gets, which need not be the same attacker for both teachers."""
+    out = {}
+    for budget in sorted({a.budget for a in battery}):
+        best = {}
+        for who in (teacher, reference):
+            scored = [(cells.get(a.name, {}).get(who, {}), a.name) for a in battery if a.budget == budget]
+            scored = [(c["accuracy"], name) for c, name in scored if c.get("status") in ("ok", "partial")]
+            best[who] = max(scored) if scored else None
+        if best[teacher] is None or best[reference] is None:
+            continue
+        (acc, name), (ref_acc, ref_name) = best[teacher], best[reference]
+        out[f"{budget:g}x"] = {"attacker": name, "accuracy": acc, "reference_attacker": ref_name,
+                               "reference_accuracy": ref_acc, "ratio": acc / ref_acc if ref_acc > 0 else None}
+    return out
+
+
 def run(cfg: AttackConfig) -> dict:
     """Run the battery against every teacher (and defended teacher); write attack.json, attack.md, the plots."""
     from ..report.attack import write_attack_report
@@ -328,6 +381,10 @@ def run(cfg: AttackConfig) -> dict:
               "battery": [dataclasses.asdict(a) | {"is_budget": a.is_budget} for a in cfg.battery],
               "defenses": [dataclasses.asdict(d) for d in cfg.defenses], "cells": cells,
               "protection": {t: protected_budget(cells, cfg.battery, t) for t in columns if t != cfg.reference},
+              "cost_multiplier": {t: cost_multiplier(cells, cfg.battery, t, cfg.reference) for t in columns
+                                  if t != cfg.reference},
+              "strongest_attack": {t: strongest_attack(cells, cfg.battery, t, cfg.reference) for t in columns
+                                   if t != cfg.reference},
               "wall_seconds": time.time() - t0, "versions": versions(),
               "precision": cfg.attacker.runtime.precision()}
     write_attack_report(out, result)  # (adds the plots' names)

@@ -50,6 +50,44 @@ def cell_text(cell: dict) -> str:
     return f"{cell['accuracy']:.3f}{spread}{ratio}" + (" partial" if status == "partial" else "")
 
 
+def multiplier_text(m: dict) -> str:
+    sign = {"at_least": ">= ", "at_most": "<= "}.get(m.get("bound"), "")
+    return f"{sign}{m['multiplier']:.2f}x"
+
+
+def cost_lines(result: dict) -> list[str]:
+    """The cost multiplier table: per teacher and method, what an attacker pays in data at each budget."""
+    costs = {t: c for t, c in result.get("cost_multiplier", {}).items() if c}
+    if not costs:
+        return []
+    budgets = sorted({b for per in costs.values() for rows in per.values() for b in rows}, key=lambda b: float(b[:-1]))
+    lines = ["", f"What the attacker pays: at each budget, the data (x) the {result['reference']} teacher's students "
+             "need to reach what this teacher's students reached, i.e. budget / the reference's budget of equal "
+             "accuracy (log-linear between measured budgets; >= and <= outside them). 1x: no protection; below 1x: "
+             "this teacher teaches more.", "", "| teacher | method | " + " | ".join(budgets) + " |",
+             "|---" * (len(budgets) + 2) + "|"]
+    for t, per in costs.items():
+        for method, rows in per.items():
+            lines.append(f"| {t} | {method.upper()} | " + " | ".join(multiplier_text(rows[b]) if b in rows else "-"
+                                                                    for b in budgets) + " |")
+    return lines
+
+
+def strongest_lines(result: dict) -> list[str]:
+    """The strongest known attack per budget against each teacher and against the reference."""
+    strong = {t: s for t, s in result.get("strongest_attack", {}).items() if s}
+    if not strong:
+        return []
+    lines = ["", f"The strongest attack per budget (any method, filter or student; not necessarily the same attacker "
+             f"for both teachers):", "", f"| teacher | budget | its strongest attacker | accuracy | the "
+             f"{result['reference']}'s strongest | accuracy | ratio |", "|---|---|---|---|---|---|---|"]
+    for t, rows in strong.items():
+        for b, r in rows.items():
+            lines.append(f"| {t} | {b} | {r['attacker']} | {r['accuracy']:.3f} | {r['reference_attacker']} | "
+                         f"{r['reference_accuracy']:.3f} | {_fmt(r['ratio'], '.2f')} |")
+    return lines
+
+
 def markdown(result: dict, image_dir: str = ".") -> str:
     teachers = result["teachers"]
     lines = [headline_sentence(result), "",
@@ -61,6 +99,7 @@ def markdown(result: dict, image_dir: str = ".") -> str:
         first = next((c for c in row.values() if c.get("status") in ("ok", "partial")), {})
         lines.append(f"| {a['name']} | " + " | ".join(cell_text(row.get(t, {})) for t in teachers)
                      + f" | {_fmt(first.get('steps'), 'd')} | {_fmt(first.get('prompts'), 'd')} |")
+    lines += cost_lines(result) + strongest_lines(result)
     lines += ["", "| attacker | teacher | accuracy ± binomial SE (prompts x students) | base | gain | share of the control's "
               "gain (- where that gain is within 2 SE of 0) | samples | wall s | note |",
               "|---|---|---|---|---|---|---|---|---|"]
