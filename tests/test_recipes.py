@@ -175,6 +175,12 @@ def test_demo_quick_end_to_end(tmp_path):
     assert cell["settings"]["max_steps"] == 12 and cell["settings"]["num_prompts"] == 64
     report = (run / "report.md").read_text()
     assert "## Attacks" in report and "attack/attack_budget.png" in report
+    # what the attacker pays and the strongest attack per budget, read from the same cells
+    strong, u4 = attacks["strongest_attack"]["undistillable"], attacks["cells"]["sft@4x"]["undistillable"]
+    if u4["status"] == "ok" and attacks["cells"]["sft@4x"]["control"]["status"] == "ok":
+        assert strong["4x"]["attacker"] == "sft@4x" and strong["4x"]["accuracy"] == u4["accuracy"]
+        assert set(attacks["cost_multiplier"]["undistillable"]["sft"]) == {"1x", "4x"}
+        assert "What the attacker pays" in report and "The strongest attack per budget" in report
     # the report opens with the verdict, which says where the protection holds against the budget attackers (or
     # why there is no ratio to say it with)
     assert report.splitlines()[2] == "## Verdict" and f"> {attacks['summary']}" in report.splitlines()[4:8]

@@ -36,7 +36,9 @@ def headline_table(evaluations: dict, seed: int, wall_seconds: float, attacks: d
     if attacks:
         out["attacks"] = {"cells": {a: {t: {k: c.get(k) for k in ("status", "accuracy", "accuracy_se", "ratio", "gain_share")}
                                         for t, c in row.items()} for a, row in attacks["cells"].items()},
-                          "protection": attacks["protection"], "summary": headline_sentence(attacks)}
+                          "protection": attacks["protection"], "summary": headline_sentence(attacks),
+                          "cost_multiplier": attacks.get("cost_multiplier"),
+                          "strongest_attack": attacks.get("strongest_attack")}
     out["verdict"] = verdict(out, out["attacks"]["summary"] if attacks else None)
     return out
 
