@@ -4,7 +4,7 @@ imitate*? Two measurements on math chains of 2-3 terms (200 held-out prompts, gr
     .venv/bin/python bench/probe_styles.py student [--base-steps 400] [--steps 120] [--examples 512]
         a student-sized model (0.46M, Qwen2, BPE) trained on worked solutions (its base), then fine-tuned
         on N reference solutions of one style (worked / running / direct): accuracy after each.
-    .venv/bin/python bench/probe_styles.py teacher [--steps 2000] [--mix 0.5,0.5,0]
+    .venv/bin/python bench/probe_styles.py teacher [--steps 2000] [--mix 0.5,0.5,0] [--size 192,3,512]
         a teacher-sized model (1.3M, Llama, characters) trained on a style mix: accuracy per style used
         (greedy and T = 1), at half and full training.
 """
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--examples", type=int, default=512)
     ap.add_argument("--mix", default="0.5,0.5,0")
+    ap.add_argument("--size", default="192,3,512", help="teacher: hidden size, layers, MLP size (4 heads)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     set_threads(args.threads)
@@ -66,7 +67,10 @@ def main() -> None:
         return
     mix = [float(x) for x in args.mix.split(",")]
     tok = train_tokenizer(corpus, 0, "char")
-    model = build_tiny_model(TinyModelSpec(hidden_size=192, num_layers=3, num_heads=4, intermediate_size=512), tok, seed=0)
+    hidden, layers, mlp = (int(x) for x in args.size.split(","))
+    model = build_tiny_model(TinyModelSpec(hidden_size=hidden, num_layers=layers, num_heads=4, intermediate_size=mlp),
+                             tok, seed=0)
+    print(f"teacher {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, mix {mix}", flush=True)
     rng = random.Random(0)
     pairs = [(e.prompt, e.solutions[rng.choices(STYLES, weights=mix)[0]]) for e in train * 14]
     steps, done, t0 = args.steps or 2000, 0, time.time()
