@@ -28,6 +28,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     from distillability.config import TaskConfig, load_config
     from distillability.kd_loss import token_loss
+    from distillability.precision import use_bf16
     from distillability.recipes.distill import DistillConfig
     from distillability.sampling import generate
 
@@ -56,7 +57,7 @@ def main() -> None:
         t1 = time.time()
         loss.backward()
         t2 = time.time()
-        gens = generate(student, stok, prompts, args.tokens, 1.0, seed=0, autocast=True)
+        gens = generate(student, stok, prompts, args.tokens, 1.0, seed=0, autocast=use_bf16("auto"))
         t3 = time.time()
         times["loss_forward"].append(t1 - t0)
         times["backward"].append(t2 - t1)

@@ -255,7 +255,7 @@ def load_checkpoint(ckpt_root: Path, model, optimizer, scheduler) -> dict | None
 
 
 def fit_lm(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], steps: int, batch_size: int = 32,
-           lr: float = 1e-3, seed: int = 0, autocast: bool = True, warmup_steps: int = 20, desc: str = "sft",
+           lr: float = 1e-3, seed: int = 0, autocast: bool = False, warmup_steps: int = 20, desc: str = "sft",
            progress: bool = True) -> list[float]:
     """Plain next-token NLL training on (prompt, response) pairs with a cosine schedule; returns losses.
     Used to build the tiny world's models; the distill recipe has its own resumable loop."""

@@ -78,8 +78,8 @@ def strongest_lines(result: dict) -> list[str]:
     strong = {t: s for t, s in result.get("strongest_attack", {}).items() if s}
     if not strong:
         return []
-    lines = ["", f"The strongest attack per budget (any method, filter or student; not necessarily the same attacker "
-             f"for both teachers):", "", f"| teacher | budget | its strongest attacker | accuracy | the "
+    lines = ["", "The strongest attack per budget (any method, filter or student; not necessarily the same attacker "
+             "for both teachers):", "", f"| teacher | budget | its strongest attacker | accuracy | the "
              f"{result['reference']}'s strongest | accuracy | ratio |", "|---|---|---|---|---|---|---|"]
     for t, rows in strong.items():
         for b, r in rows.items():
