@@ -34,6 +34,10 @@ VARIANTS: dict[str, list[str]] = {
     # teacher trained on and the calibration never saw (the shifted split; later overrides win over COMMON's)
     "trap-adv-disjoint-short": [*TRAP, "calibrate.proxy_updates=4", "world.student_prompts=disjoint",
                                 "world.student_steps=200", "calibration_terms=[2,3]", "shifted_terms=4"],
+    # the "not built into the world" check on the best 1x-4x design: its proxy trained on the teacher's mix
+    "trap-adv-disjoint-short-seen": [*TRAP, "calibrate.proxy_updates=4", "world.student_prompts=disjoint",
+                                     "world.student_steps=200", "calibration_terms=[2,3]", "shifted_terms=4",
+                                     "world.proxy_style_mix=[0.4,0.3,0.3]"],
     "trap-adv-disjoint-seen": [*TRAP, "calibrate.proxy_updates=4", "world.student_prompts=disjoint",
                                "world.student_steps=200", "world.proxy_style_mix=[0.4,0.3,0.3]"],
 }
