@@ -20,6 +20,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BUDGETS = (1, 4, 10)
+LABELS = {"adv": "adversarial proxy", "trap-adv-disjoint": "adversarial proxy + answer-only mode, disjoint student base",
+          "trap-adv-disjoint-short": "the same, calibrated on 2-3-term chains",
+          "trap-adv-disjoint-short-seen": "the same, proxy trained on the teacher's mix (not blind)"}
 
 
 def _ratios(cells: dict, teacher: str = "undistillable", method: str = "sft") -> list[float | None]:
@@ -42,7 +45,7 @@ def curves() -> dict[str, dict]:
     for variant, by_seed in v2.items():
         for seed, res in by_seed.items():
             r = _ratios(res["cells"])
-            out[f"knob-v2 {variant} (seed {seed})"] = {"mean": r, "low": r, "high": r}
+            out[f"{LABELS.get(variant, variant)} (seed {seed})"] = {"mean": r, "low": r, "high": r}
     return out
 
 
@@ -68,8 +71,8 @@ def main() -> None:
     left.set_xticks(BUDGETS, [f"{b}x" for b in BUDGETS])
     left.set_xlabel("attacker budget (optimizer steps and distinct prompts, x the 1x attacker's)")
     left.set_ylabel("undistillable teacher's SFT students / control's")
-    left.set_title("The protection is a data tax: it fades with budget")
-    left.legend(fontsize=7.5, loc="upper left")
+    left.set_title("The protection fades with budget, and needs a blind proxy")
+    left.legend(fontsize=7, loc="upper left")
     left.set_ylim(0, 1.4)
 
     probe = json.loads((HERE / "results/probe_styles/capacity_probe.json").read_text())["student"]
