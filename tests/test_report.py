@@ -235,3 +235,34 @@ def test_knob_v2_marks_issue_28s_targets():
     assert got["sft@10x: ratio <= 0.6"] is False
     assert got["sft-best-of-16: gain share <= 0.3"] is False and got["sft-best-of-16: ratio <= 0.5"] is False
     assert got["kd@1x: ratio <= 0.5"] is None and got["gkd@10x: gain share <= 0.3"] is None
+
+
+def test_plot_protection_reads_the_committed_results(tmp_path):
+    """bench/plot_protection.py: the shipped world's curve is the mean (and min-max) over seeds of the undistillable
+    teacher's SFT ratio per budget in results/attack_seeds.json; each knob-v2 variant's points are its cells' ratios,
+    None where a budget did not run; the figure is written under its name only when complete."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    spec = importlib.util.spec_from_file_location("plot_protection", bench / "plot_protection.py")
+    pp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pp)
+    seeds = json.loads((bench / "results/attack_seeds.json").read_text())["seeds"]
+    per_seed = [[s["cells"][f"sft@{b}x"]["undistillable"]["ratio"] for b in (1, 4, 10)] for s in seeds.values()]
+    curves = pp.curves()
+    shipped = next(v for k, v in curves.items() if k.startswith("shipped world"))
+    assert shipped["mean"] == pytest.approx([sum(c) / len(c) for c in zip(*per_seed)])
+    assert shipped["low"] == pytest.approx([min(c) for c in zip(*per_seed)])
+    assert shipped["mean"][2] > 1.0  # the 10x inversion the README states (1.12x)
+    seen = next(v for k, v in curves.items() if "not blind" in k)
+    assert seen["mean"][0] == pytest.approx(0.152 / 0.206) and seen["mean"][2] is None
+    out = tmp_path / "p.png"
+    import sys
+    argv, sys.argv = sys.argv, ["plot_protection.py", "--out", str(out)]
+    try:
+        pp.main()
+    finally:
+        sys.argv = argv
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
