@@ -33,10 +33,14 @@ def _ratios(cells: dict, teacher: str = "undistillable", method: str = "sft") ->
     return out
 
 
-def curves() -> dict[str, dict]:
+def _shipped_seeds() -> dict:
+    return json.loads((HERE / "results/attack_seeds.json").read_text())["seeds"]
+
+
+def curves(seeds: dict | None = None) -> dict[str, dict]:
     """name -> {"mean": [...], "low": [...], "high": [...]} of the undistillable/control SFT ratio per budget."""
     out: dict[str, dict] = {}
-    seeds = json.loads((HERE / "results/attack_seeds.json").read_text())["seeds"]
+    seeds = seeds if seeds is not None else _shipped_seeds()
     per_seed = [_ratios(s["cells"]) for s in seeds.values()]
     cols = list(zip(*per_seed))
     out[f"shipped world, frozen proxy (seeds {', '.join(seeds)})"] = {
@@ -59,7 +63,8 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1.25, 1]})
-    for name, c in curves().items():
+    seeds = _shipped_seeds()
+    for name, c in curves(seeds).items():
         pts = [(b, m, lo, hi) for b, m, lo, hi in zip(BUDGETS, c["mean"], c["low"], c["high"]) if m is not None]
         xs = [p[0] for p in pts]
         (line,) = left.plot(xs, [p[1] for p in pts], marker="o", label=name)
@@ -82,8 +87,7 @@ def main() -> None:
         xs = [j + (i - 0.5) * width for j in range(len(styles))]
         bars = right.bar(xs, [accs[s] for s in styles], width, label=f"chains of {split}")
         right.bar_label(bars, fmt="%.2f", fontsize=8)
-    ctrl10 = [s["cells"]["sft@10x"]["control"]["accuracy"]
-              for s in json.loads((HERE / "results/attack_seeds.json").read_text())["seeds"].values()]
+    ctrl10 = [s["cells"]["sft@10x"]["control"]["accuracy"] for s in seeds.values()]
     right.axhline(sum(ctrl10) / len(ctrl10), color="black", ls="--", lw=1,
                   label=f"control teacher's 10x SFT students (shipped world, mean {sum(ctrl10) / len(ctrl10):.2f})")
     right.set_xticks(range(len(styles)), ["worked steps", "running totals", "answer only"])

@@ -270,13 +270,18 @@ def gain_noise(accuracy: float, n: int | None) -> float:
     return 2 * math.sqrt(2) * binomial_se(p, n)
 
 
+def measured(cell: dict) -> bool:
+    """A cell with an accuracy to read: every repeat finished, or some did (partial)."""
+    return cell.get("status") in ("ok", "partial")
+
+
 def relate(cells: dict, reference: str) -> None:
     """Ratio to the reference teacher's same attacker, and the gain as a share of the reference's gain (only where
     the reference's gain is above the noise of the two accuracies it is the difference of)."""
     for row in cells.values():
         ref = row.get(reference, {})
         for cell in row.values():
-            if cell.get("status") not in ("ok", "partial") or ref.get("status") not in ("ok", "partial"):
+            if not measured(cell) or not measured(ref):
                 continue
             cell["ratio"] = cell["accuracy"] / ref["accuracy"] if ref["accuracy"] > 0 else None
             noise = gain_noise(ref["base"], ref.get("eval_prompts"))
@@ -305,7 +310,7 @@ def protected_budget(cells: dict, battery: list[Attacker], teacher: str, bar: fl
 def _budget_curve(cells: dict, battery: list[Attacker], teacher: str, method: str) -> list[tuple[float, float]]:
     """(budget, mean accuracy) of one teacher's budget attackers of one method, by budget (measured cells only)."""
     pts = sorted((a.budget, cells.get(a.name, {}).get(teacher, {})) for a in battery if a.is_budget and a.method == method)
-    return [(b, c["accuracy"]) for b, c in pts if c.get("status") in ("ok", "partial")]
+    return [(b, c["accuracy"]) for b, c in pts if measured(c)]
 
 
 def cost_multiplier(cells: dict, battery: list[Attacker], teacher: str, reference: str) -> dict:
@@ -345,7 +350,7 @@ def strongest_attack(cells: dict, battery: list[Attacker], teacher: str, referen
         best = {}
         for who in (teacher, reference):
             scored = [(cells.get(a.name, {}).get(who, {}), a.name) for a in battery if a.budget == budget]
-            scored = [(c["accuracy"], name) for c, name in scored if c.get("status") in ("ok", "partial")]
+            scored = [(c["accuracy"], name) for c, name in scored if measured(c)]
             best[who] = max(scored) if scored else None
         if best[teacher] is None or best[reference] is None:
             continue
@@ -377,14 +382,13 @@ def run(cfg: AttackConfig) -> dict:
             print(f"attack: {a.name} on the {teacher} teacher ({time.time() - t0:.0f}s elapsed)", flush=True)
             cells[a.name][teacher] = summarise([run_cell(cfg, a, teacher, r, log, samples) for r in range(cfg.repeats)])
     relate(cells, cfg.reference)
+    others = [t for t in columns if t != cfg.reference]
     result = {"reference": cfg.reference, "teachers": columns, "repeats": cfg.repeats,
               "battery": [dataclasses.asdict(a) | {"is_budget": a.is_budget} for a in cfg.battery],
               "defenses": [dataclasses.asdict(d) for d in cfg.defenses], "cells": cells,
-              "protection": {t: protected_budget(cells, cfg.battery, t) for t in columns if t != cfg.reference},
-              "cost_multiplier": {t: cost_multiplier(cells, cfg.battery, t, cfg.reference) for t in columns
-                                  if t != cfg.reference},
-              "strongest_attack": {t: strongest_attack(cells, cfg.battery, t, cfg.reference) for t in columns
-                                   if t != cfg.reference},
+              "protection": {t: protected_budget(cells, cfg.battery, t) for t in others},
+              "cost_multiplier": {t: cost_multiplier(cells, cfg.battery, t, cfg.reference) for t in others},
+              "strongest_attack": {t: strongest_attack(cells, cfg.battery, t, cfg.reference) for t in others},
               "wall_seconds": time.time() - t0, "versions": versions(),
               "precision": cfg.attacker.runtime.precision()}
     write_attack_report(out, result)  # (adds the plots' names)
