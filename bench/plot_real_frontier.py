@@ -66,7 +66,8 @@ def main() -> None:
                     yerr=[[p["students"] - p["low"]], [p["high"] - p["students"]]], fmt=marker, color=color,
                     capsize=3)
         ax.annotate(f"eta {p['eta']:g}, {p['steps']} steps" + (", fp32" if p["precision"] == "float32" else ""),
-                    (p["teacher"], p["students"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+                    (p["teacher"], p["students"]), textcoords="offset points",
+                    xytext=(6, -12) if p["precision"] == "float32" else (6, 4), fontsize=8)
     ax.set_xlim(0.84, 1.0)
     ax.set_ylim(0.2, 0.8)
     ax.set_xlabel("undistillable teacher's accuracy / control's (± SE, 300 prompts)")
