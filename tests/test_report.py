@@ -237,18 +237,38 @@ def test_knob_v2_marks_issue_28s_targets():
     assert got["kd@1x: ratio <= 0.5"] is None and got["gkd@10x: gain share <= 0.3"] is None
 
 
+def _bench_module(name: str):
+    """A bench/ script imported as a module (bench/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _main_writes_png(module, out) -> None:
+    """Run a plot script's main() with --out OUT: a PNG lands under its name and no temporary file is left."""
+    import sys
+
+    argv, sys.argv = sys.argv, [module.__name__ + ".py", "--out", str(out)]
+    try:
+        module.main()
+    finally:
+        sys.argv = argv
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(out.parent.glob("*.tmp.png"))
+
+
 def test_plot_protection_reads_the_committed_results(tmp_path):
     """bench/plot_protection.py: the shipped world's curve is the mean (and min-max) over seeds of the undistillable
     teacher's SFT ratio per budget in results/attack_seeds.json; each knob-v2 variant's points are its cells' ratios,
     None where a budget did not run; the figure is written under its name only when complete."""
-    import importlib.util
     import json
     from pathlib import Path
 
     bench = Path(__file__).resolve().parents[1] / "bench"
-    spec = importlib.util.spec_from_file_location("plot_protection", bench / "plot_protection.py")
-    pp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pp)
+    pp = _bench_module("plot_protection")
     seeds = json.loads((bench / "results/attack_seeds.json").read_text())["seeds"]
     per_seed = [[s["cells"][f"sft@{b}x"]["undistillable"]["ratio"] for b in (1, 4, 10)] for s in seeds.values()]
     curves = pp.curves()
@@ -258,29 +278,16 @@ def test_plot_protection_reads_the_committed_results(tmp_path):
     assert shipped["mean"][2] > 1.0  # the 10x inversion the README states (1.12x)
     seen = next(v for k, v in curves.items() if "not blind" in k)
     assert seen["mean"][0] == pytest.approx(0.152 / 0.206) and seen["mean"][2] is None
-    out = tmp_path / "p.png"
-    import sys
-    argv, sys.argv = sys.argv, ["plot_protection.py", "--out", str(out)]
-    try:
-        pp.main()
-    finally:
-        sys.argv = argv
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
+    _main_writes_png(pp, tmp_path / "p.png")
 
 
 def test_plot_real_frontier_reads_the_committed_results(tmp_path):
     """bench/plot_real_frontier.py: one point per committed real-teacher run, the teacher's ratio to the control with
     its delta-method SE, the students' mean ratio over the 1x cells with their range; eta = 1 at 80 steps (0.897x,
     cells 0.38-0.42x) and eta = 0.75 (0.92x, KD 0.65x) each miss one target, as the README says."""
-    import importlib.util
     import math
-    import sys
-    from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    spec = importlib.util.spec_from_file_location("plot_real_frontier", bench / "plot_real_frontier.py")
-    pf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pf)
+    pf = _bench_module("plot_real_frontier")
     pts = {(p["steps"], p["eta"], p["precision"]): p for p in pf.points()}
     shipped = pts[(80, 1.0, "bf16")]
     assert shipped["teacher"] == pytest.approx(0.8667 / 0.9667, abs=1e-3)
@@ -289,10 +296,8 @@ def test_plot_real_frontier_reads_the_committed_results(tmp_path):
     assert (shipped["low"], shipped["high"]) == pytest.approx((0.3766, 0.4228), abs=1e-3)
     assert shipped["meets"] is False and pts[(80, 0.75, "bf16")]["meets"] is False
     assert pts[(80, 0.75, "bf16")]["high"] == pytest.approx(0.647, abs=2e-3)
-    out = tmp_path / "f.png"
-    argv, sys.argv = sys.argv, ["plot_real_frontier.py", "--out", str(out)]
-    try:
-        pf.main()
-    finally:
-        sys.argv = argv
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
+    fp32 = pts[(80, 0.85, "float32")]  # the shipped eta: the teacher holds, GKD's cell (0.63x) does not
+    assert fp32["teacher"] == pytest.approx(0.870 / 0.950, abs=1e-3) and fp32["high"] == pytest.approx(0.630, abs=2e-3)
+    assert fp32["meets"] is False
+    assert [p["file"] for p in pf.points() if p["meets"]] == ["smollm2_tinyworld_1205a.json"]  # one 60-step run
+    _main_writes_png(pf, tmp_path / "f.png")
