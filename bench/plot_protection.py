@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+
+from distillability.io import atomic_path
 
 HERE = Path(__file__).resolve().parent
 BUDGETS = (1, 4, 10)
@@ -96,9 +97,8 @@ def main() -> None:
     right.set_title("With 10x data a student learns every correct style")
     right.legend(fontsize=7.5, loc="upper center")
     fig.tight_layout()
-    tmp = f"{args.out}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, args.out)
+    with atomic_path(args.out) as tmp:
+        fig.savefig(tmp, dpi=110)
     print(args.out)
 
 

@@ -15,6 +15,8 @@ import json
 import math
 from pathlib import Path
 
+from distillability.io import atomic_path
+
 HERE = Path(__file__).resolve().parent
 # (results file, RL steps per teacher, eta_undistillable, how the run computed): every 600-step-SFT run of the config
 RUNS = (
@@ -37,7 +39,7 @@ def points(results: Path = HERE / "results") -> list[dict]:
             continue
         d = json.loads(f.read_text())
         u, c = d["teachers"]["undistillable"], d["teachers"]["control"]
-        ratio = u["accuracy"] / c["accuracy"]
+        ratio = u["ratio"]  # real_teacher_table.py: accuracy / the control's
         se = ratio * math.sqrt((u["se"] / u["accuracy"]) ** 2 + (c["se"] / c["accuracy"]) ** 2)
         cells = [cell["undistillable"]["ratio"] for cell in d["students"].values()]
         out.append({"file": name, "steps": steps, "eta": eta, "precision": precision, "teacher": ratio,
@@ -75,11 +77,9 @@ def main() -> None:
     ax.set_title("SmolLM2-135M teacher, tiny world's task: utility vs protection per run", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    out = Path(args.out)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(out)
-    print(f"wrote {out} ({len(pts)} runs)")
+    with atomic_path(args.out) as tmp:
+        fig.savefig(tmp, dpi=120)
+    print(f"wrote {args.out} ({len(pts)} runs)")
 
 
 if __name__ == "__main__":

@@ -289,12 +289,12 @@ def test_plot_real_frontier_reads_the_committed_results(tmp_path):
 
     pf = _bench_module("plot_real_frontier")
     pts = {(p["steps"], p["eta"], p["precision"]): p for p in pf.points()}
-    shipped = pts[(80, 1.0, "bf16")]
-    assert shipped["teacher"] == pytest.approx(0.8667 / 0.9667, abs=1e-3)
-    assert shipped["teacher_se"] == pytest.approx(shipped["teacher"] * math.hypot(0.0196 / 0.8667, 0.0104 / 0.9667),
-                                                  abs=1e-3)
-    assert (shipped["low"], shipped["high"]) == pytest.approx((0.3766, 0.4228), abs=1e-3)
-    assert shipped["meets"] is False and pts[(80, 0.75, "bf16")]["meets"] is False
+    eta1 = pts[(80, 1.0, "bf16")]
+    assert eta1["teacher"] == pytest.approx(0.8667 / 0.9667, abs=1e-3)
+    assert eta1["teacher_se"] == pytest.approx(eta1["teacher"] * math.hypot(0.0196 / 0.8667, 0.0104 / 0.9667),
+                                               abs=1e-3)
+    assert (eta1["low"], eta1["high"]) == pytest.approx((0.3766, 0.4228), abs=1e-3)
+    assert eta1["meets"] is False and pts[(80, 0.75, "bf16")]["meets"] is False
     assert pts[(80, 0.75, "bf16")]["high"] == pytest.approx(0.647, abs=2e-3)
     fp32 = pts[(80, 0.85, "float32")]  # the shipped eta: the teacher holds, GKD's cell (0.63x) does not
     assert fp32["teacher"] == pytest.approx(0.870 / 0.950, abs=1e-3) and fp32["high"] == pytest.approx(0.630, abs=2e-3)
