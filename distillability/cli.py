@@ -59,9 +59,13 @@ def _run(recipe: str, config_path: str | None, extra: list[str], preset_quick: b
         cfg = load_config(cls, config_path, overrides)
     result = module.run(cfg)
     if recipe == "pipeline":
-        from .report.protection import markdown_table
+        from .report.protection import gain_table, markdown_table
 
-        click.echo("\nHeadline (greedy accuracy on held-out prompts):\n" + markdown_table(result))
+        click.echo("\nHeadline (greedy accuracy on held-out prompts; students: the mean of each cell's):\n"
+                   + markdown_table(result))
+        if gains := gain_table(result):
+            click.echo("\nGain over the student base (± SE) and the share of the control teacher's students' gain:\n"
+                       + gains)
         click.echo("\nVerdict:\n" + "\n".join(f"- {line}" for line in result.get("verdict", [])))
         click.echo(f"\nReport: {cfg.output_dir}/report.html")
     elif isinstance(result, dict) and result:  # (empty on non-main processes of a multi-process run)

@@ -1,4 +1,4 @@
-"""Sequence-level KL estimators, on- and off-policy (method.md §2).
+"""Sequence-level KL estimators, on- and off-policy (docs/method.md §2).
 
 For y ~ pi_A, the log-ratio d(y) = log pi_A(y|x) - log pi_B(y|x) estimates KL_seq(pi_A || pi_B).
 Schulman's estimators with r = pi_B(y)/pi_A(y) (the "reference over sampling policy" ratio):

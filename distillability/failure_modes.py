@@ -1,4 +1,4 @@
-"""Failure-mode taxonomy of a response [our definition, method.md §5]; the first match wins:
+"""Failure-mode taxonomy of a response [our definition, docs/method.md §5]; the first match wins:
 
 1. ``degradation``  local decoding degradation: a token n-gram (n >= `ngram`) repeated >= `repeats`
    times in a row, or a distinct-3 ratio below `min_distinct3`, or text not well formed for the task;

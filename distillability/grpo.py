@@ -1,4 +1,4 @@
-"""GRPO with the calibration reward (method.md §3), as components: the per-group standardisation of each
+"""GRPO with the calibration reward (docs/method.md §3), as components: the per-group standardisation of each
 reward, the correctness/well-formedness gate on r_cal, the combined advantage A = A_task + eta * A_cal, the k3
 KL estimator and the clipped surrogate loss with TRL's aggregations (grpo, dr_grpo, dapo).
 

@@ -1,4 +1,4 @@
-"""Token-level distillation losses between a teacher and a student on (prompt, response) text (method.md §4):
+"""Token-level distillation losses between a teacher and a student on (prompt, response) text (docs/method.md §4):
 `SameVocabLoss` where both share a vocabulary, `CrossTokenizerLoss` where they do not (positions aligned by
 character offsets; next-character distributions, `char`, or sorted-probability distance, `uld`).
 `token_loss` picks one, refusing mismatched vocabularies unless a cross-tokenizer loss is asked for.

@@ -24,7 +24,7 @@ def mean_pass_at_k(correct_counts: Sequence[int], n: int, k: int) -> float:
 
 
 def wrong_trace_preference(groups: Sequence[Sequence[tuple[bool, float]]]) -> dict[str, float]:
-    """Wrong-trace preference rate [our definition, method.md §2].
+    """Wrong-trace preference rate [our definition, docs/method.md §2].
 
     groups: per prompt, a list of (is_correct, score) with score the length-normalised log-likelihood
     (nats per character of the response text) a model gives the trace. Over prompts with at least one

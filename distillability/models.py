@@ -384,3 +384,47 @@ def lm_parts(model):
     if type(head) is not torch.nn.Linear:  # (a LoRA-wrapped head is not a plain projection)
         return None
     return base.model, head
+
+
+def describe_model(spec: str) -> dict:
+    """Who a model is, for a report that must not generalise past it: parameters, architecture, tokenizer, and
+    how it came to be (trained from scratch by the tiny world, a distillability stage's output, or a given
+    pretrained model). Reads config.json and the tokenizer files; builds the model on the meta device only."""
+    import json
+
+    path = Path(resolve_model_path(spec))
+    out: dict = {"model": spec}
+    try:
+        cfg = AutoConfig.from_pretrained(str(path))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        out |= {"params": num_params(model), "architecture": cfg.model_type,
+                "vocab_size": getattr(cfg, "vocab_size", None)}
+    except Exception:  # noqa: BLE001 - a description is best effort; the run itself loads the model
+        pass
+    tok_file = path / "tokenizer.json"
+    if tok_file.exists():
+        try:
+            out["tokenizer"] = json.loads(tok_file.read_text()).get("model", {}).get("type")
+        except (OSError, ValueError):
+            pass
+    world = path.parent / "world.json"
+    if world.exists() and path.name in ("teacher", "proxy", "student"):
+        info = json.loads(world.read_text()).get("models", {}).get(path.name, {})
+        n = f" {info['examples']:,}" if info.get("examples") else ""
+        out |= {"origin": "from_scratch",
+                "how": f"trained from scratch by the tiny world ({info.get('steps', '?')} SFT steps on{n} worked solutions)"}
+    elif spec.startswith("packaged:") or not Path(spec).expanduser().exists():
+        out |= {"origin": "pretrained", "how": f"the pretrained model {spec}"}
+    else:
+        out |= {"origin": "given", "how": f"the given model {spec}"}
+    return out
+
+
+def model_phrase(d: dict) -> str:
+    """'a 0.46M-parameter qwen2 (BPE tokenizer, 420 tokens), trained from scratch ...' from describe_model."""
+    size = f"{d['params'] / 1e6:.2f}M-parameter " if d.get("params") else ""
+    tok = d.get("tokenizer")
+    vocab = f", {d['vocab_size']:,} tokens" if d.get("vocab_size") else ""
+    tok_text = f" ({tok} tokenizer{vocab})" if tok else (f" ({vocab[2:]})" if vocab else "")
+    return f"a {size}{d.get('architecture', 'model')}{tok_text}, {d.get('how', d.get('model'))}"

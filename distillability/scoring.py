@@ -10,7 +10,7 @@ token's log-probability is included (`add_eos`), since stopping is part of the s
 
 Across tokenizers: the response is decoded to text once; each model re-encodes prompt and response
 text with its own tokenizer by the rule above. Both numbers are then log-probabilities of the same
-string, so no token alignment is needed (method.md §3).
+string, so no token alignment is needed (docs/method.md §3).
 """
 
 from __future__ import annotations

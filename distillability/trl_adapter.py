@@ -8,7 +8,7 @@ inside their own runs:
 Each call scores r_cal = log pi_theta(y|x) - log pi_C(y|x) on the completion *text*, each model with its
 own tokenizer (scoring.py's boundary rule), normalised per character by default and clipped.
 Difference from our `calibrate` recipe: TRL standardises the *weighted sum* of rewards within a group,
-whereas method.md §3 standardises task and calibration rewards separately before combining them.
+whereas docs/method.md §3 standardises task and calibration rewards separately before combining them.
 """
 
 from __future__ import annotations

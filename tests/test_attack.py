@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from distillability import protection
 from distillability.config import load_config
 from distillability.errors import ConfigError
 from distillability.recipes import attack
@@ -82,32 +83,62 @@ def test_a_failed_cell_is_reported_not_dropped():
     assert attack.summarise([{"failed": "x"}]) == {"status": "failed", "errors": ["x"]}
     cells = {"a": {"control": attack.summarise([ok]), "undistillable": attack.summarise([{**ok, "student_accuracy": 0.3}]),
                    "other": {"status": "failed", "errors": ["x"]}}}
-    attack.relate(cells, "control")
+    protection.relate(cells, "control")
     assert cells["a"]["undistillable"]["ratio"] == pytest.approx(0.6)
     assert cells["a"]["undistillable"]["gain_share"] == pytest.approx(0.05 / 0.25)
     assert "ratio" not in cells["a"]["other"]
-    # a reference gain inside the noise of two accuracies on 100 prompts (2 SE of the difference at 0.25: 0.12)
-    # gives no share: a share of nothing measurable is not a number
+    # a reference gain inside the noise (0.33 - 0.25 = 0.08 on 100 prompts: SE ~0.064, 2 SE ~0.13) gives no share:
+    # a share of nothing measurable is not a number
     small = {**ok, "student_accuracy": 0.33, "settings": {**ok["settings"], "eval_prompts": 100}}
     cells = {"a": {"control": attack.summarise([small]), "undistillable": attack.summarise([{**small, "student_accuracy": 0.1}])}}
-    attack.relate(cells, "control")
-    assert attack.gain_noise(0.25, 100) == pytest.approx(2 * (2 * 0.25 * 0.75 / 100) ** 0.5)
-    # the binomial SE of a cell pools its students' graded answers: 3 students x 100 prompts at mean 0.3
+    protection.relate(cells, "control")
+    assert cells["a"]["undistillable"]["reference_teaches"] is False and cells["a"]["undistillable"]["gain_share"] is None
+    assert cells["a"]["undistillable"]["ratio"] == pytest.approx(0.1 / 0.33)
+    # the SE of a cell: the larger of the spread's (std / sqrt n) and the binomial one of the pooled answers
     three = attack.summarise([{**small, "student_accuracy": a} for a in (0.2, 0.3, 0.4)])
-    assert three["accuracy_se"] == pytest.approx((0.3 * 0.7 / 300) ** 0.5)
+    assert three["accuracy_se"] == pytest.approx(0.1 / 3 ** 0.5) and three["se_from"] == "spread"
+    close = attack.summarise([{**small, "student_accuracy": a} for a in (0.299, 0.3, 0.301)])
+    assert close["accuracy_se"] == pytest.approx((0.3 * 0.7 / 300) ** 0.5) and close["se_from"] == "binomial"
     assert attack.summarise([ok])["accuracy_se"] is None  # no eval_prompts recorded: no SE claimed
-    assert cells["a"]["undistillable"]["gain_share"] is None and cells["a"]["undistillable"]["ratio"] == pytest.approx(0.1 / 0.33)
+    assert protection.binomial_se(0.0, 100) == pytest.approx((0.01 * 0.99 / 100) ** 0.5)  # a 0 still has an SE
 
 
-def test_protected_budget_is_the_largest_budget_below_the_bar():
+def test_gain_share_and_its_delta_method_se_against_a_float64_monte_carlo():
+    """share = (a - b) / (r - b): the delta-method SE against the spread of the share over simulated reads."""
+    import numpy as np
+
+    a, r, b, se_a, se_r, se_b = 0.30, 0.60, 0.20, 0.01, 0.012, 0.008
+    share, se = protection.gain_share(a, se_a, r, se_r, b, se_b)
+    assert share == pytest.approx(0.25)
+    rng = np.random.default_rng(0)
+    n = 400_000
+    sim = (a + se_a * rng.standard_normal(n) - (bb := b + se_b * rng.standard_normal(n))) / (
+        r + se_r * rng.standard_normal(n) - bb)
+    assert se == pytest.approx(sim.std(), rel=0.03)
+    assert protection.gain_share(0.3, 0.01, 0.24, 0.01, 0.2, 0.01) == (None, None)  # +0.04: below MIN_GAIN
+    assert protection.more_gain(0.7, 0.01, 0.6, 0.01) and not protection.more_gain(0.62, 0.01, 0.6, 0.01)
+
+
+def test_protected_budget_is_the_largest_budget_whose_gain_share_stays_below_the_bar():
     battery = [attack.Attacker(name=f"sft@{b:g}x", budget=b) for b in (1.0, 4.0, 10.0)]
-    cells = {"sft@1x": {"u": {"ratio": 0.2}}, "sft@4x": {"u": {"ratio": 0.55}}, "sft@10x": {"u": {"ratio": 0.9}}}
-    assert attack.protected_budget(cells, battery, "u")["sft"]["largest_budget_protected"] == 4.0
-    cells["sft@1x"]["u"]["ratio"] = 0.7
-    assert attack.protected_budget(cells, battery, "u")["sft"]["largest_budget_protected"] is None
+    ok = lambda share, g=0.3: {"status": "ok", "accuracy": 0.5, "gain_share": share, "reference_gain": g}  # noqa: E731
+    cells = {"sft@1x": {"u": ok(0.2)}, "sft@4x": {"u": ok(0.45)}, "sft@10x": {"u": ok(0.9)}}
+    p = protection.protected_budget(cells, battery, "u")["sft"]
+    assert p["largest_budget_protected"] == 4.0 and p["gain_shares"] == {"1x": 0.2, "4x": 0.45, "10x": 0.9}
+    # where the control teaches nothing at 1x the budget is skipped, not counted as protected
+    cells["sft@1x"]["u"] = ok(None, -0.1)
+    assert protection.protected_budget(cells, battery, "u")["sft"]["largest_budget_protected"] == 4.0
+    cells["sft@4x"]["u"] = ok(0.7)
+    p = protection.protected_budget(cells, battery, "u")
+    assert p["sft"]["largest_budget_protected"] is None and p["sft"]["measurable"]
     from distillability.report.attack import headline_sentence
 
-    assert "never" in headline_sentence({"protection": {"undistillable": attack.protected_budget(cells, battery, "u")}})
+    text = headline_sentence({"protection": {"undistillable": p}})
+    assert "SFT: not protected at any budget where it could be measured (gain share 1x not measurable (the control's " \
+           "students gain -0.10), 4x 0.70, 10x 0.90)" in text
+    nothing = {b: {"u": ok(None, -0.2)} for b in cells}
+    text = headline_sentence({"protection": {"undistillable": protection.protected_budget(nothing, battery, "u")}})
+    assert "SFT: no budget at which the control teaches, nothing to withhold" in text
 
 
 def test_cost_multiplier_and_strongest_attack_against_hand_computed_values():
@@ -116,11 +147,11 @@ def test_cost_multiplier_and_strongest_attack_against_hand_computed_values():
     battery = [attack.Attacker(name=f"sft@{b:g}x", budget=b) for b in (1.0, 4.0, 10.0)]
     battery += [attack.Attacker(name="sft-best-of-16", keep_correct_only=True, best_of=16),
                 attack.Attacker(name="kd@1x", method="kd")]
-    ok = lambda acc: {"status": "ok", "accuracy": acc}  # noqa: E731
+    ok = lambda acc: {"status": "ok", "accuracy": acc, "base": 0.1}  # noqa: E731
     cells = {"sft@1x": {"c": ok(0.27), "u": ok(0.06)}, "sft@4x": {"c": ok(0.65), "u": ok(0.25)},
              "sft@10x": {"c": ok(0.82), "u": ok(0.90)}, "sft-best-of-16": {"c": ok(0.30), "u": ok(0.22)},
              "kd@1x": {"c": ok(0.20), "u": {"status": "failed"}}}
-    cost = attack.cost_multiplier(cells, battery, "u", "c")
+    cost = protection.cost_multiplier(cells, battery, "u", "c")
     assert set(cost) == {"sft"}  # one KD point of the reference, none of the teacher: no curve
     # 1x: 0.06 <= the control's 1x accuracy: at least 1 / 1
     assert cost["sft"]["1x"] == {"multiplier": 1.0, "bound": "at_least", "accuracy": 0.06}
@@ -130,17 +161,18 @@ def test_cost_multiplier_and_strongest_attack_against_hand_computed_values():
     assert cost["sft"]["10x"] == {"multiplier": 1.0, "bound": "at_most", "accuracy": 0.90}
     cells["sft@10x"]["u"] = ok(0.70)  # between the control's 4x (0.65) and 10x (0.82), log-linear
     b_equal = math.exp(math.log(4) + (0.70 - 0.65) / (0.82 - 0.65) * math.log(10 / 4))
-    got = attack.cost_multiplier(cells, battery, "u", "c")["sft"]["10x"]
+    got = protection.cost_multiplier(cells, battery, "u", "c")["sft"]["10x"]
     assert got["bound"] is None and got["multiplier"] == pytest.approx(10 / b_equal) and 1.90 < got["multiplier"] < 1.92
-    strong = attack.strongest_attack(cells, battery, "u", "c")
+    strong = protection.strongest_attack(cells, battery, "u", "c")
     # at 1x the best against u is best-of-16 (0.22 > 0.06), and against c too (0.30 > 0.27 > 0.20)
     assert strong["1x"] == {"attacker": "sft-best-of-16", "accuracy": 0.22, "reference_attacker": "sft-best-of-16",
-                            "reference_accuracy": 0.30, "ratio": pytest.approx(0.22 / 0.30)}
+                            "reference_accuracy": 0.30, "ratio": pytest.approx(0.22 / 0.30),
+                            "gain_share": pytest.approx(0.12 / 0.20), "gain_share_se": None}
     assert strong["10x"]["ratio"] == pytest.approx(0.70 / 0.82) and set(strong) == {"1x", "4x", "10x"}
     from distillability.report.attack import markdown
 
     text = markdown({"teachers": ["c", "u"], "reference": "c", "repeats": 1, "battery": [], "cells": {},
-                     "cost_multiplier": {"u": attack.cost_multiplier(cells, battery, "u", "c")},
+                     "cost_multiplier": {"u": protection.cost_multiplier(cells, battery, "u", "c")},
                      "strongest_attack": {"u": strong}})
     assert "| u | SFT | >= 1.00x | >= 4.00x | 1.91x |" in text and "| u | 1x | sft-best-of-16 | 0.220 |" in text
 

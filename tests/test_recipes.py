@@ -186,6 +186,14 @@ def test_demo_quick_end_to_end(tmp_path):
     assert report.splitlines()[2] == "## Verdict" and f"> {attacks['summary']}" in report.splitlines()[4:8]
     assert "undistillable teacher" in attacks["summary"] and attacks["summary"] in headline["verdict"]
     assert "Verdict:" in r.output and headline["verdict"][0] in r.output
+    # gains over the base with SEs, and a verdict that follows from them and first names whom it measured
+    g = headline["gains"]["sft"]["control"]
+    assert g["gain"] == pytest.approx(g["accuracy"] - headline["student_base"]) and g["gain_se"] > 0
+    assert headline["verdict"][0].startswith("Measured against a ") and "trained from scratch" in headline["verdict"][0]
+    teaches = [m for m, per in headline["gains"].items() if per["control"]["reference_teaches"]]
+    assert ("does not teach" in headline["verdict"][1]) == (not teaches)
+    assert not teaches or not any(x.startswith("No protection to measure") for x in headline["verdict"])
+    assert "Gain over the student base" in r.output
     # a second run with the same config reuses every stage; a changed distill setting reruns the distillations
     # and the evaluations of the students they rewrote (not their cached numbers), and nothing upstream
     def stamps():
@@ -207,9 +215,17 @@ def test_demo_quick_end_to_end(tmp_path):
     assert trained >= 2 and len(students) == 24 + trained
     assert changed == students, sorted(changed ^ students)  # the base is not rerun
     # the shifted split: every teacher also on chains one term longer than any it trained on (quick: 3 -> 4)
+    # ... and two students per cell (SFT only): the second one of each teacher is distilled, the attack stage reads
+    # both as its 1x cells and trains a second student for the others
     r4 = CliRunner().invoke(main, ["demo", "--quick", "--output-dir", str(run), "progress=false", "distill.max_steps=4",
-                                   "shifted_terms=4"])
+                                   "shifted_terms=4", "students_per_cell=2", "methods=[sft]"])
     assert r4.exit_code == 0, r4.output
+    head4 = json.loads((run / "headline.json").read_text())
+    assert head4["gains"]["sft"]["control"]["n_students"] == 2 and set(head4["gains"]) == {"sft"}
+    assert (run / "distill_sft_control_r1" / "distill_card.json").exists() and not (run / "attack" / "cells" / "sft@1x").exists()
+    a4 = json.loads((run / "attack" / "attack.json").read_text())["cells"]
+    assert a4["sft@1x"]["control"]["accuracies"] == head4["gains"]["sft"]["control"]["accuracies"]
+    assert (run / "attack" / "cells" / "sft@4x" / "control" / "r1").exists()
     shifted = json.loads((run / "headline.json").read_text())["teachers_shifted"]
     assert set(shifted) == set(headline["teachers"]) and all(0 <= v <= 1 for v in shifted.values())
     ev = json.loads((run / "eval" / "teacher_control_shifted4" / "eval.json").read_text())

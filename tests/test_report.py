@@ -6,7 +6,9 @@ import subprocess
 
 import pytest
 
-from distillability.report.protection import TEACHERS, headline_table, ratios, write_report
+from distillability.protection import relate
+from distillability.recipes.attack import summarise
+from distillability.report.protection import TEACHERS, headline_table, write_report
 
 
 def _fake_eval(acc):
@@ -30,12 +32,26 @@ def report_dir(tmp_path):
                  "after_D_per_char": 0.3 + e / 10, "precision": precision}
              for t, e in (("control", 0.0), ("distillable", -1.0), ("undistillable", 1.0))}
     _stage_logs(tmp_path, cards)
-    headline = headline_table(evaluations, seed=0, wall_seconds=1.0)
+    headline = headline_table(evaluations, seed=0, wall_seconds=1.0, cells=_cells(students, 0.4))
     facts = {"versions": {"torch": "2.13.0"}, "threads": 2,
              "stages": {"calibrate_control": {"reused": True, "wall_seconds": 0.0},
                         "distill_sft_control": {"reused": False, "wall_seconds": 12.0}}}
     write_report(tmp_path, headline, evaluations, cards, facts=facts)
     return tmp_path, headline
+
+
+SPREAD = (-0.02, 0.0, 0.02)  # three students per cell around the cell's mean
+
+
+def _cells(students: dict, base: float, prompts: int = 500) -> dict:
+    """Cells of three students per method and teacher (as pipeline.student_cells builds them from distill cards)."""
+    def card(acc):
+        return {"student_accuracy": acc, "student_accuracy_before": base, "num_teacher_samples": 600,
+                "settings": {"max_steps": 120, "num_prompts": 600, "eval_prompts": prompts}}
+
+    cells = {m: {t: summarise([card(a + d) for d in SPREAD]) for t, a in students.items()} for m in ("sft", "kd", "gkd")}
+    relate(cells, "control")
+    return cells
 
 
 def _stage_logs(root, cards):
@@ -77,16 +93,27 @@ def _images(page: str) -> list:
             for b in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
 
 
-def test_headline_and_ratios(report_dir):
+def test_headline_carries_gains_with_ses_from_the_spread_of_the_students(report_dir):
     _, headline = report_dir
     assert set(headline["teachers"]) == set(TEACHERS)
-    r = ratios(headline, "control")
-    assert r["sft"]["undistillable"] == pytest.approx(0.2 / 0.6) and r["kd"]["control"] == pytest.approx(1.0)
+    g = headline["gains"]["sft"]
+    # the undistillable cell: students 0.18, 0.20, 0.22 over a base of 0.4 read on 500 prompts
+    spread_se = 0.02 / 3 ** 0.5
+    binom_se = (0.2 * 0.8 / 1500) ** 0.5
+    base_se = (0.4 * 0.6 / 500) ** 0.5
+    u, c = g["undistillable"], g["control"]
+    assert u["n_students"] == 3 and u["accuracy_se"] == pytest.approx(max(spread_se, binom_se))
+    assert u["gain"] == pytest.approx(-0.2) and u["gain_se"] == pytest.approx((u["accuracy_se"] ** 2 + base_se ** 2) ** 0.5)
+    assert c["gain"] == pytest.approx(0.2) and c["reference_teaches"] is True
+    # share (a - b) / (r - b) = -1 with its delta-method SE
+    s = -1.0
+    want = (u["accuracy_se"] ** 2 + s ** 2 * c["accuracy_se"] ** 2 + (s - 1) ** 2 * base_se ** 2) ** 0.5 / 0.2
+    assert u["gain_share"] == pytest.approx(-1.0) and u["gain_share_se"] == pytest.approx(want)
+    assert headline["student_base"] == pytest.approx(0.4) and headline["student_base_se"] == pytest.approx(base_se)
     md = (report_dir[0] / "report.md").read_text()
     assert "| student (gkd) | 0.500 | 0.600 | 0.700 | 0.200 |" in md
-    assert headline["student_base"] == 0.4 and "before distillation (the base every student starts from): 0.400" in md
-    # undistillable 0.2: / control 0.6, / original 0.5, / base 0.4
-    assert "| kd | undistillable | 0.33 | 0.40 | 0.50 |" in md
+    assert "before distillation (the base every student starts from): 0.400 ± 0.022" in md
+    assert f"| kd | undistillable | 3 | 0.200 ± {u['accuracy_se']:.3f} | -0.200 ± {u['gain_se']:.3f} | -1.00 ± " in md
     assert "| model | math | mc |" in md and "| kd ← undistillable | 0.100 | 0.200 |" in md and "| student base | 0.200 | 0.400 |" in md
 
 
@@ -94,30 +121,83 @@ def test_the_report_opens_with_the_verdict_and_the_plot(report_dir):
     out, headline = report_dir
     md = (out / "report.md").read_text()
     lines = md.splitlines()
-    # utility 0.82 / 0.90; every method's undistillable student 0.2 vs the control's 0.6; distillable 0.7 / 0.6
-    assert lines[2] == "## Verdict" and lines[4] == (
-        "> Protected: the undistillable teacher keeps 0.91x the control's accuracy (0.820 vs 0.900); students "
-        "distilled from it reach 0.33x the control teacher's students (least protected: SFT at 0.33x), accuracy "
-        "0.200 against the student base's 0.400.")
-    assert lines[5].startswith("> Easier to distill: the distillable teacher keeps 0.94x") and "1.17x" in lines[5]
-    assert headline["verdict"][0] == lines[4][2:]
+    # control students 0.6 over a base of 0.4: +0.2, taught; undistillable 0.2 (share -1.0), utility 0.82 / 0.90
+    assert lines[2] == "## Verdict"
+    assert lines[4].startswith("> Distilling the unprotected (control) teacher teaches this student: its students gain "
+                               "+0.200 ± 0.")
+    assert lines[5].startswith("> Protected: the undistillable teacher keeps 0.91x the control's accuracy (0.820 vs "
+                               "0.900); its students keep -1.00 ± ")
+    assert lines[6].startswith("> Easier to distill: the distillable teacher keeps 0.94x") and "+0.300 vs the control's +0.200" in lines[6]
+    assert headline["verdict"][1] == lines[5][2:]
     first_table = next(i for i, x in enumerate(lines) if x.startswith("|"))
     assert lines.index("![headline](headline.png)") < first_table
 
 
-def test_verdict_names_the_method_that_protected_least():
+def _head(control: float, undist: float, dist: float, base: float = 0.3, teacher_u: float = 0.95, prompts: int = 500,
+          spread=SPREAD) -> dict:
+    """A made-up headline (three students per cell) through the same code the pipeline uses."""
+    students = {"control": control, "undistillable": undist, "distillable": dist}
+    def card(acc):
+        return {"student_accuracy": acc, "student_accuracy_before": base, "num_teacher_samples": 600,
+                "settings": {"max_steps": 240, "num_prompts": 1200, "eval_prompts": prompts}}
+    cells = {m: {t: summarise([card(a + d) for d in spread]) for t, a in students.items()} for m in ("sft", "gkd")}
+    relate(cells, "control")
+    ev = {"teachers": {"control": {"greedy_accuracy": 1.0}, "undistillable": {"greedy_accuracy": teacher_u},
+                       "distillable": {"greedy_accuracy": 0.99}},
+          "students": {m: {t: {"greedy_accuracy": a} for t, a in students.items()} for m in ("sft", "gkd")}}
+    attacker = {"student": {"params": 460928, "architecture": "qwen2", "tokenizer": "BPE", "vocab_size": 262,
+                            "origin": "from_scratch", "how": "trained from scratch by the tiny world (200 SFT steps on "
+                            "worked solutions)"}, "students_per_cell": len(spread),
+                "budget": {"steps": 240, "prompts": 1200, "samples": 1200, "eval_prompts": prompts}}
+    return headline_table(ev, seed=0, wall_seconds=1.0, cells=cells, attacker=attacker)
+
+
+def test_the_verdict_follows_from_gain_over_base_in_every_case():
+    # whom it measured, first: the student and the budget, never "an attacker" in general
+    v = _head(0.6, 0.35, 0.7)["verdict"]
+    assert v[0] == ("Measured against a 0.46M-parameter qwen2 (BPE tokenizer, 262 tokens), trained from scratch by the "
+                    "tiny world (200 SFT steps on worked solutions), distilled on 1,200 teacher samples of 1,200 prompts "
+                    "in 240 steps (the 1x budget), 3 students per cell, read on 500 held-out prompts. It speaks for "
+                    "this student at this budget only.")
+    # the control teaches (+0.3), the undistillable teacher's students keep 0.05/0.3 = 0.17 of it: protected
+    assert v[1].startswith("Distilling the unprotected (control) teacher teaches this student: its students gain +0.300")
+    assert v[2].startswith("Protected: the undistillable teacher keeps 0.95x") and "keep 0.17 ± " in v[2]
+    assert v[3].startswith("Easier to distill: the distillable teacher") and "+0.400 vs the control's +0.300 (SFT)" in v[3]
+    assert v[-1].startswith("(Gain: the students' accuracy minus the student base's")
+    # keeps more than half of the gain: not protected; utility below 0.9x: not protected whatever the students do
+    assert _head(0.6, 0.5, 0.7)["verdict"][2].startswith("Not protected") and "0.67" in _head(0.6, 0.5, 0.7)["verdict"][2]
+    low = _head(0.6, 0.35, 0.7, teacher_u=0.85)["verdict"][2]
+    assert low.startswith("Not protected: the undistillable teacher keeps 0.85x") and "below the 0.9x it must keep" in low
+    # one method protected, the other not: partly, naming the least protected
+    h = _head(0.6, 0.35, 0.7)
+    h["gains"]["gkd"]["undistillable"]["gain_share"] = 0.8
+    from distillability.report.verdict import verdict
+
+    assert verdict(h)[2].startswith("Partly protected") and "least protected: GKD at 0.80" in verdict(h)[2]
+    # the control's students end below the base: nothing to withhold, and eta > 0 is named harm, not protection
+    v = _head(0.2, 0.1, 0.25)["verdict"]
+    assert v[1] == ("Distillation from the unprotected (control) teacher does not teach this student at this budget: "
+                    "protection cannot be measured here; its SFT students end 0.100 ± 0.024 below the base, its GKD "
+                    "students end 0.100 ± 0.024 below the base (the base's 0.300 ± 0.020).")
+    assert v[2].startswith("No protection to measure: the undistillable teacher keeps 0.95x") and v[2].endswith(
+        "which is harm, not protection.")
+    assert not any(line.startswith(("Protected", "Partly protected")) for line in v)
+    # a gain of +0.04 (< 0.05) is no gain; +0.06 on 50 prompts is inside 2 SE: no gain either
+    assert "does not teach" in _head(0.34, 0.3, 0.35)["verdict"][1]
+    assert "does not teach" in _head(0.36, 0.3, 0.35, prompts=50)["verdict"][1]
+    assert "does not teach" not in _head(0.36, 0.3, 0.35, prompts=5000)["verdict"][1]
+    # easier to distill needs the difference beyond 2 SE: +0.01 is not
+    assert _head(0.6, 0.35, 0.61)["verdict"][3].startswith("Not measurably easier to distill")
+    # one student per cell: said, and the SE is the binomial one
+    v = _head(0.6, 0.35, 0.7, spread=(0.0,))["verdict"]
+    assert "one student per cell (a direction, not a result" in v[0]
+
+
+def test_verdict_names_the_shifted_split_only_when_measured():
     from distillability.report.verdict import verdict
 
     head = {"teachers": {"control": 1.0, "undistillable": 0.8},
-            "students": {"sft": {"control": 0.5, "undistillable": 0.1}, "gkd": {"control": 0.4, "undistillable": 0.36}},
-            "student_base": 0.3}
-    text = verdict(head)[0]
-    assert text.startswith("Partly protected: the undistillable teacher keeps 0.80x")
-    assert "reach 0.20-0.90x the control teacher's students (least protected: GKD at 0.90x)" in text
-    head["students"]["gkd"]["undistillable"] = 0.3
-    assert verdict(head)[0].startswith("Partly protected")  # sft 0.2x, gkd 0.75x
-    head["students"]["sft"]["undistillable"] = 0.45
-    assert verdict(head)[0].startswith("Not protected")
+            "students": {"sft": {"control": 0.5, "undistillable": 0.1}}, "student_base": 0.3}
     assert not any("shifted split" in line for line in verdict(head))  # not measured: not said
     head["teachers_shifted"] = {"control": 0.5, "undistillable": 0.45}
     assert ("On the shifted split (longer chains than any trained on): the undistillable teacher 0.90x (0.450 vs "
@@ -158,7 +238,7 @@ def test_html_renders_in_headless_chromium(report_dir, tmp_path):
              f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<table") >= 4
-    assert '<div class="verdict"><p>Protected: the undistillable teacher' in dom
+    assert '<div class="verdict"><p>Distilling the unprotected (control) teacher teaches this student' in dom
     images = _images(dom)
     assert len(images) == 6 and all(img.std() > 0.01 for img in images)
     # a full-page screenshot (a window taller than the page): the content reaches at least as far down as the

@@ -35,7 +35,7 @@ import numpy as np
 from ..config import TaskConfig, opt, save_config, sub
 from ..errors import ConfigError, UserError
 from ..io import check_output_dir, load_json, versions, write_json
-from ..report.attack import BAR
+from ..protection import binomial_se, cell_stats, cost_multiplier, protected_budget, relate, strongest_attack
 from . import distill
 from .stages import run_stage
 
@@ -108,8 +108,9 @@ class AttackConfig:
     defenses: list[Defense] = opt(DEFENSES, "Output-level defenses of a teacher, attacked by the battery's SFT "
                                   "attackers ([] = none).")
     repeats: int = opt(1, "Students per cell (different seeds); the table reports their mean and spread.", min=1)
-    reuse: dict[str, str] = opt({}, "Cells run elsewhere: 'ATTACKER/TEACHER' -> a distill output folder whose "
-                                "distill_card.json is read instead of training (repeat 0; the pipeline's 1x cells).")
+    reuse: dict[str, str] = opt({}, "Cells run elsewhere: 'ATTACKER/TEACHER' (repeat 0) or 'ATTACKER/TEACHER/rK' "
+                                "(repeat K) -> a distill output folder whose distill_card.json is read instead of "
+                                "training (the pipeline's 1x cells).")
     output_dir: str = opt("runs/attack", "Where the cells, attack.json, attack.md and the plots go.")
     attacker: distill.DistillConfig = sub(distill.DistillConfig, "The base attacker (budget 1x): its settings; "
                                           "teacher, student, method and output_dir are filled in per cell.")
@@ -213,8 +214,8 @@ def run_cell(cfg: AttackConfig, a: Attacker, teacher: str, repeat: int, log: dic
     """One student of one cell: reused (cfg.reuse, or an earlier run of the same cell), else trained, on the
     teacher samples of an earlier cell with the same sampling_key when there is one (`samples`: key -> JSONL). A
     failure is returned as {'failed': message}."""
-    key = f"{a.name}/{teacher}"
-    if repeat == 0 and key in cfg.reuse:
+    key = f"{a.name}/{teacher}" + (f"/r{repeat}" if repeat else "")
+    if key in cfg.reuse:
         return {**load_json(Path(cfg.reuse[key]) / "distill_card.json"), "reused_from": cfg.reuse[key]}
     out = Path(cfg.output_dir)
     name = f"cells/{a.name}/{teacher}/r{repeat}"
@@ -235,129 +236,23 @@ def run_cell(cfg: AttackConfig, a: Attacker, teacher: str, repeat: int, log: dic
 
 
 def summarise(cards: list[dict]) -> dict:
-    """A cell's numbers from its students' cards."""
+    """A cell's numbers from its students' cards: accuracy with its SE (docs/method.md §6, "Gain over base"), the
+    base with its binomial SE, samples, steps, wall time."""
     ok = [c for c in cards if "failed" not in c]
     if not ok:
         return {"status": "failed", "errors": [c["failed"] for c in cards]}
-    acc = np.array([c["student_accuracy"] for c in ok], dtype=float)
-    base = np.array([c["student_accuracy_before"] for c in ok], dtype=float)
     settings = ok[0].get("settings", {})
     n = settings.get("eval_prompts")
-    return {"status": "ok" if len(ok) == len(cards) else "partial", "accuracy": float(acc.mean()),
-            "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, "accuracies": acc.tolist(),
-            "accuracy_se": binomial_se(float(acc.mean()), n * len(acc)) if n else None,
-            "base": float(base.mean()), "gain": float(acc.mean() - base.mean()),
+    stats = cell_stats([float(c["student_accuracy"]) for c in ok], n)
+    base = float(np.mean([c["student_accuracy_before"] for c in ok]))
+    return {"status": "ok" if len(ok) == len(cards) else "partial", **stats,
+            "base": base, "base_se": binomial_se(base, n) if n else None, "gain": stats["accuracy"] - base,
             "samples": int(np.mean([c.get("num_teacher_samples", 0) for c in ok])),
             "steps": settings.get("max_steps"), "prompts": settings.get("num_prompts"),
             "eval_prompts": settings.get("eval_prompts"),
             "teacher_sample_accuracy": ok[0].get("teacher_sample_accuracy"),
             "wall_seconds": float(sum(c.get("wall_seconds", 0.0) for c in ok if "reused_from" not in c)),
             "errors": [c["failed"] for c in cards if "failed" in c]}
-
-
-def binomial_se(accuracy: float, n: int) -> float:
-    """The binomial standard error of an accuracy read on n graded answers (a cell's students pooled:
-    eval_prompts x students), sqrt(p (1 - p) / n); the spread between students comes on top of it."""
-    return math.sqrt(accuracy * (1 - accuracy) / n)
-
-
-def gain_noise(accuracy: float, n: int | None) -> float:
-    """Two standard errors of the difference of two accuracies near `accuracy`, each read on n prompts: a gain
-    below it is not distinguishable from no gain."""
-    if not n:
-        return 0.0
-    p = min(max(accuracy, 1.0 / n), 1 - 1.0 / n)
-    return 2 * math.sqrt(2) * binomial_se(p, n)
-
-
-def measured(cell: dict) -> bool:
-    """A cell with an accuracy to read: every repeat finished, or some did (partial)."""
-    return cell.get("status") in ("ok", "partial")
-
-
-def relate(cells: dict, reference: str) -> None:
-    """Ratio to the reference teacher's same attacker, and the gain as a share of the reference's gain (only where
-    the reference's gain is above the noise of the two accuracies it is the difference of)."""
-    for row in cells.values():
-        ref = row.get(reference, {})
-        for cell in row.values():
-            if not measured(cell) or not measured(ref):
-                continue
-            cell["ratio"] = cell["accuracy"] / ref["accuracy"] if ref["accuracy"] > 0 else None
-            noise = gain_noise(ref["base"], ref.get("eval_prompts"))
-            cell["gain_share"] = cell["gain"] / ref["gain"] if ref["gain"] > max(noise, 0.0) else None
-
-
-def protected_budget(cells: dict, battery: list[Attacker], teacher: str, bar: float = BAR) -> dict:
-    """Per method: the largest budget up to which the teacher's ratio stays <= bar at every budget (None: not
-    even at the smallest), and the ratios along the way."""
-    out = {}
-    for method in ("sft", "kd", "gkd"):
-        points = sorted((a.budget, cells[a.name].get(teacher, {}).get("ratio")) for a in battery
-                        if a.is_budget and a.method == method)
-        points = [(b, r) for b, r in points if r is not None]
-        if not points:
-            continue
-        held = None
-        for b, r in points:
-            if r > bar:
-                break
-            held = b
-        out[method] = {"largest_budget_protected": held, "ratios": {f"{b:g}x": r for b, r in points}}
-    return out
-
-
-def _budget_curve(cells: dict, battery: list[Attacker], teacher: str, method: str) -> list[tuple[float, float]]:
-    """(budget, mean accuracy) of one teacher's budget attackers of one method, by budget (measured cells only)."""
-    pts = sorted((a.budget, cells.get(a.name, {}).get(teacher, {})) for a in battery if a.is_budget and a.method == method)
-    return [(b, c["accuracy"]) for b, c in pts if measured(c)]
-
-
-def cost_multiplier(cells: dict, battery: list[Attacker], teacher: str, reference: str) -> dict:
-    """Protection as what it costs the attacker, per method: at each budget b of the teacher's curve, b / b', where
-    b' is the budget at which the reference teacher's students first reach the accuracy the teacher's students
-    reached at b (linear in log budget between the reference's measured budgets). 2.5 reads: from this teacher an
-    attacker pays 2.5 times the data for what the reference teaches. Outside the reference's measured range only a
-    bound is known: `at_least` b / (its smallest budget) when the reference's smallest budget already teaches as
-    much, `at_most` b / (its largest budget) when the reference never teaches as much."""
-    out: dict = {}
-    for method in ("sft", "kd", "gkd"):
-        ref, own = _budget_curve(cells, battery, reference, method), _budget_curve(cells, battery, teacher, method)
-        if not ref or not own:
-            continue
-        rows = {}
-        for b, y in own:
-            if y <= ref[0][1]:
-                rows[f"{b:g}x"] = {"multiplier": b / ref[0][0], "bound": "at_least", "accuracy": y}
-                continue
-            found = None
-            for (b0, y0), (b1, y1) in zip(ref, ref[1:]):
-                if y0 < y <= y1:
-                    found = math.exp(math.log(b0) + (y - y0) / (y1 - y0) * (math.log(b1) - math.log(b0)))
-                    break
-            rows[f"{b:g}x"] = ({"multiplier": b / found, "bound": None, "accuracy": y} if found is not None
-                               else {"multiplier": b / ref[-1][0], "bound": "at_most", "accuracy": y})
-        out[method] = rows
-    return out
-
-
-def strongest_attack(cells: dict, battery: list[Attacker], teacher: str, reference: str) -> dict:
-    """Per budget: the attacker (any method, filter or student) whose students reached the highest accuracy against
-    the teacher, the same against the reference, and the ratio of the two: what the attacker's best known option
-    gets, which need not be the same attacker for both teachers."""
-    out = {}
-    for budget in sorted({a.budget for a in battery}):
-        best = {}
-        for who in (teacher, reference):
-            scored = [(cells.get(a.name, {}).get(who, {}), a.name) for a in battery if a.budget == budget]
-            scored = [(c["accuracy"], name) for c, name in scored if measured(c)]
-            best[who] = max(scored) if scored else None
-        if best[teacher] is None or best[reference] is None:
-            continue
-        (acc, name), (ref_acc, ref_name) = best[teacher], best[reference]
-        out[f"{budget:g}x"] = {"attacker": name, "accuracy": acc, "reference_attacker": ref_name,
-                               "reference_accuracy": ref_acc, "ratio": acc / ref_acc if ref_acc > 0 else None}
-    return out
 
 
 def run(cfg: AttackConfig) -> dict:

@@ -1,4 +1,4 @@
-"""Calibrate a teacher's distillability with reinforcement fine-tuning (method.md §3).
+"""Calibrate a teacher's distillability with reinforcement fine-tuning (docs/method.md §3).
 
 For each batch of prompts, sample G responses from the current teacher pi_theta and score
   r_task = the task's verifier (in [0, 1]),

@@ -1,4 +1,4 @@
-"""Diagnose the distillation traps between a teacher and a student/proxy (method.md §2).
+"""Diagnose the distillation traps between a teacher and a student/proxy (docs/method.md §2).
 
 Writes `diagnose.json` (every figure), PNG plots and `summary.md`:
 1. token vs sequence KL, forward vs reverse KL, on-policy (student samples) vs off-policy (teacher samples);

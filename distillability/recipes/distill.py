@@ -1,4 +1,4 @@
-"""Distill a student from any teacher (method.md §4): SFT on teacher samples, token-level KD, or
+"""Distill a student from any teacher (docs/method.md §4): SFT on teacher samples, token-level KD, or
 on-policy GKD.
 
 - `sft`: sample responses from the teacher (greedy, or n per prompt at a temperature; optionally only

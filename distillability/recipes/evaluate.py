@@ -1,4 +1,4 @@
-"""Evaluate a model on a task (method.md §5): greedy accuracy, pass@k from n samples per prompt,
+"""Evaluate a model on a task (docs/method.md §5): greedy accuracy, pass@k from n samples per prompt,
 failure-mode rates with example responses, and, when a proxy/student is given, the causal metrics
 (mean D(pi || pi_C) of the model's samples and the wrong-trace preference rate of both models)."""
 

@@ -40,6 +40,10 @@ class PipelineConfig:
     eta_distillable: float = opt(-1.0, "eta of the distillable calibration (< 0).", max=0)
     eta_undistillable: float = opt(1.0, "eta of the undistillable calibration (> 0).", min=0)
     methods: list[str] = opt(["sft", "kd", "gkd"], "Distillation methods.", choices=("sft", "kd", "gkd"))
+    students_per_cell: int = opt(1, "Students distilled per teacher and method (seeds S, S+1000, ...): the students' "
+                                 "gain over the base is their mean, its SE from their spread (one student: the "
+                                 "binomial SE only, a direction, not a result); the attack stage reuses them as its "
+                                 "1x cells and runs at least as many per cell.", min=1)
     skip: list[str] = opt([], "Stages to skip.", choices=("diagnose", "calibrate", "distill", "attack"))
     attack_battery: str = opt("small", "The attack stage's battery: small (SFT at 1x and 4x the distill budget and "
                               "best-of-4, against the control and undistillable teachers), full (the whole battery "
@@ -123,7 +127,7 @@ class Chain:
         n_teachers = 1 if "calibrate" in cfg.skip else len(TEACHERS)
         self.total = (1 + (1 if cfg.teacher_sft_steps else 0) + (0 if "diagnose" in cfg.skip else 1)
                       + (0 if "calibrate" in cfg.skip else 3)
-                      + (0 if "distill" in cfg.skip else n_teachers * len(cfg.methods)) + 1
+                      + (0 if "distill" in cfg.skip else n_teachers * len(cfg.methods) * cfg.students_per_cell) + 1
                       + (0 if "attack" in cfg.skip or "calibrate" in cfg.skip else 1))
         self.done = 0
         self.log: dict = {"_root": self.out}
@@ -183,21 +187,54 @@ def calibrate_teachers(c: Chain, original: str) -> tuple[dict, dict]:
     return teachers, cards
 
 
-def distill_students(c: Chain, teachers: dict) -> dict:
-    """A student from each teacher by each method, every method on the same teacher samples (sampled once)."""
-    cfg, students = c.cfg, {}
+def distill_students(c: Chain, teachers: dict) -> tuple[dict, dict]:
+    """Students from each teacher by each method, students_per_cell of each (repeat r: seed S + 1000 r, the attack
+    battery's convention), every method of one repeat on the same teacher samples (sampled once): (the first
+    student's folder per (method, teacher), every repeat's distill folder per (method, teacher))."""
+    cfg, students, folders = c.cfg, {}, {}
     for tname in ([] if "distill" in cfg.skip else [t for t in TEACHERS if t in teachers]):
-        shared_samples = None
-        for method in cfg.methods:
-            c.announce(f"distill: {method} from the {tname} teacher")
-            folder = f"distill_{method}_{tname}"
-            tcfg = _with(cfg.distill, teacher=teachers[tname], student=c.models["student"], method=method,
-                         output_dir=str(c.out / folder), task=c.task, runtime=c.runtime(cfg.distill),
-                         teacher_samples=shared_samples)
-            c.stage(folder, tcfg, "distill_card.json", distill.run)
-            students[(method, tname)] = str(c.out / folder / "model")
-            shared_samples = shared_samples or str(c.out / folder / "teacher_samples.jsonl")
-    return students
+        for r in range(cfg.students_per_cell):
+            shared_samples = None
+            for method in cfg.methods:
+                who = f" (student {r + 1} of {cfg.students_per_cell})" if cfg.students_per_cell > 1 else ""
+                c.announce(f"distill: {method} from the {tname} teacher{who}")
+                folder = f"distill_{method}_{tname}" + (f"_r{r}" if r else "")
+                rt = c.runtime(cfg.distill)
+                tcfg = _with(cfg.distill, teacher=teachers[tname], student=c.models["student"], method=method,
+                             output_dir=str(c.out / folder), task=c.task, runtime=_with(rt, seed=rt.seed + 1000 * r),
+                             teacher_samples=shared_samples)
+                c.stage(folder, tcfg, "distill_card.json", distill.run)
+                folders.setdefault((method, tname), []).append(str(c.out / folder))
+                if r == 0:
+                    students[(method, tname)] = str(c.out / folder / "model")
+                shared_samples = shared_samples or str(c.out / folder / "teacher_samples.jsonl")
+    return students, folders
+
+
+def student_cells(folders: dict) -> dict:
+    """Per method and teacher: the cell of its students (attack.summarise of their distill cards: accuracy, SE from
+    their spread, base), related to the control's cell (gain, gain share, both with SEs)."""
+    from ..io import load_json
+    from ..protection import relate
+
+    cells: dict = {}
+    for (method, tname), paths in folders.items():
+        cells.setdefault(method, {})[tname] = attack.summarise([load_json(Path(p) / "distill_card.json") for p in paths])
+    relate(cells, "control")
+    return cells
+
+
+def attacker_facts(c: Chain, folders: dict) -> dict:
+    """Whom the distill stage measured: the student (describe_model), the budget, students per cell."""
+    from ..io import load_json
+    from ..models import describe_model
+
+    first = next(iter(folders.values()), [])
+    card = load_json(Path(first[0]) / "distill_card.json") if first else {}
+    settings = card.get("settings", {})
+    return {"student": describe_model(c.models["student"]), "students_per_cell": c.cfg.students_per_cell,
+            "budget": {"steps": settings.get("max_steps"), "prompts": settings.get("num_prompts"),
+                       "samples": card.get("num_teacher_samples"), "eval_prompts": settings.get("eval_prompts")}}
 
 
 def evaluate_all(c: Chain, teachers: dict, students: dict) -> dict:
@@ -247,7 +284,7 @@ def attack_roles(cfg: PipelineConfig, teachers: dict) -> list[str]:
     return [t for t in TEACHERS if t in teachers and t in wanted]
 
 
-def attack_teachers(c: Chain, teachers: dict, students: dict) -> dict | None:
+def attack_teachers(c: Chain, teachers: dict, folders: dict) -> dict | None:
     """The attack battery against the calibrated teachers; the 1x cells that the distill stage already ran are
     read from it (same settings and seed), not retrained."""
     cfg = c.cfg
@@ -260,9 +297,10 @@ def attack_teachers(c: Chain, teachers: dict, students: dict) -> dict | None:
     pool = {"default": c.models["student"], **cfg.attack.students}
     if cfg.student in ("", "world") and any(a.student in ("unseen", "large") for a in battery):
         pool = {**build_attacker_students(cfg.world, c.task, progress=cfg.progress), **pool}
-    reuse = {f"{a.name}/{t}": str(c.out / f"distill_{a.method}_{t}") for a in battery for t in roles
-             if a.is_budget and a.budget == 1.0 and (a.method, t) in students}
+    reuse = {f"{a.name}/{t}" + (f"/r{r}" if r else ""): folder for a in battery for t in roles
+             if a.is_budget and a.budget == 1.0 for r, folder in enumerate(folders.get((a.method, t), []))}
     acfg = _with(cfg.attack, teachers={t: teachers[t] for t in roles}, reference="control", students=pool,
+                 repeats=max(cfg.attack.repeats, cfg.students_per_cell),
                  proxy=c.models["proxy"], battery=battery, defenses=defenses, reuse=reuse,
                  output_dir=str(c.out / "attack"), task=c.task,
                  attacker=_with(cfg.distill, task=c.task, runtime=c.runtime(cfg.distill)))
@@ -280,10 +318,12 @@ def run(cfg: PipelineConfig) -> dict:
                      task=c.task, runtime=c.runtime(cfg.diagnose))
         c.stage("diagnose", dcfg, "diagnose.json", diagnose.run)
     teachers, cards = calibrate_teachers(c, original)
-    students = distill_students(c, teachers)
-    attacks = attack_teachers(c, teachers, students)
+    students, folders = distill_students(c, teachers)
+    attacks = attack_teachers(c, teachers, folders)
     evaluations = evaluate_all(c, teachers, students)
-    headline = headline_table(evaluations, cfg.seed, time.time() - c.t0, attacks)
+    cells = student_cells(folders) if folders else None
+    headline = headline_table(evaluations, cfg.seed, time.time() - c.t0, attacks, cells=cells,
+                              attacker=attacker_facts(c, folders) if folders else None)
     write_json(c.out / "headline.json", headline)
     write_json(c.out / "evaluations.json", {"evaluations": evaluations, "calibration_cards": cards,
                                             "models": c.models, "teachers": teachers, "stages": c.stages(),

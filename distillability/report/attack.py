@@ -1,14 +1,15 @@
 """The attack battery's report: the protection curve (student accuracy vs attacker budget per teacher, one panel
-per method, the student base as a line), the filter / unseen-student / defense attackers as bars, the table of
-every cell and the headline sentence (the largest budget at which a teacher's ratio to the control stays <= 0.6)."""
+per method, the student base as a line, and the gain share vs budget beneath), the filter / unseen-student / defense
+attackers as bars, the table of every cell and the headline sentence (the share of the control's gain a teacher's
+students keep at each budget, and the largest budget at which it stays <= 0.5)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..io import write_text
+from ..protection import MIN_GAIN, SHARE_BAR, Z
 
-BAR = 0.6  # the ratio to the control's students at or below which a teacher counts as protected
 COLORS = {"original": "#8c8c8c", "control": "#4c72b0", "distillable": "#55a868", "undistillable": "#c44e52"}
 
 
@@ -16,38 +17,48 @@ def _fmt(x, spec=".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def headline_sentence(result: dict, teacher: str = "undistillable") -> str:
-    """Where the teacher's protection holds against the budget attackers, in one sentence."""
-    prot = result.get("protection", {}).get(teacher)
-    if not prot:
-        ran = any(a.get("is_budget") and result["cells"].get(a["name"], {}).get(teacher, {}).get("status") == "ok"
-                  for a in result.get("battery", []))
-        if ran:
-            return (f"No protection ratio for the {teacher} teacher: the {result.get('reference', 'control')} "
-                    "teacher's students scored 0 at every budget.")
-        return f"No budget attacker was run against the {teacher} teacher."
+def _pm(x, se, spec=".2f") -> str:
+    return _fmt(x, spec) + (f" ± {se:{spec.lstrip('+')}}" if x is not None and se is not None else "")
+
+
+def _method_phrase(method: str, p: dict, reference: str) -> str:
+    budgets = sorted(p["gain_shares"], key=lambda b: float(b.rstrip("x")))
     parts = []
-    for method, p in prot.items():
-        budgets = sorted(p["ratios"], key=lambda b: float(b.rstrip("x")))
-        held = p["largest_budget_protected"]
-        if held is None:
-            parts.append(f"{method.upper()} never ({p['ratios'][budgets[0]]:.2f}x already at {budgets[0]})")
-        elif f"{held:g}x" == budgets[-1]:
-            parts.append(f"{method.upper()} up to {held:g}x, the largest budget tried ({p['ratios'][budgets[-1]]:.2f}x)")
-        else:
-            nxt = budgets[budgets.index(f"{held:g}x") + 1]
-            parts.append(f"{method.upper()} up to {held:g}x ({p['ratios'][nxt]:.2f}x at {nxt})")
-    return (f"Against budget attackers the {teacher} teacher stays protected (its students at or below {BAR}x the "
-            "control's) for: " + "; ".join(parts) + ".")
+    for b in budgets:
+        share, g = p["gain_shares"][b], p["reference_gains"].get(b)
+        parts.append(f"{b} not measurable (the {reference}'s students gain {_fmt(g, '+.2f')})" if share is None
+                     else f"{b} {_pm(share, p.get('gain_share_se', {}).get(b))}")
+    held = p["largest_budget_protected"]
+    measurable = [b for b in budgets if p["gain_shares"][b] is not None]
+    if not p["measurable"]:
+        status = f"no budget at which the {reference} teaches, nothing to withhold"
+    elif held is None:
+        status = "not protected at any budget where it could be measured"
+    elif f"{held:g}x" == measurable[-1]:
+        status = f"protected up to {held:g}x, the largest measurable budget"
+    else:
+        status = f"protected up to {held:g}x"
+    return f"{method.upper()}: {status} (gain share {', '.join(parts)})"
+
+
+def headline_sentence(result: dict, teacher: str = "undistillable") -> str:
+    """What the teacher's students keep of the reference's gain along the budget curve, in one sentence."""
+    prot = result.get("protection", {}).get(teacher)
+    reference = result.get("reference", "control")
+    if not prot:
+        return f"No budget attacker was run against the {teacher} teacher."
+    return (f"Against the budget attackers, the share of the {reference} teacher's students' gain over their base "
+            f"that the {teacher} teacher's students keep (protected: <= {SHARE_BAR}): "
+            + "; ".join(_method_phrase(m, p, reference) for m, p in prot.items()) + ".")
 
 
 def cell_text(cell: dict) -> str:
     status = cell.get("status")
     if status in ("skipped", "failed"):
         return status
-    spread = f" ±{cell['accuracy_std']:.2f}" if cell.get("accuracy_std") else ""
-    ratio = f" ({cell['ratio']:.2f}x)" if cell.get("ratio") is not None else ""
-    return f"{cell['accuracy']:.3f}{spread}{ratio}" + (" partial" if status == "partial" else "")
+    share = f"; share {_pm(cell['gain_share'], cell.get('gain_share_se'))}" if cell.get("gain_share") is not None else ""
+    gain = f" (gain {_pm(cell['gain'], cell.get('gain_se'), '+.3f')}{share})" if cell.get("gain") is not None else ""
+    return f"{cell['accuracy']:.3f}{gain}" + (" partial" if status == "partial" else "")
 
 
 def multiplier_text(m: dict) -> str:
@@ -89,10 +100,11 @@ def strongest_lines(result: dict) -> list[str]:
 
 
 def markdown(result: dict, image_dir: str = ".") -> str:
-    teachers = result["teachers"]
+    teachers, ref = result["teachers"], result["reference"]
     lines = [headline_sentence(result), "",
-             f"Held-out accuracy of the attacker's students (mean over {result['repeats']} per cell, ± their standard "
-             f"deviation) and, in brackets, the ratio to the {result['reference']} teacher's students of the same attacker.",
+             f"Held-out accuracy of the attacker's students (mean over {result['repeats']} per cell) and, in brackets, "
+             f"their gain over the student base ± its SE and the share of the {ref} teacher's students' gain they keep "
+             f"(- where the {ref}'s gain is below {MIN_GAIN} or {Z:g} SE: nothing to share).",
              "", "| attacker | " + " | ".join(teachers) + " | steps | prompts |", "|---" * (len(teachers) + 3) + "|"]
     for a in result["battery"]:
         row = result["cells"][a["name"]]
@@ -100,15 +112,15 @@ def markdown(result: dict, image_dir: str = ".") -> str:
         lines.append(f"| {a['name']} | " + " | ".join(cell_text(row.get(t, {})) for t in teachers)
                      + f" | {_fmt(first.get('steps'), 'd')} | {_fmt(first.get('prompts'), 'd')} |")
     lines += cost_lines(result) + strongest_lines(result)
-    lines += ["", "| attacker | teacher | accuracy ± binomial SE (prompts x students) | base | gain | share of the control's "
-              "gain (- where that gain is within 2 SE of 0) | samples | wall s | note |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| attacker | teacher | students | accuracy ± SE | base ± SE | gain ± SE | gain share ± SE | "
+              "ratio | samples | wall s | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in result["battery"]:
         for t, c in result["cells"][a["name"]].items():
             note = c.get("reason") or "; ".join(c.get("errors", []))
-            se = f" ± {c['accuracy_se']:.3f}" if c.get("accuracy_se") is not None else ""
-            lines.append(f"| {a['name']} | {t} | {_fmt(c.get('accuracy'))}{se} | {_fmt(c.get('base'))} | {_fmt(c.get('gain'), '+.3f')} | "
-                         f"{_fmt(c.get('gain_share'), '.2f')} | {_fmt(c.get('samples'), 'd')} | "
+            lines.append(f"| {a['name']} | {t} | {_fmt(c.get('n_students'), 'd')} | "
+                         f"{_pm(c.get('accuracy'), c.get('accuracy_se'), '.3f')} | {_pm(c.get('base'), c.get('base_se'), '.3f')} | "
+                         f"{_pm(c.get('gain'), c.get('gain_se'), '+.3f')} | {_pm(c.get('gain_share'), c.get('gain_share_se'))} | "
+                         f"{_fmt(c.get('ratio'), '.2f')} | {_fmt(c.get('samples'), 'd')} | "
                          f"{_fmt(c.get('wall_seconds'), '.0f')} | {note} |")
     for name in result.get("plots", []):
         lines += ["", f"![{name}]({image_dir}/{name})"]
@@ -125,8 +137,10 @@ def _plots(out: Path, result: dict) -> list[str]:
     budget = [a for a in result["battery"] if a["is_budget"]]
     methods = [m for m in ("sft", "kd", "gkd") if any(a["method"] == m for a in budget)]
     if methods:
-        fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.6), squeeze=False, sharey=True)
-        for ax, method in zip(axes[0], methods):
+        fig, axes = plt.subplots(2, len(methods), figsize=(4 * len(methods), 6.4), squeeze=False, sharey="row",
+                                 sharex="col")
+        for col, method in enumerate(methods):
+            ax, ax_share = axes[0][col], axes[1][col]
             attackers = sorted((a for a in budget if a["method"] == method), key=lambda a: a["budget"])
             bases = []
             for t in result["teachers"]:
@@ -136,19 +150,30 @@ def _plots(out: Path, result: dict) -> list[str]:
                     continue
                 bases += [c["base"] for _, c in pts]
                 ax.errorbar([b for b, _ in pts], [c["accuracy"] for _, c in pts],
-                            yerr=[c.get("accuracy_std", 0.0) for _, c in pts], marker="o", capsize=3, label=t,
+                            yerr=[c.get("accuracy_se") or 0.0 for _, c in pts], marker="o", capsize=3, label=t,
                             color=COLORS.get(t))
+                shares = [(b, c) for b, c in pts if c.get("gain_share") is not None and t != result["reference"]]
+                if shares:
+                    ax_share.errorbar([b for b, _ in shares], [c["gain_share"] for _, c in shares],
+                                      yerr=[c.get("gain_share_se") or 0.0 for _, c in shares], marker="o", capsize=3,
+                                      label=t, color=COLORS.get(t))
             if bases:
                 ax.axhline(sum(bases) / len(bases), color="black", linestyle="dashed", linewidth=1, label="student base")
-            ax.set_xscale("log")
-            ticks = sorted({a["budget"] for a in attackers})
-            ax.set_xticks(ticks, [f"{b:g}x" for b in ticks])
-            ax.minorticks_off()
-            ax.set_xlabel("attacker budget (x the default)")
+            ax_share.axhline(1.0, color=COLORS["control"], linewidth=1, label=f"{result['reference']} (1 by definition)")
+            ax_share.axhline(SHARE_BAR, color="black", linestyle="dotted", linewidth=1, label=f"protected below {SHARE_BAR}")
+            ax_share.axhline(0.0, color="black", linestyle="dashed", linewidth=1)
             ax.set_title(method.upper())
             ax.set_ylim(0, 1.05)
-        axes[0][0].set_ylabel("student accuracy (held-out)")
+            for a_ in (ax, ax_share):
+                a_.set_xscale("log")
+                ticks = sorted({a["budget"] for a in attackers})
+                a_.set_xticks(ticks, [f"{b:g}x" for b in ticks])
+                a_.minorticks_off()
+            ax_share.set_xlabel("attacker budget (x the distill stage's)")
+        axes[0][0].set_ylabel("student accuracy (held-out, ± SE)")
+        axes[1][0].set_ylabel(f"share of the {result['reference']}'s gain")
         axes[0][-1].legend(fontsize=7)
+        axes[1][-1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "attack_budget.png", dpi=110)
         plt.close(fig)

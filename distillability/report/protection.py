@@ -19,22 +19,41 @@ TEACHERS = ("original", "control", "distillable", "undistillable")  # the teache
 CALIBRATED = TEACHERS[1:]
 
 
-def headline_table(evaluations: dict, seed: int, wall_seconds: float, attacks: dict | None = None) -> dict:
-    """headline.json: greedy accuracies on held-out prompts, teachers and students per method, and the attack
-    battery's accuracies, ratios and protected budgets."""
+GAIN_KEYS = ("accuracy", "accuracy_se", "accuracies", "n_students", "se_from", "base", "gain", "gain_se", "gain_share",
+             "gain_share_se", "reference_teaches", "ratio")
+
+
+def headline_table(evaluations: dict, seed: int, wall_seconds: float, attacks: dict | None = None,
+                   cells: dict | None = None, attacker: dict | None = None) -> dict:
+    """headline.json: greedy accuracies on held-out prompts (teachers; students: the mean of each cell's students),
+    the students' gains over the base with SEs and gain shares (`gains`, from `cells`: pipeline.student_cells),
+    whom they measure (`attacker`), the attack battery's gains, shares and protected budgets, and the verdict."""
+    from ..protection import binomial_se
+
     out = {
         "seed": seed, "wall_seconds": wall_seconds,
         "teachers": {t: evaluations["teachers"][t]["greedy_accuracy"] for t in TEACHERS if t in evaluations["teachers"]},
         "students": {m: {t: r["greedy_accuracy"] for t, r in per.items()} for m, per in evaluations["students"].items()},
         **({"student_base": evaluations["student_base"]["greedy_accuracy"]} if "student_base" in evaluations else {}),
     }
+    if cells:
+        out["students"] = {m: {t: c["accuracy"] for t, c in per.items() if "accuracy" in c} for m, per in cells.items()}
+        first = next(c for per in cells.values() for c in per.values() if "base" in c)
+        out["student_base"], out["student_base_se"] = first["base"], first.get("base_se")
+        if out["student_base_se"] is None and first.get("eval_prompts"):
+            out["student_base_se"] = binomial_se(first["base"], first["eval_prompts"])
+        out["gains"] = {m: {t: {k: c.get(k) for k in GAIN_KEYS} | {"status": c.get("status")} for t, c in per.items()}
+                        for m, per in cells.items()}
+    if attacker:
+        out["attacker"] = attacker
     if "teachers_shifted" in evaluations:
         out["teachers_shifted"] = {t: evaluations["teachers_shifted"][t]["greedy_accuracy"] for t in TEACHERS
                                    if t in evaluations["teachers_shifted"]}
         if "shifted_split" in evaluations:
             out["shifted_split"] = evaluations["shifted_split"]
     if attacks:
-        out["attacks"] = {"cells": {a: {t: {k: c.get(k) for k in ("status", "accuracy", "accuracy_se", "ratio", "gain_share")}
+        out["attacks"] = {"cells": {a: {t: {k: c.get(k) for k in ("status", *GAIN_KEYS, "base_se", "reference_gain",
+                                                                    "reference_gain_se")}
                                         for t, c in row.items()} for a, row in attacks["cells"].items()},
                           "protection": attacks["protection"], "summary": headline_sentence(attacks),
                           "cost_multiplier": attacks.get("cost_multiplier"),
@@ -43,12 +62,9 @@ def headline_table(evaluations: dict, seed: int, wall_seconds: float, attacks: d
     return out
 
 
-def ratios(headline: dict, baseline: str) -> dict:
-    return {m: {t: (acc / per[baseline] if per.get(baseline) else float("nan")) for t, acc in per.items()}
-            for m, per in headline["students"].items()}
-
-
 def _plot(headline: dict, out: Path) -> str:
+    """headline.png: left, the accuracies of the teachers, the student base (its own bar) and the students per
+    method; right, the students' gain over the base per method and teacher, ± SE."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,22 +72,42 @@ def _plot(headline: dict, out: Path) -> str:
     import numpy as np
 
     methods = list(headline["students"])
-    groups = ["teacher"] + methods
+    colors = {"original": "#8c8c8c", "control": "#4c72b0", "distillable": "#55a868", "undistillable": "#c44e52"}
+    gains = headline.get("gains") or {}
+    fig, axes = plt.subplots(1, 2 if gains else 1, figsize=(12 if gains else 7.5, 4.2), squeeze=False)
+    ax = axes[0][0]
+    groups = ["teacher"] + (["student base"] if "student_base" in headline else []) + methods
     x = np.arange(len(groups))
     width = 0.2
-    colors = {"original": "#8c8c8c", "control": "#4c72b0", "distillable": "#55a868", "undistillable": "#c44e52"}
-    fig, ax = plt.subplots(figsize=(7.5, 4))
     for i, t in enumerate(TEACHERS):
-        vals = [headline["teachers"].get(t, np.nan)] + [headline["students"][m].get(t, np.nan) for m in methods]
+        vals = [headline["teachers"].get(t, np.nan)] + ([np.nan] if "student_base" in headline else []) + \
+               [headline["students"][m].get(t, np.nan) for m in methods]
         ax.bar(x + (i - 1.5) * width, vals, width, label=t, color=colors[t])
-    if "student_base" in headline and methods:
-        ax.hlines(headline["student_base"], 0.5, len(groups) - 0.5, colors="black", linestyles="dashed", linewidth=1,
-                  label="student before distillation")
-    ax.set_xticks(x, ["teacher itself"] + [f"student ({m})" for m in methods])
+    if "student_base" in headline:
+        ax.bar([1], [headline["student_base"]], 0.6, color="black", alpha=0.75,
+               yerr=[headline.get("student_base_se") or 0.0], capsize=3)
+        if methods:
+            ax.hlines(headline["student_base"], 1.5, len(groups) - 0.5, colors="black", linestyles="dashed", linewidth=1,
+                      label="student base")
+    ax.set_xticks(x, ["teacher itself"] + (["student base"] if "student_base" in headline else [])
+                  + [f"student ({m})" for m in methods])
     ax.set_ylabel("greedy accuracy (held-out)")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"Distillability knob: teachers and their students (seed {headline['seed']})")
+    ax.set_title(f"Teachers and their students (seed {headline['seed']})")
     ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    if gains:
+        ax = axes[0][1]
+        gm = list(gains)
+        xg = np.arange(len(gm))
+        for i, t in enumerate(TEACHERS):
+            vals = [gains[m].get(t, {}).get("gain", np.nan) for m in gm]
+            errs = [gains[m].get(t, {}).get("gain_se") or 0.0 for m in gm]
+            ax.bar(xg + (i - 1.5) * width, vals, width, yerr=errs, capsize=3, label=t, color=colors[t])
+        ax.axhline(0, color="black", linewidth=1)
+        ax.set_xticks(xg, [f"student ({m})" for m in gm])
+        ax.set_ylabel("gain over the student base (± SE)")
+        n = (headline.get("attacker") or {}).get("students_per_cell")
+        ax.set_title("What distillation teaches" + (f" ({n} students per cell)" if n else ""))
     fig.tight_layout()
     name = "headline.png"
     fig.savefig(out / name, dpi=110)
@@ -89,7 +125,29 @@ def markdown_table(headline: dict) -> str:
     for m, per in headline["students"].items():
         lines.append(f"| student ({m}) | " + " | ".join(f"{per.get(t, float('nan')):.3f}" for t in cols) + " |")
     if "student_base" in headline:
-        lines += ["", f"Student before distillation (the base every student starts from): {headline['student_base']:.3f}."]
+        se = f" ± {headline['student_base_se']:.3f}" if headline.get("student_base_se") is not None else ""
+        lines += ["", f"Student before distillation (the base every student starts from): {headline['student_base']:.3f}{se}."]
+    return "\n".join(lines)
+
+
+def _f(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def gain_table(headline: dict) -> str:
+    """Per method and teacher: the students, their accuracy ± SE, gain over the base ± SE, gain share ± SE."""
+    gains = headline.get("gains")
+    if not gains:
+        return ""
+    lines = ["| method | teacher | students | accuracy ± SE | gain over base ± SE | gain share ± SE | ÷ control |",
+             "|---|---|---|---|---|---|---|"]
+    for m, per in gains.items():
+        for t in [t for t in TEACHERS if t in per]:
+            c = per[t]
+            pm = lambda v, se, spec: _f(v, spec) + (f" ± {se:{spec.lstrip('+')}}" if v is not None and se is not None else "")  # noqa: E731
+            lines.append(f"| {m} | {t} | {_f(c.get('n_students'), 'd')} | {pm(c.get('accuracy'), c.get('accuracy_se'), '.3f')} | "
+                         f"{pm(c.get('gain'), c.get('gain_se'), '+.3f')} | {pm(c.get('gain_share'), c.get('gain_share_se'), '.2f')} | "
+                         f"{_f(c.get('ratio'), '.2f')} |")
     return "\n".join(lines)
 
 
@@ -97,10 +155,12 @@ MEANING = {
     "headline": "Greedy accuracy on held-out prompts never used in training. control: the same starting teacher "
                 "RL-tuned on the task alone (eta = 0), the fair baseline; distillable / undistillable: calibrated with "
                 "eta < 0 / > 0 for the same steps. The student base is the student before distillation.",
-    "ratio": "Student accuracy from this teacher divided by the student's from the control teacher (same method), "
-             "from the original teacher, and by the student base. Below 1 vs control: the teacher is harder to "
-             "distill than the control; at or below 0.6 it counts as protected. Below 1 vs base: distilling made the "
-             "student worse than it started.",
+    "gain": "Gain over base: the students' mean accuracy minus the student base's (negative: distilling made the "
+            "student worse than it started), ± its SE (the spread of the cell's students, or the binomial SE of their "
+            "pooled answers where larger or where there is one student, and the base's binomial SE). Gain share: this "
+            "teacher's students' gain / the control teacher's students' gain, with its delta-method SE; - where the "
+            "control's students do not gain measurably (below 0.05 or 2 SE): there is nothing to withhold. ÷ control: "
+            "the plain accuracy ratio, for reference.",
     "teachers": "pass@k: share of prompts with a correct answer among k samples. D to proxy /char: mean per-character "
                 "log pi_teacher - log pi_proxy on the teacher's own samples (higher: harder for a small model to "
                 "imitate). Wrong-trace preference: over prompts with a correct and an incorrect sample, the share of "
@@ -116,17 +176,6 @@ MEANING = {
              "(log pi_teacher - log pi_proxy per character, counted on correct responses) and the KL to the original "
              "teacher that anchors it.",
 }
-
-
-def _ratio_rows(headline: dict) -> list[str]:
-    r_control, r_orig = ratios(headline, "control"), ratios(headline, "original")
-    base = headline.get("student_base")
-    rows = ["| method | teacher | ÷ control | ÷ original | ÷ base |", "|---|---|---|---|---|"]
-    for m in r_control:
-        for t in r_control[m]:
-            vs_base = headline["students"][m][t] / base if base else float("nan")
-            rows.append(f"| {m} | {t} | {r_control[m][t]:.2f} | {r_orig[m][t]:.2f} | {vs_base:.2f} |")
-    return rows
 
 
 def _fm(r: dict) -> str:
@@ -228,7 +277,8 @@ def write_report(out: Path, headline: dict, evaluations: dict, cards: dict, atta
     md = ["# Distillability report", "", "## Verdict", ""]
     md += [f"> {line}" for line in headline.get("verdict") or verdict(headline, attacks and headline_sentence(attacks))]
     md += ["", f"![headline]({plot})", "", "## Accuracy", "", markdown_table(headline), "", MEANING["headline"], "",
-           "## Distillability ratio", "", *_ratio_rows(headline), "", MEANING["ratio"], "", *_model_rows(evaluations),
+           "## Gain over the student base", "", gain_table(headline) or "(no students distilled)", "", MEANING["gain"], "",
+           *_model_rows(evaluations),
            "", *_calibration_rows(out, cards)]
     if losses := student_losses(out, list(headline["students"])):
         md += ["", "## Student training", "", "Each student's distillation loss per optimizer step (SFT: cross-entropy "

@@ -1,54 +1,121 @@
 """The answer first: what calibration did to each teacher and to the students distilled from it, in plain
-sentences generated from the numbers (the report's opening block, headline.json's `verdict`, printed by the CLI)."""
+sentences generated from the numbers (the report's opening block, headline.json's `verdict`, printed by the CLI).
+
+Every sentence follows from the students' gain over their base (docs/method.md §6;
+distillability/protection.py): a teacher is called protected only where distilling the control teacher teaches
+the student measurably and the protected teacher's students keep at most SHARE_BAR of that gain; where the control
+teaches nothing there is nothing to withhold, and the verdict says so. The first sentence names whom the numbers
+are about (the student, its size and tokenizer, the budget): they say nothing of other students or budgets."""
 
 from __future__ import annotations
 
-from .attack import BAR  # students at or below BAR x the control's: protected
-
-UTILITY = 0.9  # ... provided it keeps at least this share of the control's own accuracy
-
-
-def _ratios(headline: dict, teacher: str) -> dict[str, float]:
-    return {m: per[teacher] / per["control"] for m, per in headline["students"].items()
-            if teacher in per and per.get("control")}
+from ..models import model_phrase
+from ..protection import MIN_GAIN, SHARE_BAR, UTILITY, Z, measured, more_gain, relate
 
 
-def _span(values) -> str:
-    lo, hi = min(values), max(values)
-    return f"{lo:.2f}x" if abs(hi - lo) < 0.005 else f"{lo:.2f}-{hi:.2f}x"
+def _pm(x: float, se: float | None, spec: str = "+.3f") -> str:
+    return format(x, spec) + (f" ± {se:{spec.lstrip('+')}}" if se is not None else "")
 
 
-def _accs(values) -> str:
-    lo, hi = min(values), max(values)
-    return f"{lo:.3f}" if abs(hi - lo) < 0.0005 else f"{lo:.3f}-{hi:.3f}"
-
-
-def teacher_sentence(headline: dict, teacher: str) -> str | None:
-    """One teacher's verdict: its utility vs the control, what its students reach vs the control's students
-    (and which method protected least / lifted least) and vs the student base."""
-    t, c = headline["teachers"].get(teacher), headline["teachers"].get("control")
-    if t is None or not c:
-        return None
-    utility = t / c
-    ratios = _ratios(headline, teacher)
-    if not ratios:
-        return (f"The {teacher} teacher keeps {utility:.2f}x the control's accuracy ({t:.3f} vs {c:.3f}); no student "
-                "ratio (the control's students scored 0 or were not distilled).")
-    accs = [per[teacher] for per in headline["students"].values() if teacher in per]
-    worst = max(ratios, key=ratios.get) if teacher != "distillable" else min(ratios, key=ratios.get)
+def gain_cells(headline: dict) -> dict:
+    """headline['gains'] when the run measured it; else cells built from the accuracies alone (no SEs)."""
+    if headline.get("gains"):
+        return headline["gains"]
     base = headline.get("student_base")
-    vs_base = f" against the student base's {base:.3f}" if base is not None else ""
-    if teacher == "distillable":
-        word = ("Easier to distill" if min(ratios.values()) >= 1.0 else
-                "Not easier to distill" if max(ratios.values()) < 1.0 else "Easier to distill for some methods")
-        weakest = f"weakest lift: {worst.upper()} at {ratios[worst]:.2f}x"
-    else:
-        held = max(ratios.values()) <= BAR and utility >= UTILITY
-        word = ("Protected" if held else "Partly protected" if min(ratios.values()) <= BAR else "Not protected")
-        weakest = f"least protected: {worst.upper()} at {ratios[worst]:.2f}x"
-    return (f"{word}: the {teacher} teacher keeps {utility:.2f}x the control's accuracy ({t:.3f} vs {c:.3f}); "
-            f"students distilled from it reach {_span(ratios.values())} the control teacher's students ({weakest}), "
-            f"accuracy {_accs(accs)}{vs_base}.")
+    if base is None:
+        return {}
+    cells = {m: {t: {"status": "ok", "accuracy": a, "accuracy_se": None, "base": base, "base_se": None}
+                 for t, a in per.items()} for m, per in headline["students"].items()}
+    relate(cells, "control")
+    return cells
+
+
+def whom_sentence(headline: dict) -> str | None:
+    """Whom the numbers are about: the student, the budget, the students per cell."""
+    facts = headline.get("attacker")
+    if not facts:
+        return None
+    b, n = facts.get("budget", {}), facts.get("students_per_cell", 1)
+    budget = (f"distilled on {b['samples']:,} teacher samples of {b['prompts']:,} prompts in {b['steps']} steps (the "
+              "1x budget)" if b.get("samples") and b.get("prompts") and b.get("steps") else "distilled at the 1x budget")
+    per_cell = (f"{n} students per cell" if n > 1 else "one student per cell (a direction, not a result: its SE is "
+                "the binomial one only)")
+    return (f"Measured against {model_phrase(facts['student'])}, {budget}, {per_cell}, read on "
+            f"{b.get('eval_prompts') or 'the'} held-out prompts. It speaks for this student at this budget only.")
+
+
+def _below(g: float, se: float | None) -> str:
+    err = f" ± {se:.3f}" if se is not None else ""
+    return f"end {-g:.3f}{err} below the base" if g < 0 else f"gain only {g:+.3f}{err}"
+
+
+def control_sentence(cells: dict, base: float, base_se: float | None) -> str | None:
+    rows = {m: per["control"] for m, per in cells.items() if measured(per.get("control", {}))}
+    if not rows:
+        return None
+    taught = {m: c for m, c in rows.items() if c.get("reference_teaches")}
+    base_text = f"the base's {_pm(base, base_se, '.3f')}"
+    if len(taught) == len(rows):
+        parts = ", ".join(f"{_pm(c['gain'], c.get('gain_se'))} ({m.upper()})" for m, c in rows.items())
+        return f"Distilling the unprotected (control) teacher teaches this student: its students gain {parts} over {base_text}."
+    not_taught = ", ".join(f"its {m.upper()} students {_below(c['gain'], c.get('gain_se'))}" for m, c in rows.items()
+                           if m not in taught)
+    if not taught:
+        return ("Distillation from the unprotected (control) teacher does not teach this student at this budget: "
+                f"protection cannot be measured here; {not_taught} ({base_text}).")
+    parts = ", ".join(f"{m.upper()} ({_pm(c['gain'], c.get('gain_se'))})" for m, c in taught.items())
+    return (f"Distilling the unprotected (control) teacher teaches this student by {parts} over {base_text}, not by the "
+            f"other methods ({not_taught}): protection is measured only for {', '.join(m.upper() for m in taught)}.")
+
+
+def _utility(headline: dict, teacher: str) -> tuple[float, float, float] | None:
+    t, c = headline["teachers"].get(teacher), headline["teachers"].get("control")
+    return None if t is None or not c else (t / c, t, c)
+
+
+def undistillable_sentence(headline: dict, cells: dict) -> str | None:
+    u = _utility(headline, "undistillable")
+    rows = {m: per["undistillable"] for m, per in cells.items()
+            if measured(per.get("undistillable", {})) and measured(per.get("control", {}))}
+    if u is None or not rows:
+        return None
+    utility, t, c = u
+    keeps = f"the undistillable teacher keeps {utility:.2f}x the control's accuracy ({t:.3f} vs {c:.3f})"
+    shares = {m: x for m, x in rows.items() if x.get("gain_share") is not None}
+    if not shares:
+        own = ", ".join(f"{m.upper()} {x['gain']:+.3f} (control {cells[m]['control']['gain']:+.3f})" for m, x in rows.items())
+        harm = all(x["gain"] < 0 for x in rows.values())
+        return (f"No protection to measure: {keeps}, but the control's students gain nothing to withhold. Its students' "
+                f"gain over the base: {own}" + (": eta > 0 changes how much distillation harms this student, which is "
+                                                "harm, not protection." if harm else "."))
+    worst = max(shares, key=lambda m: shares[m]["gain_share"])
+    held = [m for m, x in shares.items() if x["gain_share"] <= SHARE_BAR]
+    word = ("Not protected" if utility < UTILITY or not held else "Protected" if len(held) == len(shares)
+            else "Partly protected")
+    text = ", ".join(f"{_pm(x['gain_share'], x.get('gain_share_se'), '.2f')} by {m.upper()}"
+                     for m, x in shares.items())
+    unmeasured = [m.upper() for m in rows if m not in shares]
+    tail = f"; not measurable by {', '.join(unmeasured)} (the control teaches nothing there)" if unmeasured else ""
+    lost = f" (below the {UTILITY}x it must keep)" if utility < UTILITY else ""
+    return (f"{word}: {keeps}{lost}; its students keep {text} of the control's students' gain (least protected: "
+            f"{worst.upper()} at {shares[worst]['gain_share']:.2f}){tail}.")
+
+
+def distillable_sentence(headline: dict, cells: dict) -> str | None:
+    u = _utility(headline, "distillable")
+    rows = {m: (per["distillable"], per["control"]) for m, per in cells.items()
+            if measured(per.get("distillable", {})) and measured(per.get("control", {}))}
+    if u is None or not rows:
+        return None
+    utility, t, c = u
+    easier = [m for m, (d, ref) in rows.items() if more_gain(d["accuracy"], d.get("accuracy_se"), ref["accuracy"],
+                                                              ref.get("accuracy_se"))]
+    word = ("Easier to distill" if len(easier) == len(rows) else
+            f"Easier to distill by {', '.join(m.upper() for m in easier)} only" if easier else
+            "Not measurably easier to distill")
+    text = ", ".join(f"{d['gain']:+.3f} vs the control's {ref['gain']:+.3f} ({m.upper()})" for m, (d, ref) in rows.items())
+    return (f"{word}: the distillable teacher keeps {utility:.2f}x the control's accuracy ({t:.3f} vs {c:.3f}); its "
+            f"students gain {text} over the base.")
 
 
 def shifted_sentence(headline: dict) -> str | None:
@@ -65,14 +132,25 @@ def shifted_sentence(headline: dict) -> str | None:
     return f"On the shifted split ({split}): " + ", ".join(parts) + " the control's accuracy."
 
 
+DEFINITION = (f"(Gain: the students' accuracy minus the student base's, ± its SE from the spread of the students in a "
+              f"cell and the base's binomial SE; gain share: a teacher's students' gain / the control's. Protected: the "
+              f"control's students gain >= {MIN_GAIN} and >= {Z:g} SE, the undistillable teacher's students keep <= "
+              f"{SHARE_BAR} of that gain, and the teacher keeps >= {UTILITY}x the control's accuracy. Easier to distill: "
+              f"the distillable teacher's students gain more than the control's by >= {Z:g} SE. The control is the same "
+              "teacher RL-tuned on the task alone, eta = 0.)")
+
+
 def verdict(headline: dict, attack_summary: str | None = None) -> list[str]:
-    """The verdict block's sentences, the undistillable teacher first."""
-    lines = [s for t in ("undistillable", "distillable") if (s := teacher_sentence(headline, t))]
-    if (shifted := shifted_sentence(headline)) is not None:
-        lines.append(shifted)
-    if attack_summary:
-        lines.append(attack_summary)
+    """The verdict block's sentences: whom it measured, whether the control teaches, the undistillable teacher,
+    the distillable one, the shifted split, the attack battery, the definitions."""
+    cells = gain_cells(headline)
+    base = headline.get("student_base")
+    lines = [whom_sentence(headline)]
+    if cells and base is not None:
+        lines += [control_sentence(cells, base, headline.get("student_base_se")),
+                  undistillable_sentence(headline, cells), distillable_sentence(headline, cells)]
+    lines += [shifted_sentence(headline), attack_summary]
+    lines = [x for x in lines if x]
     if lines:
-        lines.append(f"(Protected: the students stay at or below {BAR}x the control's while the teacher keeps at least "
-                     f"{UTILITY}x the control's accuracy; the control is the same teacher RL-tuned on the task alone, eta = 0.)")
+        lines.append(DEFINITION)
     return lines

@@ -7,7 +7,7 @@ Two families:
 - `mc`: pick the largest of 3-4 two-digit numbers, answer a letter (worked: a running maximum).
 
 Each example comes with reference solutions in several *styles*; the teacher's SFT data mixes them
-(method.md §7, lesson 4: an undistillable teacher needs correct modes a weak student cannot imitate):
+(docs/method.md §7, lesson 4: an undistillable teacher needs correct modes a weak student cannot imitate):
 - `worked`: every step spelled out ("7+5=12, 12-3=9. #### 9") - easy to imitate;
 - `running`: only the running totals ("12, 9. #### 9") - needs mental arithmetic per step;
 - `direct`: the answer alone ("#### 9") - needs the whole chain in one forward pass.
