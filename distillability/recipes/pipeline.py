@@ -40,6 +40,9 @@ class PipelineConfig:
     eta_distillable: float = opt(-1.0, "eta of the distillable calibration (< 0).", max=0)
     eta_undistillable: float = opt(1.0, "eta of the undistillable calibration (> 0).", min=0)
     methods: list[str] = opt(["sft", "kd", "gkd"], "Distillation methods.", choices=("sft", "kd", "gkd"))
+    distill_teachers: list[str] = opt([], "The teachers the distill stage distills students from ([] = every teacher; "
+                                      "the control is always included: it is the reference of every gain share).",
+                                      choices=("original", "control", "distillable", "undistillable"))
     students_per_cell: int = opt(1, "Students distilled per teacher and method (seeds S, S+1000, ...): the students' "
                                  "gain over the base is their mean, its SE from their spread (one student: the "
                                  "binomial SE only, a direction, not a result); the attack stage reuses them as its "
@@ -124,7 +127,7 @@ class Chain:
         self.cfg, self.t0 = cfg, time.time()
         self.out = check_output_dir(cfg.output_dir)
         self.task = _with(cfg.task, seed=cfg.seed)
-        n_teachers = 1 if "calibrate" in cfg.skip else len(TEACHERS)
+        n_teachers = 1 if "calibrate" in cfg.skip else len(set(cfg.distill_teachers or TEACHERS) | {"control"})
         self.total = (1 + (1 if cfg.teacher_sft_steps else 0) + (0 if "diagnose" in cfg.skip else 1)
                       + (0 if "calibrate" in cfg.skip else 3)
                       + (0 if "distill" in cfg.skip else n_teachers * len(cfg.methods) * cfg.students_per_cell) + 1
@@ -192,7 +195,8 @@ def distill_students(c: Chain, teachers: dict) -> tuple[dict, dict]:
     battery's convention), every method of one repeat on the same teacher samples (sampled once): (the first
     student's folder per (method, teacher), every repeat's distill folder per (method, teacher))."""
     cfg, students, folders = c.cfg, {}, {}
-    for tname in ([] if "distill" in cfg.skip else [t for t in TEACHERS if t in teachers]):
+    wanted = set(cfg.distill_teachers or TEACHERS) | {"control"}
+    for tname in ([] if "distill" in cfg.skip else [t for t in TEACHERS if t in teachers and t in wanted]):
         for r in range(cfg.students_per_cell):
             shared_samples = None
             for method in cfg.methods:
