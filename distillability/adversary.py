@@ -1,4 +1,4 @@
-"""The adversarial proxy (issue #28): r_cal measured against a proxy that *learns* during calibration.
+"""The adversarial proxy (docs/method.md §3): r_cal measured against a proxy that *learns* during calibration.
 
 A frozen proxy rewards text that an untrained small model finds unlikely; an attacker trains on the teacher's
 samples, so what matters is what a small model still finds unlikely *after* imitating them. With

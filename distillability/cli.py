@@ -31,9 +31,25 @@ def _load(name: str):
     return module, getattr(module, cls_name)
 
 
+def help_defaults(name: str):
+    """The config whose values --help shows as defaults: what a run with no options uses (the pipeline's with the
+    embedded default preset applied)."""
+    if name == "pipeline":
+        from .recipes.pipeline import load_pipeline_config
+
+        return load_pipeline_config(None, {})
+    return None
+
+
 def _help_text(name: str) -> str:
     _, cls = _load(name)
-    rows = describe(cls)
+    rows = describe(cls, default=help_defaults(name))
+    if name == "pipeline":  # keys the pipeline fills into each stage itself are refused in a config: not options
+        from .recipes.pipeline import FILLED_IN, FILLED_IN_RUNTIME
+
+        filled = tuple(f"{sec}.{k}" for sec, keys in FILLED_IN.items() for k in keys) + tuple(
+            f"{sec}.runtime.{k}" for sec in FILLED_IN for k in FILLED_IN_RUNTIME)
+        rows = [r for r in rows if not any(r[0] == f or r[0].startswith(f + ".") for f in filled)]
     width = max(len(r[0]) for r in rows)
     lines = [f"  {key.ljust(width)}  {meaning} [{typ}, default {default}]" for key, typ, default, meaning in rows]
     text = "Options (as key=value or --key value; sections with dots, e.g. task.name=gsm8k):\n\n" + "\n".join(lines)

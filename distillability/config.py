@@ -288,14 +288,15 @@ def without_later_keys(value):
     return value
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key, type, default, meaning) for every field, sections flattened with dotted keys."""
+def describe(cls: type, prefix: str = "", default: Any = None) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) for every field, sections flattened with dotted keys. `default`: the config
+    whose values are shown as the defaults (e.g. the pipeline's with its preset applied); None = cls()."""
     rows = []
     hints = typing.get_type_hints(cls)
-    default = cls()
+    default = cls() if default is None else default
     for f in dataclasses.fields(cls):
         if f.metadata.get("section"):
-            rows.extend(describe(hints[f.name], prefix=f"{prefix}{f.name}."))
+            rows.extend(describe(hints[f.name], prefix=f"{prefix}{f.name}.", default=getattr(default, f.name)))
             continue
         meaning = f.metadata.get("help", "")
         if f.metadata.get("choices"):

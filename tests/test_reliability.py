@@ -328,3 +328,34 @@ def test_answer_extraction_never_crashes(text):
     extract_math_answer(text, strict=True)
     extract_choice(text)
     parse_number(text)
+
+
+def test_help_shows_the_defaults_a_run_uses():
+    """`demo --help` / `pipeline --help` show the values of a run with no options (the embedded default preset
+    applied), not the dataclasses' own; keys the pipeline fills in itself are not offered."""
+    import dataclasses
+    import re
+
+    from click.testing import CliRunner
+
+    from distillability.cli import main
+    from distillability.recipes.pipeline import load_pipeline_config
+
+    cfg = load_pipeline_config(None, {})
+    for command in ("demo", "pipeline"):
+        text = CliRunner().invoke(main, [command, "--help"], terminal_width=400).output
+        rows = re.findall(r"^  (\S+) .*\[[^\]\[]*?, default (.*)\]$", text, flags=re.M)
+        assert len(rows) > 100
+        for key, shown in rows:
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+                want = "[" + ", ".join(v.name for v in value) + "]"
+            else:
+                want = repr(value)
+            assert shown == want, key
+        keys = dict(rows)
+        assert keys["calibrate.max_steps"] == "90" and keys["task.num_train"] == "20000"
+        assert keys["distill.max_steps"] == "240" and "distill.task.num_train" not in keys
+        assert "attack.attacker.max_steps" not in keys and "calibrate.runtime.seed" not in keys

@@ -94,11 +94,11 @@ class CalibrateConfig:
                        "wrong (every response the verifier does not score 1, malformed ones included: r_cal then "
                        "only ranks correct responses, so eta never trades accuracy for divergence).",
                        choices=("malformed", "wrong"))
-    extra_proxies: list[str] = opt([], "More calibration proxies (any tokenizers; issue #28's ensemble): r_cal is "
+    extra_proxies: list[str] = opt([], "More calibration proxies (any tokenizers: an ensemble): r_cal is "
                                    "computed against each proxy and the one least favourable to eta's goal is kept "
                                    "per response (eta > 0: the smallest divergence, i.e. the proxy that finds the "
                                    "response likeliest; eta < 0: the largest). The card's D is against `proxy`.")
-    proxy_updates: int = opt(0, "Adversarial proxy (issue #28): SFT steps of a trainable copy of the proxy on each "
+    proxy_updates: int = opt(0, "Adversarial proxy: SFT steps of a trainable copy of the proxy on each "
                              "rollout's correct responses, after r_cal has scored them against it; r_cal then rewards "
                              "text a proxy distilled on the teacher's samples so far still finds unlikely. 0 = the "
                              "frozen proxy. The card's D is always against the original proxy. One process only.", min=0)

@@ -45,7 +45,7 @@ class WorldConfig:
     shipped: bool = opt(True, "Use the world shipped inside the package when one was built with these settings "
                         "(the embedded default, seed 0: the same models on every machine, no build); false = "
                         "build here (or reuse this machine's cache).")
-    proxy_style_mix: list[float] = opt([1.0, 0.0, 0.0], "Proxy SFT mix of styles worked, running, direct (issue #28: "
+    proxy_style_mix: list[float] = opt([1.0, 0.0, 0.0], "Proxy SFT mix of styles worked, running, direct (e.g. "
                                        "the teacher's own mix, so the proxy is not blind to its hard mode by "
                                        "construction).")
     student_prompts: str = opt("train", "What the student base (and the attack battery's unseen and large students) "
