@@ -77,7 +77,7 @@ def collect(seeds: list[int], runs: Path) -> dict:
                             "gain_share_per_seed": shares, "students": sum(h["gains"][m][t]["n_students"] for h in heads.values())}
     utility = [h["teachers"]["undistillable"] / h["teachers"]["control"] for h in heads.values()]
     per_seed = {s: checks(h) for s, h in heads.items()}
-    return {"seeds": list(heads), "methods": methods, "per_seed": {s: {"teachers": h["teachers"],
+    return {"seeds": list(heads), "methods": methods, "per_seed": {str(s): {"teachers": h["teachers"],
             "student_base": h["student_base"], "student_base_se": h.get("student_base_se"), "gains": h["gains"],
             "checks": per_seed[s], "wall_seconds": h["wall_seconds"], "attacker": h.get("attacker")}
             for s, h in heads.items()}, "pooled": pooled, "utility": {"per_seed": utility, "mean": statistics.fmean(utility)}}
@@ -86,12 +86,12 @@ def collect(seeds: list[int], runs: Path) -> dict:
 def markdown(res: dict) -> str:
     seeds = res["seeds"]
     lines = [f"Seeds {', '.join(map(str, seeds))}; students per cell: "
-             f"{res['per_seed'][seeds[0]]['gains'][res['methods'][0]]['control']['n_students']}. Gain over the student base "
+             f"{res['per_seed'][str(seeds[0])]['gains'][res['methods'][0]]['control']['n_students']}. Gain over the student base "
              "(± the SE of the cell, from its students' spread and the base's binomial SE) and the gain share.", "",
              "| seed | base | method | control gain | distillable gain | undistillable gain | undistillable share | "
              "distillable / control | undistillable teacher / control |", "|---|---|---|---|---|---|---|---|---|"]
     for s in seeds:
-        r = res["per_seed"][s]
+        r = res["per_seed"][str(s)]
         for m in res["methods"]:
             g = r["gains"][m]
             pm = lambda c: f"{c['gain']:+.3f} ± {c['gain_se']:.3f}" if c.get("gain_se") is not None else f"{c['gain']:+.3f}"  # noqa: E731
@@ -119,7 +119,7 @@ def markdown(res: dict) -> str:
     for name in TARGETS:
         cells = []
         for s in seeds:
-            for m, v in res["per_seed"][s]["checks"][name].items():
+            for m, v in res["per_seed"][str(s)]["checks"][name].items():
                 ok = met(name, v)
                 cells.append(f"seed {s} {m}: {'-' if v is None else f'{v:.2f}'} "
                              f"({'n/a' if ok is None else 'met' if ok else f'missed by {abs(v - TARGETS[name]):.2f}'})")

@@ -1,11 +1,12 @@
-"""The utility-protection trade of the real-teacher knob runs (issue #29) in one figure: for each run of
+"""The utility-protection trade of the real-teacher knob runs in one figure: for each run of
 configs/smollm2-tinyworld.yaml, the undistillable teacher's greedy accuracy as a share of the control's (x, with
 its standard error) against its students' accuracy as a share of the control's students' (y: the mean of the SFT,
 KD and GKD cells at 1x, 3 students each, with the cells' range), the targets' corner shaded.
 
     python bench/plot_real_frontier.py [--out docs/real_teacher_frontier.png]
 
-Reads the committed bench/results/smollm2_tinyworld*.json (bench/real_teacher_table.py writes them); loads no model.
+Reads the committed bench/results/real_teacher_runs.json (each run as bench/real_teacher_table.py wrote it); loads no
+model.
 """
 
 from __future__ import annotations
@@ -18,26 +19,27 @@ from pathlib import Path
 from distillability.io import atomic_path
 
 HERE = Path(__file__).resolve().parent
-# (results file, RL steps per teacher, eta_undistillable, how the run computed): every 600-step-SFT run of the config
+# (run in results/real_teacher_runs.json, RL steps per teacher, eta_undistillable, how the run computed): every
+# 600-step-SFT run of the config
 RUNS = (
-    ("smollm2_tinyworld_1205a.json", 60, 1.0, "bf16"),
-    ("smollm2_tinyworld_1205b.json", 60, 1.0, "bf16"),
-    ("smollm2_tinyworld.json", 80, 1.0, "bf16"),
-    ("smollm2_tinyworld_eta075.json", 80, 0.75, "bf16"),
-    ("smollm2_tinyworld_eta085.json", 80, 0.85, "float32"),
+    ("eta1_60steps_a", 60, 1.0, "bf16"),
+    ("eta1_60steps_b", 60, 1.0, "bf16"),
+    ("eta1_80steps", 80, 1.0, "bf16"),
+    ("eta0.75_80steps", 80, 0.75, "bf16"),
+    ("eta0.85_80steps", 80, 0.85, "float32"),
 )
 TEACHER_TARGET, STUDENT_TARGET = 0.9, 0.6
 
 
 def points(results: Path = HERE / "results") -> list[dict]:
-    """One point per run whose results file exists: the undistillable teacher's ratio to the control and its SE
-    (delta method on the two binomial SEs), its students' mean ratio over the 1x cells and their min and max."""
+    """One point per recorded run: the undistillable teacher's ratio to the control and its SE (delta method on the
+    two binomial SEs), its students' mean ratio over the 1x cells and their min and max."""
     out = []
+    runs = json.loads((results / "real_teacher_runs.json").read_text())["runs"]
     for name, steps, eta, precision in RUNS:
-        f = results / name
-        if not f.exists():
+        if name not in runs:
             continue
-        d = json.loads(f.read_text())
+        d = runs[name]
         u, c = d["teachers"]["undistillable"], d["teachers"]["control"]
         ratio = u["ratio"]  # real_teacher_table.py: accuracy / the control's
         se = ratio * math.sqrt((u["se"] / u["accuracy"]) ** 2 + (c["se"] / c["accuracy"]) ** 2)

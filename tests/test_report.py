@@ -256,31 +256,38 @@ def test_html_renders_in_headless_chromium(report_dir, tmp_path):
     assert rows[-1] < pixels.shape[0] - 50  # the window was taller than the page: the whole page is in the shot
 
 
-def test_knob_seeds_table_pools_and_counts_targets():
-    """bench/knob_seeds.py: per-seed ratios vs the control, pooled = ratio of the accuracies summed over seeds,
-    and 'held in' counts the seeds that meet issue #11's thresholds."""
-    import importlib.util
+def test_gain_seeds_pools_the_seeds_and_says_by_how_much_a_target_is_missed():
+    """bench/gain_seeds.py: per seed the claim's targets with their values, pooled gains over seeds (mean, spread
+    / sqrt(seeds)) and the pooled gain share (pooled gain / the control's pooled gain)."""
+    gs = _bench_module("gain_seeds")
+    heads = {s: _head(c, u, d, base=0.2) for s, (c, u, d) in {3: (0.5, 0.25, 0.6), 4: (0.4, 0.3, 0.42)}.items()}
+    heads[4]["teachers"]["undistillable"] = 0.9  # 0.9x the control: misses 0.95x by 0.05
+    checks = {s: gs.checks(h) for s, h in heads.items()}
+    assert checks[3]["control gain >= +0.15"]["sft"] == pytest.approx(0.3)
+    assert checks[3]["undistillable gain share <= 0.3"]["gkd"] == pytest.approx(0.05 / 0.3)
+    assert checks[4]["distillable gain >= 1.1x the control's"]["sft"] == pytest.approx(0.22 / 0.2)
+    assert gs.met("undistillable gain share <= 0.3", 0.5) is False and gs.met("control gain >= +0.15", 0.2) is True
+    import json as _json
+
+    root = _bench_tmp(heads)
+    res = gs.collect([3, 4], root)
+    p = res["pooled"]["sft"]
+    assert p["control"]["gain"] == pytest.approx(0.25) and p["control"]["gain_se_over_seeds"] == pytest.approx(0.05)
+    assert p["undistillable"]["gain_share_pooled"] == pytest.approx(0.075 / 0.25)
+    md = gs.markdown(_json.loads(_json.dumps(res)))
+    assert "seed 4 all: 0.90 (missed by 0.05)" in md and "seed 3 sft: 0.30 (met)" in md
+
+
+def _bench_tmp(heads: dict):
+    import json as _json
+    import tempfile
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(
-        "knob_seeds", Path(__file__).resolve().parents[1] / "bench" / "knob_seeds.py")
-    ks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ks)
-    heads = [{"teachers": {"original": 0.9, "control": 0.9, "distillable": 0.9, "undistillable": 0.8},
-              "students": {"sft": {"original": 0.3, "control": 0.4, "distillable": 0.6, "undistillable": 0.2}},
-              "student_base": 0.45},
-             {"teachers": {"original": 0.9, "control": 1.0, "distillable": 0.95, "undistillable": 0.95},
-              "students": {"sft": {"original": 0.3, "control": 0.1, "distillable": 0.09, "undistillable": 0.07}},
-              "student_base": 0.5}]
-    md, summary = ks.table([0, 1], heads)
-    u = summary["sft_undistillable_vs_control"]
-    assert u["values"] == pytest.approx([0.5, 0.7]) and u["held_in_seeds"] == 1
-    assert u["pooled"] == pytest.approx(0.27 / 0.5) and u["mean"] == pytest.approx(0.6)
-    d = summary["sft_distillable_vs_control"]
-    assert d["values"] == pytest.approx([1.5, 0.9]) and d["held_in_seeds"] == 1 and d["target"] == ">= 1.0"
-    t = summary["teacher_undistillable_vs_control"]
-    assert t["values"] == pytest.approx([0.8 / 0.9, 0.95]) and t["held_in_seeds"] == 1
-    assert "| student base (before distillation) | 0.45 | 0.50 |" in md
+    root = Path(tempfile.mkdtemp())
+    for s, h in heads.items():
+        (root / f"seed{s}").mkdir()
+        (root / f"seed{s}" / "headline.json").write_text(_json.dumps(h))
+    return root
 
 
 def test_knob_v2_marks_issue_28s_targets():
@@ -379,5 +386,5 @@ def test_plot_real_frontier_reads_the_committed_results(tmp_path):
     fp32 = pts[(80, 0.85, "float32")]  # the shipped eta: the teacher holds, GKD's cell (0.63x) does not
     assert fp32["teacher"] == pytest.approx(0.870 / 0.950, abs=1e-3) and fp32["high"] == pytest.approx(0.630, abs=2e-3)
     assert fp32["meets"] is False
-    assert [p["file"] for p in pf.points() if p["meets"]] == ["smollm2_tinyworld_1205a.json"]  # one 60-step run
+    assert [p["file"] for p in pf.points() if p["meets"]] == ["eta1_60steps_a"]  # one 60-step run
     _main_writes_png(pf, tmp_path / "f.png")
