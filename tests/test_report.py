@@ -388,3 +388,18 @@ def test_plot_real_frontier_reads_the_committed_results(tmp_path):
     assert fp32["meets"] is False
     assert [p["file"] for p in pf.points() if p["meets"]] == ["eta1_60steps_a"]  # one 60-step run
     _main_writes_png(pf, tmp_path / "f.png")
+
+
+def test_the_readme_python_api_example_runs(tmp_path, monkeypatch):
+    """The README's first Python example, as written, on the shipped world (a user's first API call)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", readme, flags=re.S)[0]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own documentation's code
+    card = scope["card"]
+    assert 0 <= card["student_accuracy_before"] <= 1 and 0 <= card["student_accuracy"] <= 1
+    assert (tmp_path / "runs" / "api_student" / "model" / "model.safetensors").exists()
