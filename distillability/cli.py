@@ -11,7 +11,7 @@ import sys
 import click
 
 from .config import describe, load_config, parse_overrides
-from .errors import UserError
+from .errors import OutputError, UserError
 
 RECIPES = {
     "diagnose": ("distillability.recipes.diagnose", "DiagnoseConfig", "Measure the distillation traps between a teacher and a student."),
@@ -64,6 +64,9 @@ class RecipeCommand(click.Command):
         formatter.write("\n" + _help_text(self.recipe) + "\n")
 
 
+RUNNING: dict = {}  # the recipe and output folder of the run in progress (what Ctrl-C reports)
+
+
 def _run(recipe: str, config_path: str | None, extra: list[str], preset_quick: bool | None = None) -> None:
     module, cls = _load(recipe)
     overrides = parse_overrides(extra)
@@ -73,6 +76,7 @@ def _run(recipe: str, config_path: str | None, extra: list[str], preset_quick: b
         cfg = load_pipeline_config(config_path, overrides, preset_quick)
     else:
         cfg = load_config(cls, config_path, overrides)
+    RUNNING.update(recipe=recipe, output_dir=getattr(cfg, "output_dir", None))
     result = module.run(cfg)
     if recipe == "pipeline":
         from .report.protection import gain_table, markdown_table
@@ -96,8 +100,32 @@ def _guarded(fn, *args, **kwargs) -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        click.echo(interrupted_message(RUNNING.get("recipe"), RUNNING.get("output_dir"), sys.argv), err=True)
         sys.exit(130)
+    except OutputError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+def interrupted_message(recipe: str | None, output_dir: str | None, argv: list[str]) -> str:
+    """What Ctrl-C leaves and how to go on: the newest checkpoint under the run folder, and the command."""
+    import json
+    import shlex
+    from pathlib import Path
+
+    if not recipe or not output_dir:
+        return "interrupted (nothing was written yet)"
+    states = sorted(Path(output_dir).rglob("checkpoints/last/state.json"), key=lambda p: p.stat().st_mtime)
+    kept = "no checkpoint was written yet"
+    if states:
+        step = json.loads(states[-1].read_text()).get("step", "?")
+        kept = f"the last checkpoint kept is {states[-1].parent} (step {step})"
+    command = shlex.join(["distillability", *argv[1:]])
+    if recipe == "pipeline":
+        return (f"interrupted: {kept}; finished stages are kept. The same command continues (finished stages reused, "
+                f"the cut stage from its last checkpoint): {command}")
+    again = command if any(a in ("resume=true", "--resume") for a in argv) else f"{command} resume=true"
+    return f"interrupted: {kept}. Continue with: {again}"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

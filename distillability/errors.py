@@ -19,3 +19,7 @@ class ModelError(UserError):
 
 class TrainingDiverged(UserError):
     """A NaN or infinite loss: training stopped, the last good checkpoint is kept."""
+
+
+class OutputError(Exception):
+    """An output could not be written (e.g. a full disk): nothing half-written is left; the CLI exits 1."""

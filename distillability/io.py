@@ -102,16 +102,43 @@ def require_field(row: dict, field: str, path: str | os.PathLike, kind: type | t
     return value
 
 
+def _fsync_tree(target: Path) -> None:
+    """fsync every file under `target` (a file or a folder) and the folders holding them: what is renamed into
+    place afterwards is on the disk, not only in the page cache (a power cut keeps the last complete output)."""
+    files = [target] if target.is_file() else [p for p in target.rglob("*") if p.is_file()]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for d in {f.parent for f in files} | {target.parent}:
+        with contextlib.suppress(OSError):  # (some filesystems refuse fsync of a folder)
+            fd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+DISK_FULL = (28, 122)  # ENOSPC, EDQUOT
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success rename it over `path` (file or folder).
-    A crash inside the block leaves the old `path` untouched and no half-written file."""
+    """Yield a temporary sibling path; on success fsync it and rename it over `path` (file or folder).
+    A crash, a kill or a full disk inside the block leaves the old `path` untouched (or no `path`) and no
+    half-written file; a full disk raises OutputError naming the folder and what was being written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e:
+        raise _output_error(e, path) from None
     target = tmp / path.name
     try:
         yield target
+        _fsync_tree(target)
         if path.exists() and path.is_dir() and not path.is_symlink():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -119,8 +146,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(target, path)
+    except Exception as e:  # (safetensors reports a full disk as its own error type, naming os error 28)
+        if disk_full(e):
+            raise _output_error(OSError(28, str(e)), path) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def disk_full(e: BaseException) -> bool:
+    """A write failed because the device (or the quota) is full."""
+    if isinstance(e, OSError) and e.errno in DISK_FULL:
+        return True
+    text = str(e)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
+
+
+def _output_error(e: OSError, path: Path):
+    from .errors import OutputError
+
+    if e.errno in DISK_FULL:
+        return OutputError(f"{path.parent}: no space left on the device while writing {path.name}; nothing of it was "
+                           "written (free space and rerun: finished stages are reused)")
+    return e
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -141,8 +189,32 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
 
 
 def append_jsonl(path: str | os.PathLike, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, default=_json_default) + "\n")
+    """Append one line, whole or not at all: on a failed write (a full disk) the file is cut back to its size
+    before, and a full disk raises OutputError."""
+    data = (json.dumps(row, default=_json_default) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(fd).st_size
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise _output_error(e, Path(path)) from None
+    finally:
+        os.close(fd)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """A matplotlib figure as PNG, written whole or not at all; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _json_default(o: Any) -> Any:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from .distributed import get_dist
 from .errors import TrainingDiverged
-from .io import append_jsonl, atomic_path
+from .io import append_jsonl, atomic_path, write_text
 from .scoring import encode_pair, pad_batch, response_positions, token_logprobs
 
 
@@ -147,7 +147,7 @@ class StepLog:
         if not self.path.exists() or not self.enabled:
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(k + "\n" for k in keep))
+        write_text(self.path, "".join(k + "\n" for k in keep))
 
     def write(self, row: dict) -> None:
         if self.enabled:

@@ -359,3 +359,175 @@ def test_help_shows_the_defaults_a_run_uses():
         assert keys["calibrate.max_steps"] == "90" and keys["task.num_train"] == "20000"
         assert keys["distill.max_steps"] == "240" and "distill.task.num_train" not in keys
         assert "attack.attacker.max_steps" not in keys and "calibrate.runtime.seed" not in keys
+
+
+def _interrupt_when(proc, path: Path, ready, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and ready(path):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_continues(tiny_pair, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = _distill_args(tiny_pair, tmp_path / "run", 40)
+    proc = subprocess.Popen(CLI + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _interrupt_when(proc, tmp_path / "run" / "checkpoints" / "last" / "state.json", lambda p: True)
+    err = proc.communicate(timeout=120)[1].strip().splitlines()
+    assert proc.returncode == 130 and "Traceback" not in "\n".join(err)
+    step = json.loads((tmp_path / "run" / "checkpoints" / "last" / "state.json").read_text())["step"]
+    assert err[-1].startswith(f"interrupted: the last checkpoint kept is {tmp_path / 'run' / 'checkpoints' / 'last'} "
+                              f"(step {step}). Continue with: distillability distill ")
+    assert err[-1].endswith(" resume=true")
+    # the printed command continues the run: its log goes on from the checkpoint to the last step
+    cmd = err[-1].split("Continue with: ", 1)[1].split()[1:]
+    subprocess.run(CLI + cmd, check=True, env=env, capture_output=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+
+
+def test_ctrl_c_in_the_pipeline_then_the_same_command_continues_the_cut_stage(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DISTILLABILITY_BF16": "false"}
+    run = tmp_path / "run"
+    cmd = CLI + ["demo", "--quick", "--output-dir", str(run), "progress=false", "skip=[diagnose,attack,distill]",
+                 "calibrate.max_steps=30", "calibrate.save_steps=1", "threads=1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run / "calibrate_control" / "log.jsonl"
+    _interrupt_when(proc, log, lambda p: len(p.read_text().splitlines()) >= 3, timeout=400)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert "finished stages are kept. The same command continues" in err.strip().splitlines()[-1]
+    assert "calibrate_control/checkpoints/last" in err
+    cut_at = len(log.read_text().splitlines())
+    assert cut_at < 30
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "calibrate_control: continuing from its last checkpoint" in again.stdout
+    rows = [json.loads(x)["step"] for x in log.read_text().splitlines()]
+    assert rows == list(range(1, 31))  # the cut stage went on where it stopped, no step twice
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 64 MB tmpfs mounted under tmp_path (root only; skipped where mounting is not allowed), and a function
+    that fills it to all but `free` bytes."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+
+    def fill(free: int = 4096) -> None:
+        filler = disk / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+        with open(filler, "wb") as f:  # (rewritten smaller: the exact free space, page-aligned)
+            pass
+        total = os.statvfs(disk)
+        avail = total.f_bavail * total.f_frsize
+        with open(filler, "wb") as f:
+            f.write(b"\0" * max(0, avail - free))
+
+    yield disk, fill
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("writer", ["json", "jsonl_append", "figure", "model", "checkpoint", "report"])
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(writer, small_disk, tiny_pair):
+    """A real full disk (a small tmpfs) under each writer: it raises OutputError naming the folder and the file,
+    and the folder keeps the previous complete output (or none), never a partial one nor a temporary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distillability import io
+    from distillability.errors import OutputError
+
+    disk, fill = small_disk
+    folder = disk / "out"
+    folder.mkdir()
+    target = {"json": folder / "card.json", "jsonl_append": folder / "log.jsonl", "figure": folder / "plot.png",
+              "model": folder / "model", "checkpoint": folder / "checkpoints" / "last",
+              "report": folder / "report.html"}[writer]
+
+    def do_write(tag):
+        if writer == "json":
+            io.write_json(target, {"tag": tag, "pad": "x" * 20000})
+        elif writer == "jsonl_append":
+            io.append_jsonl(target, {"tag": tag, "pad": "x" * 20000})
+        elif writer == "figure":
+            fig, ax = plt.subplots()
+            ax.plot(range(200), [i % 7 for i in range(200)])
+            ax.set_title(tag)
+            io.save_figure(fig, target)
+        elif writer == "report":
+            from distillability.report.protection import to_html
+
+            io.write_text(target, to_html(f"# {tag}\n\n" + "word " * 5000, folder))
+        else:
+            from distillability.models import load_model, save_model
+            from distillability.training import save_checkpoint
+
+            model, tok = load_model(tiny_pair["student"])
+            if writer == "model":
+                save_model(model, tok, target)
+            else:
+                opt = torch.optim.AdamW(model.parameters())
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+                save_checkpoint(folder / "checkpoints", 1, model, opt, sched)
+
+    do_write("first")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    fill(4096)
+    with pytest.raises(OutputError) as e:
+        do_write("second")
+    msg = str(e.value)
+    assert "\n" not in msg and "no space left" in msg and target.name in msg and str(target.parent) in msg
+    after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert after == before  # the last complete output, untouched
+    assert not [p for p in folder.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_sigkill_between_the_temporary_write_and_the_rename_leaves_the_old_file(tmp_path):
+    """A process killed inside atomic_path (after writing the temporary, before the rename) leaves the previous
+    complete file and no partial one under its name."""
+    target = tmp_path / "card.json"
+    target.write_text('{"tag": "old"}\n')
+    code = ("import os, signal, sys\nfrom distillability.io import atomic_path\n"
+            f"with atomic_path({str(target)!r}) as tmp:\n"
+            "    tmp.write_text('{\"tag\": \"new\"}')\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert json.loads(target.read_text()) == {"tag": "old"}
+
+
+def test_a_full_disk_through_the_cli_is_one_line_exit_1(tiny_pair, tmp_path, monkeypatch):
+    """distill on a disk that fills while it writes its outputs: one line naming the folder, exit 1."""
+    import errno
+
+    from click.testing import CliRunner
+
+    from distillability import io
+    from distillability.cli import main
+
+    real = io._fsync_tree
+
+    def full(target):  # the disk fills when the first output is flushed
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io, "_fsync_tree", full)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, _distill_args(tiny_pair, out, 2)[0:1] + _distill_args(tiny_pair, out, 2)[1:])
+    monkeypatch.setattr(io, "_fsync_tree", real)
+    assert r.exit_code == 1, r.output
+    lines = [x for x in r.output.strip().splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "no space left on the device while writing" in lines[0] and "Traceback" not in r.output
+    assert not (out / "model" / "model.safetensors").exists()

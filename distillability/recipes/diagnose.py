@@ -27,7 +27,7 @@ from ..crosstok import FirstCharProjector, align_pair
 from ..divergences import divergence_rows, topk_accumulated_kl
 from ..errors import ConfigError
 from ..estimators import kl_estimators, off_policy_reverse_kl
-from ..io import check_output_dir, versions, write_json, write_text
+from ..io import check_output_dir, save_figure, versions, write_json, write_text
 from ..metrics import group_by_prompt, wrong_trace_preference
 from ..models import same_vocabulary
 from ..sampling import generate
@@ -97,11 +97,8 @@ def _token_stats(teacher, ttok, student, stok, prompts, responses, projector, ch
 
 
 def _save(fig, out: Path, name: str) -> str:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / name, dpi=110)
     return name
 
 

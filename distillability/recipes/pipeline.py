@@ -312,6 +312,9 @@ def attack_teachers(c: Chain, teachers: dict, folders: dict) -> dict | None:
 
 
 def run(cfg: PipelineConfig) -> dict:
+    from ..training import set_threads
+
+    set_threads(cfg.threads)  # from the start: the world's build runs before any stage sets it
     c = Chain(cfg)
     c.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, c.out / "pipeline_config.yaml")

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..config import to_dict, without_later_keys
+from ..io import write_text
 
 
 def _inputs(cfg) -> dict:
@@ -47,9 +48,21 @@ def run_stage(out: Path, name: str, cfg, marker: str, fn, log: dict | None = Non
         if log is not None:
             log[str(folder.relative_to(log["_root"]))] = {"reused": True, "wall_seconds": 0.0}
         return json.loads((folder / marker).read_text())
-    result = fn(cfg)
+    started = folder / "stage_started.yaml"
+    if (hasattr(cfg, "resume") and started.exists() and started.read_text() == current
+            and (folder / "checkpoints" / "last").exists()):
+        import dataclasses
+
+        print(f"{name}: continuing from its last checkpoint ({folder / 'checkpoints' / 'last'})", flush=True)
+        cfg = dataclasses.replace(cfg, resume=True)  # a run of the same stage was cut: go on where it stopped
+    elif (folder / "checkpoints").exists():
+        import shutil
+
+        shutil.rmtree(folder / "checkpoints")  # another config's: never resumed from
     folder.mkdir(parents=True, exist_ok=True)
-    saved.write_text(current)
+    write_text(started, current)
+    result = fn(cfg)
+    write_text(saved, current)
     if log is not None:
         log[str(folder.relative_to(log["_root"]))] = {"reused": False, "wall_seconds": time.time() - t0}
     return result

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import write_text
+from ..io import save_figure, write_text
 from ..protection import MIN_GAIN, SHARE_BAR, Z
 
 COLORS = {"original": "#8c8c8c", "control": "#4c72b0", "distillable": "#55a868", "undistillable": "#c44e52"}
@@ -175,8 +175,7 @@ def _plots(out: Path, result: dict) -> list[str]:
         axes[0][-1].legend(fontsize=7)
         axes[1][-1].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "attack_budget.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / "attack_budget.png")
         names.append("attack_budget.png")
     variants = [a for a in result["battery"] if not a["is_budget"]]
     if variants:
@@ -194,8 +193,7 @@ def _plots(out: Path, result: dict) -> list[str]:
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=7, ncol=3)
         fig.tight_layout()
-        fig.savefig(out / "attack_variants.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / "attack_variants.png")
         names.append("attack_variants.png")
     return names
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..io import save_figure
 from .attack import COLORS
 
 
@@ -29,8 +30,7 @@ def _figure(ncols: int, width: float = 4.2, height: float = 3.0):
 
 def _save(plt, fig, out: Path, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(out / name, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / name, dpi=100)
     return name
 
 

@@ -10,7 +10,7 @@ import html
 import re
 from pathlib import Path
 
-from ..io import write_text
+from ..io import save_figure, write_text
 from .attack import headline_sentence
 from .attack import markdown as attack_markdown
 from .verdict import verdict
@@ -110,8 +110,7 @@ def _plot(headline: dict, out: Path) -> str:
         ax.set_title("What distillation teaches" + (f" ({n} students per cell)" if n else ""))
     fig.tight_layout()
     name = "headline.png"
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / name)
     return name
 
 
