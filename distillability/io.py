@@ -55,10 +55,44 @@ def load_json(path: str | os.PathLike) -> Any:
         raise DataError(f"{p}: not JSON (line {e.lineno}: {e.msg})") from None
 
 
+def _dataset_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a Hugging Face `datasets` folder (`save_to_disk`: one split, or a DatasetDict whose `train`
+    split or only split is read) or a parquet file; each row's `__line__` is its row number (from 1)."""
+    try:
+        if path.is_dir():
+            import datasets
+
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                split = "train" if "train" in ds else next(iter(ds)) if len(ds) == 1 else None
+                if split is None:
+                    raise DataError(f"{path}: a DatasetDict with splits {', '.join(ds)}; give one split's folder "
+                                    f"({path}/<split>)")
+                ds = ds[split]
+            rows = ds.to_list()
+        else:
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(str(path)).to_pylist()
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a user's broken file
+        kind = "a Hugging Face datasets folder" if path.is_dir() else "a parquet file"
+        raise DataError(f"{path}: not readable as {kind} ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if not rows:
+        raise DataError(f"{path}: the data set has no rows")
+    # a column a row has no value in is null there (columnar formats): the field is missing from that row
+    return [{**{k: v for k, v in r.items() if v is not None}, "__line__": i} for i, r in enumerate(rows, start=1)]
+
+
 def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Load a JSONL file (one object per line) or a JSON file (a list, or an object with a list under
-    `examples`/`data`/`rows`). A bad row raises DataError naming the file and line."""
+    """Load a JSONL file (one object per line), a JSON file (a list, or an object with a list under
+    `examples`/`data`/`rows`), a parquet file, or a Hugging Face `datasets` folder (`save_to_disk`). A bad row
+    raises DataError naming the file and line (row)."""
     path = Path(path)
+    if path.suffix == ".parquet" and path.is_file() or path.is_dir() and (
+            (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        return _dataset_rows(path)
     text = _read_text(path)
     if path.suffix == ".json":
         try:

@@ -186,6 +186,15 @@ def test_demo_quick_end_to_end(tmp_path):
     assert report.splitlines()[2] == "## Verdict" and f"> {attacks['summary']}" in report.splitlines()[4:8]
     assert "undistillable teacher" in attacks["summary"] and attacks["summary"] in headline["verdict"]
     assert "Verdict:" in r.output and headline["verdict"][0] in r.output
+    # every saved model folder carries a Hugging Face model card saying what was done to it and what was measured
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "calibrate_undistillable" / "model" / "README.md")
+    assert {"distillability", "calibrated-teacher", "eta-undistillable"} <= set(card.data.tags)
+    assert "eta = +1" in card.text and "| proxy (the calibration's small model) |" in card.text
+    assert "## Evaluation" in card.text and "| greedy accuracy | " in card.text.split("## Evaluation")[1]
+    student = ModelCard.load(run / "distill_kd_control" / "model" / "README.md")
+    assert "distilled-student" in student.data.tags and "by **KD**" in student.text
     # gains over the base with SEs, and a verdict that follows from them and first names whom it measured
     g = headline["gains"]["sft"]["control"]
     assert g["gain"] == pytest.approx(g["accuracy"] - headline["student_base"]) and g["gain_se"] > 0

@@ -229,3 +229,52 @@ def test_world_terms_filter_the_full_worlds_splits():
     assert all(" mod 7=?" in e.prompt and e.solutions["worked"].count("=") == 2 for e in modular.eval)
     with pytest.raises(ConfigError, match="task.world_terms"):
         TaskConfig(num_train=10, num_eval=2, world_mc_share=1.0, world_terms=[2]).load()
+
+
+def _gsm_rows(n: int = 12) -> list[dict]:
+    return [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(n)]
+
+
+def test_hugging_face_datasets_folders_and_parquet_run_the_evaluate_recipe(tiny_pair, tmp_path):
+    """task.path takes a `save_to_disk` folder (a Dataset or a DatasetDict) and a parquet file, read through the
+    same field checks as JSONL; the evaluate recipe runs on each and scores the same rows alike."""
+    import datasets
+
+    from distillability.config import load_config
+    from distillability.recipes import evaluate
+
+    rows = _gsm_rows()
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "gsm.parquet"))
+    (tmp_path / "gsm.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    results = {}
+    for name in ("ds", "dd", "gsm.parquet", "gsm.jsonl"):
+        task = load_task("gsm8k", str(tmp_path / name), num_train=6, num_eval=6, seed=0)
+        assert [e.reference for e in task.eval] and task.eval[0].prompt.startswith("Question: What is")
+        cfg = load_config(evaluate.EvaluateConfig, overrides=[
+            f"model={tiny_pair['teacher']}", "task.name=gsm8k", f"task.path={tmp_path / name}", "task.num_train=6",
+            "task.num_eval=6", "eval_prompts=6", "num_generations=1", "k=[1]", "max_new_tokens=8",
+            f"output_dir={tmp_path / ('eval_' + name)}", "runtime.progress=false"])
+        results[name] = evaluate.run(cfg)["greedy_accuracy"]
+    assert len(set(results.values())) == 1  # the same rows, split alike, scored alike whatever the format
+
+
+def test_dataset_and_parquet_errors_name_the_file_row_and_field(tmp_path):
+    import datasets
+
+    bad = _gsm_rows(5)
+    bad[3] = {"question": "q", "reply": "no answer field"}
+    datasets.Dataset.from_list(bad).to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(DataError, match=r"bad\.parquet:4: missing field 'answer'"):
+        load_task("gsm8k", str(tmp_path / "bad.parquet"), num_train=2, num_eval=2, seed=0)
+    datasets.Dataset.from_list(bad).save_to_disk(str(tmp_path / "bad_ds"))
+    with pytest.raises(DataError, match=r"bad_ds:4: missing field 'answer'"):
+        load_task("gsm8k", str(tmp_path / "bad_ds"), num_train=2, num_eval=2, seed=0)
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"broken\.parquet: not readable as a parquet file"):
+        load_records(tmp_path / "broken.parquet")
+    datasets.DatasetDict({"a": datasets.Dataset.from_list(_gsm_rows(3)),
+                          "b": datasets.Dataset.from_list(_gsm_rows(3))}).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(DataError, match="give one split's folder"):
+        load_records(tmp_path / "two")

@@ -394,7 +394,9 @@ def write_card(r: Run, out: Path, before: dict, guard: UtilityGuard | None, t_st
                 "proxy_updates": cfg.proxy_updates, "proxy_learning_rate": cfg.proxy_learning_rate,
                 "responses_learned": r.adversary.seen},
             "wall_seconds": time.time() - t_start, "versions": versions(), "precision": rt.precision()}
-    save_model(r.policy, r.tok, out / "model", state_dict=final_state)
+    from ..model_card import calibrated_card
+
+    save_model(r.policy, r.tok, out / "model", state_dict=final_state, extra_files={"README.md": calibrated_card(card)})
     write_json(out / "calibration_card.json", card)
     return card
 

@@ -302,7 +302,9 @@ def write_card(r: Run, out: Path, samples: list[dict], before_acc, log: StepLog,
             "final_loss": float(np.mean(losses[-5:])) if losses else None,
             "cross_tokenizer": cfg.cross_tokenizer if isinstance(r.loss_fn, CrossTokenizerLoss) else None,
             "wall_seconds": time.time() - t_start, "versions": versions(), "precision": cfg.runtime.precision()}
-    save_model(r.student, r.stok, out / "model", state_dict=final_state)
+    from ..model_card import distilled_card
+
+    save_model(r.student, r.stok, out / "model", state_dict=final_state, extra_files={"README.md": distilled_card(card)})
     write_json(out / "distill_card.json", card)
     return card
 

@@ -154,4 +154,8 @@ def run(cfg: EvaluateConfig) -> dict:
     out = Path(cfg.output_dir)
     write_json(out / "eval.json", result)
     write_text(out / "eval.md", markdown(result, f"Evaluation of {cfg.model}"))
+    if Path(cfg.model).is_dir():
+        from ..model_card import add_evaluation
+
+        add_evaluation(cfg.model, {**result, "num_prompts": min(cfg.eval_prompts, len(task.eval))})
     return result

@@ -146,9 +146,12 @@ def build_world(cfg: WorldConfig, task: TaskConfig, progress: bool = True, cache
         losses = fit_lm(model, tok, [e.prompt for e in examples], [e.solutions[s] for e, s in zip(examples, chosen)],
                         steps=steps, batch_size=cfg.batch_size, lr=lr, seed=seed + i,
                         desc=f"world: {name} SFT", progress=progress, autocast=bf16)
-        save_model(model, tok, paths[name])
         info[name] = {"params": num_params(model), "vocab": len(tok), "final_loss": losses[-1], "steps": steps,
                       "examples": len(examples)}
+        from ..model_card import world_card
+
+        save_model(model, tok, paths[name], extra_files={
+            "README.md": world_card(name, info[name], {"seed": seed, "task": dataclasses.asdict(task)})})
     from ..io import versions
     from ..precision import record
 
