@@ -381,6 +381,10 @@ class RuntimeConfig:
     progress: bool = opt(True, "Show progress bars.")
     fsdp: bool = opt(False, "Under several processes, shard the trained model (FSDP2); also on when `accelerate "
                             "launch` uses an FSDP config.")
+    report_to: list[str] = opt(["none"], "Trackers that get every logged scalar and the run's config, as TRL's "
+                               "report_to: none, trackio (a local project under $TRACKIO_DIR, default "
+                               "<output_dir>/trackio), tensorboard (<output_dir>/tensorboard), all, or a list.",
+                               choices=("none", "trackio", "tensorboard", "all"))
 
     def start(self) -> None:
         """Threads and seeds, at the top of every recipe."""

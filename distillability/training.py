@@ -139,9 +139,15 @@ def optimizer_step(model, optimizer, loss: torch.Tensor, max_grad_norm: float, s
 class StepLog:
     """Append-only JSONL log of training steps; on resume, rows after the checkpoint are dropped."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, report_to: list[str] | None = None,
+                 config: dict | None = None):
         self.path = path
         self.enabled = enabled  # False on non-main processes: they read the log, never write it
+        self.trackers = None
+        if enabled and report_to and set(report_to) - {"none"}:
+            from .tracking import Trackers
+
+            self.trackers = Trackers(report_to, path.parent, path.parent.name, config or {})
 
     def truncate_after(self, step: int) -> None:
         if not self.path.exists() or not self.enabled:
@@ -152,6 +158,12 @@ class StepLog:
     def write(self, row: dict) -> None:
         if self.enabled:
             append_jsonl(self.path, row)
+            if self.trackers is not None:
+                self.trackers.log(row)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
 
     def rows(self) -> list[dict]:
         if not self.path.exists():

@@ -531,3 +531,31 @@ def test_a_full_disk_through_the_cli_is_one_line_exit_1(tiny_pair, tmp_path, mon
     lines = [x for x in r.output.strip().splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "no space left on the device while writing" in lines[0] and "Traceback" not in r.output
     assert not (out / "model" / "model.safetensors").exists()
+
+
+def test_report_to_trackio_and_tensorboard_log_every_scalar_and_read_back(tiny_pair, tmp_path):
+    """distill with runtime.report_to=[trackio,tensorboard]: the scalars of log.jsonl, read back through each
+    library's own reader (TensorBoard's EventAccumulator, trackio's SQLite storage), step for step."""
+    pytest.importorskip("trackio")
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRACKIO_DIR": str(tmp_path / "trackio")}
+    r = subprocess.run(CLI + _distill_args(tiny_pair, out, 4) + ["runtime.report_to=[trackio,tensorboard]"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    read = ("import json, sys\n"
+            "from tensorboard.backend.event_processing.event_accumulator import EventAccumulator\n"
+            "from trackio.sqlite_storage import SQLiteStorage\n"
+            f"ea = EventAccumulator({str(out / 'tensorboard')!r}); ea.Reload()\n"
+            "tb = {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()['scalars']}\n"
+            f"tr = SQLiteStorage.get_logs('distillability', {out.name!r})\n"
+            "print(json.dumps({'tb': tb, 'trackio': tr, 'runs': SQLiteStorage.get_runs('distillability')}, default=str))\n")
+    got = json.loads(subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True,
+                                    check=True).stdout.strip().splitlines()[-1])
+    assert [s for s, _ in got["tb"]["loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in got["tb"]["loss"]] == pytest.approx([row["loss"] for row in rows], rel=1e-6)
+    assert got["runs"] == [out.name]
+    tr = {x["step"]: x for x in got["trackio"]}
+    assert [tr[s]["loss"] for s in (1, 2, 3, 4)] == pytest.approx([row["loss"] for row in rows], rel=1e-9)
+    assert "s_step" in tr[1] and "on_policy" not in tr[1]  # scalars only (a bool is not one)

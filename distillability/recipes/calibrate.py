@@ -409,7 +409,7 @@ def run(cfg: CalibrateConfig) -> dict:
     ckpt_root = out / "checkpoints"
     optimizer = make_optimizer(r.policy.parameters(), cfg.learning_rate)
     scheduler = make_scheduler(optimizer, cfg.max_steps, cfg.warmup_steps)
-    log = StepLog(out / "log.jsonl", enabled=dist.is_main)
+    log = StepLog(out / "log.jsonl", enabled=dist.is_main, report_to=cfg.runtime.report_to, config=to_dict(cfg))
     ema, start_step, before, guard_state = {}, 0, None, None
     if cfg.resume and (state := load_checkpoint(ckpt_root, r.policy, optimizer, scheduler)) is not None:
         start_step, ema, before, guard_state = state["step"], state["ema"], state["before"], state.get("guard")
@@ -447,4 +447,5 @@ def run(cfg: CalibrateConfig) -> dict:
                             {"ema": ema, "before": before, "guard": guard.state if guard else None})
             if r.adversary is not None:
                 r.adversary.save(ckpt_root / "adversary", step + 1)
+    log.close()
     return write_card(r, out, before, guard, t_start)

@@ -323,7 +323,7 @@ def run(cfg: DistillConfig) -> dict:
     samples = sample_teacher(r.teacher, r.ttok, r.task, cfg, out / "teacher_samples.jsonl", r.student, r.stok)
     optimizer = make_optimizer(r.student.parameters(), cfg.learning_rate, weight_decay=0.0)
     scheduler = make_scheduler(optimizer, cfg.max_steps, cfg.warmup_steps)
-    log = StepLog(out / "log.jsonl", enabled=dist.is_main)
+    log = StepLog(out / "log.jsonl", enabled=dist.is_main, report_to=rt.report_to, config=to_dict(cfg))
     start_step = 0
     if cfg.resume and (state := load_checkpoint(ckpt_root, r.student, optimizer, scheduler)) is not None:
         start_step = state["step"]
@@ -349,4 +349,5 @@ def run(cfg: DistillConfig) -> dict:
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == cfg.max_steps):
             save_checkpoint(ckpt_root, step + 1, r.student, optimizer, scheduler)  # (rank 0 writes)
+    log.close()
     return write_card(r, out, samples, before_acc, log, t_start)

@@ -66,6 +66,10 @@ class PipelineConfig:
                                      "included: it is the reference of every ratio).",
                                      choices=("original", "control", "distillable", "undistillable"))
     threads: int = opt(2, "torch CPU threads.", min=0)
+    report_to: list[str] = opt(["none"], "Trackers for every stage's logged scalars (TRL's report_to): none, trackio "
+                               "(one local project for the run, <output_dir>/trackio, a run per stage), tensorboard "
+                               "(event files in each stage's folder), all, or a list.",
+                               choices=("none", "trackio", "tensorboard", "all"))
     progress: bool = opt(True, "Progress bars.")
     teacher_sft: distill.DistillConfig = sub(distill.DistillConfig, "Settings of the teacher's SFT stage "
                                              "(teacher_sft_steps > 0; models, method and steps are filled in).")
@@ -141,7 +145,8 @@ class Chain:
         print(f"[{self.done}/{self.total}] {what}  ({time.time() - self.t0:.0f}s elapsed)", flush=True)
 
     def runtime(self, sub_cfg):
-        return _with(sub_cfg.runtime, seed=self.cfg.seed, threads=self.cfg.threads, progress=self.cfg.progress)
+        return _with(sub_cfg.runtime, seed=self.cfg.seed, threads=self.cfg.threads, progress=self.cfg.progress,
+                     report_to=list(self.cfg.report_to))
 
     def stage(self, name: str, cfg, marker: str, fn, under: Path | None = None):
         return run_stage(under or self.out, name, cfg, marker, fn, self.log)
@@ -316,6 +321,10 @@ def run(cfg: PipelineConfig) -> dict:
 
     set_threads(cfg.threads)  # from the start: the world's build runs before any stage sets it
     c = Chain(cfg)
+    if set(cfg.report_to) & {"trackio", "all"}:
+        import os
+
+        os.environ.setdefault("TRACKIO_DIR", str(Path(cfg.output_dir).resolve() / "trackio"))
     c.out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, c.out / "pipeline_config.yaml")
     original = prepare_models(c)
@@ -350,8 +359,8 @@ FILLED_IN = {
     "evaluate": ("model", "proxy", "output_dir", "task"),
     "attack": ("teachers", "reference", "proxy", "reuse", "attacker", "output_dir", "task"),
 }
-FILLED_IN_RUNTIME = ("seed", "threads", "progress")
-SET_BY = {"attacker": "distill.* (the base attacker is the distill stage's)", "task": "task.*", "eta": "eta_distillable / eta_undistillable", "max_steps": "teacher_sft_steps",
+FILLED_IN_RUNTIME = ("seed", "threads", "progress", "report_to")
+SET_BY = {"report_to": "report_to", "attacker": "distill.* (the base attacker is the distill stage's)", "task": "task.*", "eta": "eta_distillable / eta_undistillable", "max_steps": "teacher_sft_steps",
           "seed": "seed", "threads": "threads", "progress": "progress", "method": "methods"}
 
 

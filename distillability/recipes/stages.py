@@ -32,9 +32,17 @@ def _inputs(cfg) -> dict:
     return found
 
 
+def _untracked(value):
+    """A config without `report_to`: where its scalars are also sent does not change what a stage computes."""
+    if isinstance(value, dict):
+        return {k: _untracked(v) for k, v in value.items() if k != "report_to"}
+    return value
+
+
 def stage_config_text(cfg) -> str:
-    """The text a stage's config is saved as and compared by (keys added later, at their defaults, left out)."""
-    return yaml.safe_dump(without_later_keys(to_dict(cfg)), sort_keys=True)
+    """The text a stage's config is saved as and compared by (keys added later, at their defaults, left out; the
+    trackers left out)."""
+    return yaml.safe_dump(without_later_keys(_untracked(to_dict(cfg))), sort_keys=True)
 
 
 def run_stage(out: Path, name: str, cfg, marker: str, fn, log: dict | None = None):
