@@ -94,6 +94,8 @@ def relate_cell(cell: dict, ref: dict, base_se: float | None) -> None:
     cell["reference_teaches"] = teaches(g_ref, g_ref_se)
     cell["gain_share"], cell["gain_share_se"] = gain_share(cell["accuracy"], cell.get("accuracy_se"), ref["accuracy"],
                                                            ref.get("accuracy_se"), cell["base"], base_se)
+    if cell is ref and cell["gain_share"] is not None:
+        cell["gain_share_se"] = 0.0  # the reference against itself: 1 by definition
 
 
 def measured(cell: dict) -> bool:

@@ -107,7 +107,7 @@ def _plot(headline: dict, out: Path) -> str:
         ax.set_xticks(xg, [f"student ({m})" for m in gm])
         ax.set_ylabel("gain over the student base (± SE)")
         n = (headline.get("attacker") or {}).get("students_per_cell")
-        ax.set_title("What distillation teaches" + (f" ({n} students per cell)" if n else ""))
+        ax.set_title("What distillation teaches" + (f" ({n} student{'s' if n > 1 else ''} per cell)" if n else ""))
     fig.tight_layout()
     name = "headline.png"
     save_figure(fig, out / name)
