@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distillability.protection import SHARE_BAR  # noqa: E402
 from distillability.recipes.attack import FULL_BATTERY  # noqa: E402
-from distillability.report.attack import BAR  # noqa: E402
 
 
 def run_seed(seed: int, folder: Path, repeats: int, attackers: list[str] | None, overrides: list[str],
@@ -82,7 +82,8 @@ def markdown(per_seed: dict, table: dict) -> str:
             rr = e["ratio_range"]
             cells.append(f"{e['accuracy_mean']:.3f}" + (f" ({r:.2f}x [{rr[0]:.2f}-{rr[1]:.2f}])" if r is not None else ""))
         lines.append(f"| {a['name']} | " + " | ".join(cells) + " |")
-    lines += ["", f"Largest budget at which the undistillable teacher's ratio stays <= {BAR} (per seed):", "",
+    lines += ["", f"Largest budget at which the undistillable teacher's students keep <= {SHARE_BAR} of the control's "
+              "gain (per seed; results written before the gain measure carry the ratio's budget instead):", "",
               "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
     for method in ("sft", "kd", "gkd"):
         vals = []

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from distillability.recipes.attack import binomial_se as se
+from distillability.protection import binomial_se as se
 
 TEACHERS = ("original", "control", "distillable", "undistillable")
 

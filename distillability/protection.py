@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+TEACHERS = ("original", "control", "distillable", "undistillable")  # the teacher roles, in report order
+CALIBRATED = TEACHERS[1:]
 SHARE_BAR = 0.5   # protected: the students keep at most this share of the control's gain
 UTILITY = 0.9     # ... while the teacher keeps at least this share of the control's own accuracy
 MIN_GAIN = 0.05   # the reference teaches: a gain at least this large ...

@@ -17,7 +17,8 @@ from pathlib import Path
 from ..config import TaskConfig, from_dict, load_data, merge, opt, read_yaml, save_config, sub
 from ..errors import ConfigError
 from ..io import check_output_dir, versions, write_json
-from ..report.protection import TEACHERS, headline_table, write_report
+from ..protection import TEACHERS
+from ..report.protection import headline_table, write_report
 from . import attack, calibrate, diagnose, distill, evaluate
 from .stages import run_stage
 from .world import WorldConfig, build_attacker_students, build_world

@@ -11,13 +11,10 @@ import re
 from pathlib import Path
 
 from ..io import save_figure, write_text
+from ..protection import CALIBRATED, TEACHERS  # noqa: F401 (re-exported: the report's order of teachers)
 from .attack import headline_sentence
 from .attack import markdown as attack_markdown
 from .verdict import verdict
-
-TEACHERS = ("original", "control", "distillable", "undistillable")  # the teacher roles, in report order
-CALIBRATED = TEACHERS[1:]
-
 
 GAIN_KEYS = ("accuracy", "accuracy_se", "accuracies", "n_students", "se_from", "base", "gain", "gain_se", "gain_share",
              "gain_share_se", "reference_teaches", "ratio")
