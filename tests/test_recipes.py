@@ -183,7 +183,7 @@ def test_demo_quick_end_to_end(tmp_path):
         assert "What the attacker pays" in report and "The strongest attack per budget" in report
     # the report opens with the verdict, which says where the protection holds against the budget attackers (or
     # why there is no ratio to say it with)
-    assert report.splitlines()[2] == "## Verdict" and f"> {attacks['summary']}" in report.splitlines()[4:8]
+    assert report.splitlines()[2] == "## Verdict" and f"> {attacks['summary']}" in report.splitlines()[4:12]
     assert "undistillable teacher" in attacks["summary"] and attacks["summary"] in headline["verdict"]
     assert "Verdict:" in r.output and headline["verdict"][0] in r.output
     # every saved model folder carries a Hugging Face model card saying what was done to it and what was measured
