@@ -114,18 +114,56 @@ def relate(cells: dict, reference: str) -> None:
                 relate_cell(cell, ref, ref.get("base_se"))
 
 
-def _budget_points(cells: dict, battery, teacher: str, method: str) -> list[tuple[float, dict]]:
-    pts = sorted(((a.budget, cells.get(a.name, {}).get(teacher, {})) for a in battery
-                  if a.is_budget and a.method == method), key=lambda p: p[0])
+def _plain(a) -> bool:
+    """An attacker with no filter and no change of sampling: a point of a budget curve."""
+    get = (lambda k: a.get(k)) if isinstance(a, dict) else (lambda k: getattr(a, k))
+    return not get("keep_correct_only") and get("best_of") == 1 and get("sample_temperature") is None
+
+
+def curve_key(method: str, student: str = "default") -> str:
+    """A budget curve's name: the method for the default student ('sft'), 'method:student' for another."""
+    return method if student == "default" else f"{method}:{student}"
+
+
+def curve_label(key: str) -> str:
+    """'sft' -> 'SFT', 'sft:smollm2' -> 'SFT (smollm2)'."""
+    method, _, student = key.partition(":")
+    return method.upper() + (f" ({student})" if student else "")
+
+
+def budget_curves(battery) -> dict[str, list]:
+    """The battery's budget curves: its plain attackers (no filter, no sampling change) grouped by method and
+    student, each sorted by budget. The default student's curves are every plain attacker at the base attacker's
+    learning rate and batch; another student's curve is kept where it has two budgets or more (one point stays a variant
+    of the battery, e.g. the full battery's unseen-student attacker). Attackers are Attacker objects or their
+    dicts (attack.json's battery)."""
+    get = lambda a, k: a.get(k) if isinstance(a, dict) else getattr(a, k)  # noqa: E731
+    groups: dict[str, list] = {}
+    for a in battery:
+        student = get(a, "student")
+        if _plain(a) and (student != "default" or (get(a, "learning_rate") is None
+                                                   and get(a, "per_device_train_batch_size") is None)):
+            groups.setdefault(curve_key(get(a, "method"), student), []).append(a)
+    return {k: sorted(v, key=lambda a: get(a, "budget")) for k, v in groups.items()
+            if ":" not in k or len({get(a, "budget") for a in v}) >= 2}
+
+
+def curve_of(battery) -> dict[str, str]:
+    """Attacker name -> the budget curve it is a point of (attackers on no curve are absent)."""
+    return {(a["name"] if isinstance(a, dict) else a.name): k for k, v in budget_curves(battery).items() for a in v}
+
+
+def _budget_points(cells: dict, battery, teacher: str, curve: str) -> list[tuple[float, dict]]:
+    pts = [(a.budget, cells.get(a.name, {}).get(teacher, {})) for a in budget_curves(battery).get(curve, [])]
     return [(b, c) for b, c in pts if measured(c)]
 
 
 def protected_budget(cells: dict, battery, teacher: str, bar: float = SHARE_BAR) -> dict:
-    """Per method, along the budget curve: the gain share at each budget (None where the reference teaches
+    """Per budget curve (budget_curves: a method, or method:student): the gain share at each budget (None where the reference teaches
     nothing), the reference's gain there, and the largest budget up to which every measurable budget keeps the
     share <= bar (None: not even the smallest measurable one; `measurable` False: the reference taught at none)."""
     out = {}
-    for method in ("sft", "kd", "gkd"):
+    for method in budget_curves(battery):  # a curve: a method, or method:student
         pts = _budget_points(cells, battery, teacher, method)
         if not pts:
             continue
@@ -153,12 +191,12 @@ def _budget_curve(cells: dict, battery, teacher: str, method: str) -> list[tuple
 def cost_multiplier(cells: dict, battery, teacher: str, reference: str) -> dict:
     """Protection as what it costs the attacker, per method: at each budget b of the teacher's curve, b / b', where
     b' is the budget at which the reference teacher's students first reach the accuracy the teacher's students
-    reached at b (linear in log budget between the reference's measured budgets). 2.5 reads: from this teacher an
+    reached at b (linear in log budget between the reference's measured budgets), per budget curve. 2.5 reads: from this teacher an
     attacker pays 2.5 times the data for what the reference teaches. Outside the reference's measured range only a
     bound is known: `at_least` b / (its smallest budget) when the reference's smallest budget already teaches as
     much, `at_most` b / (its largest budget) when the reference never teaches as much."""
     out: dict = {}
-    for method in ("sft", "kd", "gkd"):
+    for method in budget_curves(battery):
         ref, own = _budget_curve(cells, battery, reference, method), _budget_curve(cells, battery, teacher, method)
         if not ref or not own:
             continue
@@ -192,8 +230,14 @@ def strongest_attack(cells: dict, battery, teacher: str, reference: str) -> dict
         if best[teacher] is None or best[reference] is None:
             continue
         (acc, name, cell), (ref_acc, ref_name, ref_cell) = best[teacher], best[reference]
-        share, share_se = (gain_share(acc, cell.get("accuracy_se"), ref_acc, ref_cell.get("accuracy_se"),
-                                      ref_cell["base"], ref_cell.get("base_se")) if "base" in ref_cell else (None, None))
+        if "base" in ref_cell and math.isclose(cell.get("base", math.nan), ref_cell["base"]):  # one student base
+            share, share_se = gain_share(acc, cell.get("accuracy_se"), ref_acc, ref_cell.get("accuracy_se"),
+                                         ref_cell["base"], ref_cell.get("base_se"))
+        elif "base" in cell and "base" in ref_cell and teaches(ref_acc - ref_cell["base"], ref_cell.get("gain_se")):
+            # two attackers, possibly two students: each gain over its own base (no shared-base SE claimed)
+            share, share_se = (acc - cell["base"]) / (ref_acc - ref_cell["base"]), None
+        else:
+            share, share_se = None, None
         out[f"{budget:g}x"] = {"attacker": name, "accuracy": acc, "reference_attacker": ref_name,
                                "reference_accuracy": ref_acc, "ratio": acc / ref_acc if ref_acc > 0 else None,
                                "gain_share": share, "gain_share_se": share_se}

@@ -1,9 +1,11 @@
 """The attack battery: the filters on hand-made scores, budget scaling, failed cells, the defenses, and a small
 battery end to end on tiny models (resumable, reusing cells run elsewhere)."""
 
+import dataclasses
 import json
 
 import pytest
+import yaml
 
 from distillability import protection
 from distillability.config import load_config
@@ -252,8 +254,10 @@ def test_small_battery_end_to_end_resumes_and_reuses(tiny_pair, tmp_path):
     def used(cell):
         return yaml.safe_load((out / "cells" / cell / "r0" / "config.yaml").read_text())["teacher_samples"]
 
-    first = out / "cells" / "sft@1x" / "undistillable" / "r0" / "teacher_samples.jsonl"
-    assert used("kd@1x/control") == str(first) and used("sft@1x/undistillable") is None and used("sft@2x/control") is None
+    # (the reused 1x cell's samples were drawn with the same settings and seed: they serve its sampling key)
+    first = elsewhere / "teacher_samples.jsonl"
+    assert used("kd@1x/control") == str(first) and used("sft@1x/undistillable") == str(first)
+    assert used("sft@2x/control") is None
     assert (out / "cells" / "kd@1x" / "control" / "r0" / "teacher_samples.jsonl").read_text() == first.read_text()
     assert used("sft@1x/control+answer_only") is None  # a defended teacher's samples are its own
     # resumable: a rerun trains nothing (every cell reused) and gives the same numbers
@@ -272,3 +276,61 @@ def test_the_pipeline_attacks_the_teachers_it_is_told_and_always_the_control():
     chosen = load_pipeline_config(None, ["attack_battery=full", "attack_teachers=[undistillable]"])
     assert attack_roles(chosen, teachers) == ["control", "undistillable"]
     assert attack_roles(chosen, {"control": "path"}) == ["control"]
+    # a second proxy's teacher is a role of its own, attacked in the order given
+    extra = load_pipeline_config(None, ["attack_battery=custom", "extra_proxies={attacker: some/model}",
+                                        "attack_teachers=[undistillable@attacker, undistillable]"])
+    teachers["undistillable@attacker"] = "path"
+    assert attack_roles(extra, teachers) == ["control", "undistillable@attacker", "undistillable"]
+    with pytest.raises(ConfigError, match="'attack_teachers': 'undistillable@other'"):
+        load_pipeline_config(None, ["extra_proxies={attacker: some/model}", "attack_teachers=[undistillable@other]"])
+
+
+def test_budget_curves_group_plain_attackers_by_method_and_student():
+    A = attack.Attacker
+    battery = [A(name="sft@1x"), A(name="sft@4x", budget=4), A(name="kd@1x", method="kd"),
+               A(name="p-sft@1x", student="p", learning_rate=5e-5), A(name="p-sft@4x", student="p", budget=4,
+                                                                        learning_rate=5e-5),
+               A(name="q-sft@1x", student="q"),  # one point of another student: a variant, no curve
+               A(name="sft-lr", learning_rate=1e-2),  # the default student at another rate: a variant
+               A(name="best-of-4", keep_correct_only=True, best_of=4)]
+    curves = protection.budget_curves(battery)
+    assert {k: [a.name for a in v] for k, v in curves.items()} == {
+        "sft": ["sft@1x", "sft@4x"], "kd": ["kd@1x"], "sft:p": ["p-sft@1x", "p-sft@4x"]}
+    assert protection.curve_label("sft:p") == "SFT (p)" and protection.curve_label("kd") == "KD"
+    # the same from attack.json's dicts
+    assert protection.curve_of([dataclasses.asdict(a) for a in battery]) == protection.curve_of(battery)
+    # a student's curve is read against the reference's cells of the same attackers, over that student's base
+    cells = {"p-sft@1x": {"c": {"status": "ok", "accuracy": 0.50, "accuracy_se": 0.02, "base": 0.20, "base_se": 0.02},
+                          "u": {"status": "ok", "accuracy": 0.29, "accuracy_se": 0.02, "base": 0.20, "base_se": 0.02}},
+             "p-sft@4x": {"c": {"status": "ok", "accuracy": 0.70, "accuracy_se": 0.02, "base": 0.20, "base_se": 0.02},
+                          "u": {"status": "ok", "accuracy": 0.60, "accuracy_se": 0.02, "base": 0.20, "base_se": 0.02}}}
+    protection.relate(cells, "c")
+    p = protection.protected_budget(cells, battery, "u")["sft:p"]
+    assert p["gain_shares"]["1x"] == pytest.approx(0.3) and p["gain_shares"]["4x"] == pytest.approx(0.8)
+    assert p["largest_budget_protected"] == 1.0
+
+
+@pytest.mark.slow
+def test_a_primed_student_is_the_base_of_its_cells(tiny_pair, tmp_path):
+    cfg = _cfg(tmp_path, tiny_pair, f"students.other={tiny_pair['student_same']}", "repeats=1", "defenses=[]",
+               "prime.students=[other]", "prime.num_prompts=16", "prime.max_steps=3", "prime.learning_rate=3e-3",
+               "battery=[{name: o@1x, student: other, learning_rate: 1e-3}, "
+               "{name: o@2x, student: other, budget: 2, learning_rate: 1e-3, repeats: 2}]")
+    result = attack.run(cfg)
+    primed = tmp_path / "attack" / "primed" / "other"
+    card = json.loads((primed / "distill_card.json").read_text())
+    # the priming trained on the first 16 training prompts' direct answers (' #### ANSWER'), nothing else
+    rows = [json.loads(x) for x in (primed / "teacher_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all(r["response"].startswith(" #### ") for r in rows)
+    assert card["settings"]["max_steps"] == 3
+    # every cell of that student starts from the primed model: its base is the priming's accuracy after
+    c1, c2 = (result["cells"][n]["control"] for n in ("o@1x", "o@2x"))
+    assert c1["base"] == pytest.approx(card["student_accuracy"]) == c2["base"]
+    assert c2["n_students"] == 2 and c1["n_students"] == 1  # the attacker's own repeats
+    cell_cfg = yaml.safe_load((tmp_path / "attack" / "cells" / "o@1x" / "control" / "r0" / "config.yaml").read_text())
+    assert cell_cfg["student"] == str(primed / "model") and cell_cfg["learning_rate"] == 1e-3
+    assert result["battery"][0]["curve"] == "sft:other" and "sft:other" in result["protection"]["undistillable"]
+    s = result["students"]["other"]
+    assert s["primed"]["accuracy_after"] == card["student_accuracy"] and s["primed"]["answers"] == 16
+    text = (tmp_path / "attack" / "attack.md").read_text()
+    assert "`other`" in text and "primed on 16 direct answers" in text and "SFT (other)" in text

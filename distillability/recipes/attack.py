@@ -35,7 +35,8 @@ import numpy as np
 from ..config import TaskConfig, opt, save_config, sub
 from ..errors import ConfigError, UserError
 from ..io import check_output_dir, load_json, versions, write_json
-from ..protection import binomial_se, cell_stats, cost_multiplier, protected_budget, relate, strongest_attack
+from ..protection import (binomial_se, cell_stats, cost_multiplier, curve_of, protected_budget, relate,
+                          strongest_attack)
 from . import distill
 from .stages import run_stage
 
@@ -53,6 +54,10 @@ class Attacker:
     student: str = opt("default", "The attacker student: a key of `students`.")
     learning_rate: float | None = opt(None, "Peak learning rate (null = the base attacker's, at every budget).",
                                       min=0, min_exclusive=True)
+    repeats: int | None = opt(None, "Students per cell of this attacker (null = the battery's `repeats`).", min=1)
+    per_device_train_batch_size: int | None = opt(None, "Sequences per step (null = the base attacker's): with the "
+                                                  "base's steps at each budget, the passes over the teacher's answers.",
+                                                  min=1)
 
     def validate(self) -> None:
         if not self.name:
@@ -62,7 +67,7 @@ class Attacker:
     def is_budget(self) -> bool:
         """A plain attacker (only method and budget set): a point of the budget curve."""
         return (not self.keep_correct_only and self.best_of == 1 and self.sample_temperature is None
-                and self.student == "default" and self.learning_rate is None)
+                and self.student == "default" and self.learning_rate is None and self.per_device_train_batch_size is None)
 
 
 @dataclasses.dataclass
@@ -98,6 +103,20 @@ BATTERIES = {"full": FULL_BATTERY, "small": SMALL_BATTERY}
 
 
 @dataclasses.dataclass
+class PrimeConfig:
+    students: list[str] = opt([], "Attacker students (keys of `students`) primed on the task's answer format before "
+                              "any attack: SFT on a few reference answers in `style`. The primed model is the base "
+                              "every cell of that student starts from and reports its gain over (a pretrained LM "
+                              "that has never seen the task's format would otherwise gain from the format alone).")
+    num_prompts: int = opt(64, "Training prompts whose reference answers prime the student.", min=1)
+    style: str = opt("direct", "The reference answers' style (tiny-world: direct = the answer only, no worked "
+                     "solution; other tasks: each example's first solution).")
+    max_steps: int = opt(16, "Optimizer steps of the priming SFT.", min=1)
+    per_device_train_batch_size: int = opt(8, "Sequences per priming step.", min=1)
+    learning_rate: float = opt(5e-5, "Peak learning rate of the priming SFT.", min=0, min_exclusive=True)
+
+
+@dataclasses.dataclass
 class AttackConfig:
     teachers: dict[str, str] = opt({}, "Teachers by role (e.g. {control: PATH, undistillable: PATH}).")
     reference: str = opt("control", "The teacher whose attackers are the reference of every ratio (a key of teachers).")
@@ -108,6 +127,7 @@ class AttackConfig:
     defenses: list[Defense] = opt(DEFENSES, "Output-level defenses of a teacher, attacked by the battery's SFT "
                                   "attackers ([] = none).")
     repeats: int = opt(1, "Students per cell (different seeds); the table reports their mean and spread.", min=1)
+    prime: PrimeConfig = sub(PrimeConfig, "Priming of pretrained attacker students on the answer format.")
     reuse: dict[str, str] = opt({}, "Cells run elsewhere: 'ATTACKER/TEACHER' (repeat 0) or 'ATTACKER/TEACHER/rK' "
                                 "(repeat K) -> a distill output folder whose distill_card.json is read instead of "
                                 "training (the pipeline's 1x cells).")
@@ -136,6 +156,9 @@ class AttackConfig:
                               f"({', '.join(self.teachers)})")
         if "default" not in self.students:
             raise ConfigError("config key 'students.default': the default attacker student is required")
+        if unknown := [n for n in self.prime.students if n not in self.students]:
+            raise ConfigError(f"config key 'prime.students': {unknown[0]!r} is not one of students "
+                              f"({', '.join(self.students)})")
         for i, d in enumerate(self.defenses):
             if d.teacher not in self.teachers:
                 raise ConfigError(f"config key 'defenses[{i}].teacher': '{d.teacher}' is not one of teachers")
@@ -183,6 +206,7 @@ def cell_config(cfg: AttackConfig, a: Attacker, teacher: str, repeat: int, folde
         num_generations=a.best_of if a.best_of > 1 else base.num_generations, keep_most_likely=a.best_of > 1,
         sample_temperature=base.sample_temperature if a.sample_temperature is None else a.sample_temperature,
         learning_rate=a.learning_rate or base.learning_rate,
+        per_device_train_batch_size=a.per_device_train_batch_size or base.per_device_train_batch_size,
         teacher_defense=d.kind if d else "none", defense_model=cfg.proxy if d else "",
         defense_generations=d.generations if d else base.defense_generations,
         teacher_samples=None, resume=False, output_dir=str(folder), task=cfg.task,
@@ -210,17 +234,32 @@ def sampling_key(d: distill.DistillConfig) -> tuple | None:
             d.student if d.keep_most_likely else None, d.sample_temperature, d.max_new_tokens, d.runtime.seed)
 
 
+def _reused_sampling_key(folder: Path) -> tuple | None:
+    """The sampling_key of a distill run elsewhere (its config.yaml), None if it has no samples or config."""
+    from ..config import load_config
+
+    if not (folder / "teacher_samples.jsonl").exists() or not (folder / "config.yaml").exists():
+        return None
+    try:
+        return sampling_key(load_config(distill.DistillConfig, str(folder / "config.yaml")))
+    except UserError:
+        return None
+
+
 def run_cell(cfg: AttackConfig, a: Attacker, teacher: str, repeat: int, log: dict, samples: dict) -> dict:
     """One student of one cell: reused (cfg.reuse, or an earlier run of the same cell), else trained, on the
     teacher samples of an earlier cell with the same sampling_key when there is one (`samples`: key -> JSONL). A
     failure is returned as {'failed': message}."""
     key = f"{a.name}/{teacher}" + (f"/r{repeat}" if repeat else "")
-    if key in cfg.reuse:
-        return {**load_json(Path(cfg.reuse[key]) / "distill_card.json"), "reused_from": cfg.reuse[key]}
     out = Path(cfg.output_dir)
     name = f"cells/{a.name}/{teacher}/r{repeat}"
     dcfg = cell_config(cfg, a, teacher, repeat, out / name)
     skey = sampling_key(dcfg)
+    if key in cfg.reuse:  # its teacher samples serve the later cells of the same sampling key too
+        reused = Path(cfg.reuse[key])
+        if skey is not None and skey not in samples and _reused_sampling_key(reused) == skey:
+            samples[skey] = str(reused / "teacher_samples.jsonl")
+        return {**load_json(reused / "distill_card.json"), "reused_from": cfg.reuse[key]}
     if skey is not None and skey in samples:
         dcfg = dataclasses.replace(dcfg, teacher_samples=samples[skey])
     try:
@@ -255,6 +294,44 @@ def summarise(cards: list[dict]) -> dict:
             "errors": [c["failed"] for c in cards if "failed" in c]}
 
 
+def prime_students(cfg: AttackConfig, out: Path, log: dict) -> dict[str, str]:
+    """cfg.students with every student of cfg.prime.students replaced by its primed copy (a cached stage under
+    primed/NAME: SFT on the reference answers of the first prime.num_prompts training prompts)."""
+    p, base, students = cfg.prime, cfg.attacker, dict(cfg.students)
+    for name in p.students:
+        folder = f"primed/{name}"
+        pcfg = dataclasses.replace(
+            base, teacher="dataset", student=cfg.students[name], method="sft",
+            reference_styles=[p.style] if cfg.task.name == "tiny-world" else [],
+            num_prompts=p.num_prompts, max_steps=p.max_steps, learning_rate=p.learning_rate,
+            per_device_train_batch_size=p.per_device_train_batch_size, warmup_steps=min(base.warmup_steps, p.max_steps // 4),
+            num_generations=1, keep_correct_only=False, keep_most_likely=False, teacher_defense="none",
+            teacher_samples=None, use_peft=False, save_steps=0, resume=False, output_dir=str(out / folder),
+            task=cfg.task)
+        print(f"attack: priming the attacker student '{name}' on {p.num_prompts} {p.style} answers", flush=True)
+        run_stage(out, folder, pcfg, "distill_card.json", distill.run, log)
+        students[name] = str(out / folder / "model")
+    return students
+
+
+def describe_students(cfg: AttackConfig, given: dict[str, str], out: Path) -> dict[str, dict]:
+    """Whom each attacker student is (models.describe_model), and for a primed one its pretrained origin and the
+    priming (answers, style, accuracy before and after)."""
+    from ..models import describe_model
+
+    used = {a.student for a in cfg.battery} & set(given)
+    desc = {}
+    for name in sorted(used):
+        d = describe_model(given[name])
+        if name in cfg.prime.students:
+            card = load_json(out / "primed" / name / "distill_card.json")
+            d["primed"] = {"answers": cfg.prime.num_prompts, "style": cfg.prime.style, "steps": cfg.prime.max_steps,
+                           "accuracy_before": card.get("student_accuracy_before"),
+                           "accuracy_after": card.get("student_accuracy")}
+        desc[name] = d
+    return desc
+
+
 def run(cfg: AttackConfig) -> dict:
     """Run the battery against every teacher (and defended teacher); write attack.json, attack.md, the plots."""
     from ..report.attack import write_attack_report
@@ -268,6 +345,9 @@ def run(cfg: AttackConfig) -> dict:
     log: dict = {"_root": out}
     cells: dict = {}
     samples: dict = {}  # sampling_key -> the teacher samples a cell drew (shared with the cells after it)
+    given = dict(cfg.students)
+    if cfg.prime.students:
+        cfg = dataclasses.replace(cfg, students=prime_students(cfg, out, log))
     for a in cfg.battery:
         cells[a.name] = {}
         for teacher in columns:
@@ -275,11 +355,15 @@ def run(cfg: AttackConfig) -> dict:
                 cells[a.name][teacher] = {"status": "skipped", "reason": why}
                 continue
             print(f"attack: {a.name} on the {teacher} teacher ({time.time() - t0:.0f}s elapsed)", flush=True)
-            cells[a.name][teacher] = summarise([run_cell(cfg, a, teacher, r, log, samples) for r in range(cfg.repeats)])
+            cells[a.name][teacher] = summarise([run_cell(cfg, a, teacher, r, log, samples)
+                                                for r in range(a.repeats or cfg.repeats)])
     relate(cells, cfg.reference)
+    on_curve = curve_of(cfg.battery)
     others = [t for t in columns if t != cfg.reference]
     result = {"reference": cfg.reference, "teachers": columns, "repeats": cfg.repeats,
-              "battery": [dataclasses.asdict(a) | {"is_budget": a.is_budget} for a in cfg.battery],
+              "battery": [dataclasses.asdict(a) | {"is_budget": a.is_budget, "curve": on_curve.get(a.name)}
+                          for a in cfg.battery],
+              "students": describe_students(cfg, given, out),
               "defenses": [dataclasses.asdict(d) for d in cfg.defenses], "cells": cells,
               "protection": {t: protected_budget(cells, cfg.battery, t) for t in others},
               "cost_multiplier": {t: cost_multiplier(cells, cfg.battery, t, cfg.reference) for t in others},

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..config import RuntimeConfig, TaskConfig, opt, save_config, sub, to_dict
 from ..distributed import get_dist, global_mean
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, UserError
 from ..evaluation import greedy_accuracy
 from ..io import check_output_dir, load_records, require_field, versions, write_json, write_jsonl
 from ..kd_loss import CrossTokenizerLoss, SameVocabLoss, token_loss
@@ -245,13 +245,36 @@ def setup(cfg: DistillConfig) -> Run:
     return Run(cfg, teacher, ttok, student, stok, task, held_out, loss_fn, dist)
 
 
-def held_out_accuracy(r: Run) -> float | None:
-    """The student's greedy accuracy on the held-out prompts (rank 0; None elsewhere)."""
+_BEFORE: dict = {}  # one process's greedy accuracies of unchanged student bases (an attack battery reads each once)
+
+
+def _before_key(r: Run) -> tuple | None:
+    """What a student base's greedy held-out accuracy depends on; None where it cannot be told (no folder)."""
+    from ..models import resolve_model_path
+
+    try:
+        path = Path(resolve_model_path(r.cfg.student))
+        stamp = max(f.stat().st_mtime_ns for f in path.glob("*.safetensors"))
+    except (ValueError, OSError, UserError):
+        return None
+    return (str(path.resolve()), stamp, repr(r.cfg.task), r.cfg.eval_prompts, r.cfg.max_new_tokens,
+            repr(r.cfg.runtime.precision()), r.dist.world)
+
+
+def held_out_accuracy(r: Run, before: bool = False) -> float | None:
+    """The student's greedy accuracy on the held-out prompts (rank 0; None elsewhere). `before`: the untrained
+    base, read once per process for the same weights, prompts and precision (greedy decoding: the same number)."""
+    key = _before_key(r) if before else None
+    if key is not None and key in _BEFORE:
+        return _BEFORE[key] if r.dist.is_main else None
     with r.dist.full_weights(r.student):
         if not r.dist.is_main:
             return None
-        return greedy_accuracy(r.student, r.stok, r.task, r.held_out, r.cfg.max_new_tokens, r.cfg.runtime.autocast,
-                               r.cfg.task.use_chat_template)[0]
+        acc = greedy_accuracy(r.student, r.stok, r.task, r.held_out, r.cfg.max_new_tokens, r.cfg.runtime.autocast,
+                              r.cfg.task.use_chat_template)[0]
+    if key is not None:
+        _BEFORE[key] = acc
+    return acc
 
 
 def batch(r: Run, samples: list[dict], step: int, mine: slice):
@@ -319,7 +342,7 @@ def run(cfg: DistillConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     dist.barrier()
-    before_acc = held_out_accuracy(r)
+    before_acc = held_out_accuracy(r, before=True)
     samples = sample_teacher(r.teacher, r.ttok, r.task, cfg, out / "teacher_samples.jsonl", r.student, r.stok)
     optimizer = make_optimizer(r.student.parameters(), cfg.learning_rate, weight_decay=0.0)
     scheduler = make_scheduler(optimizer, cfg.max_steps, cfg.warmup_steps)

@@ -41,9 +41,13 @@ class PipelineConfig:
     eta_distillable: float = opt(-1.0, "eta of the distillable calibration (< 0).", max=0)
     eta_undistillable: float = opt(1.0, "eta of the undistillable calibration (> 0).", min=0)
     methods: list[str] = opt(["sft", "kd", "gkd"], "Distillation methods.", choices=("sft", "kd", "gkd"))
+    extra_proxies: dict[str, str] = opt({}, "More calibration proxies by label (e.g. {attacker: "
+                                        "packaged:smollm2-135m-instruct}, the attacker's own base): each calibrates "
+                                        "one more teacher at eta_undistillable, the role `undistillable@LABEL`, "
+                                        "evaluated, distilled and attacked beside the others.")
     distill_teachers: list[str] = opt([], "The teachers the distill stage distills students from ([] = every teacher; "
-                                      "the control is always included: it is the reference of every gain share).",
-                                      choices=("original", "control", "distillable", "undistillable"))
+                                      "the control is always included: it is the reference of every gain share): "
+                                      "original, control, distillable, undistillable, undistillable@LABEL.")
     students_per_cell: int = opt(1, "Students distilled per teacher and method (seeds S, S+1000, ...): the students' "
                                  "gain over the base is their mean, its SE from their spread (one student: the "
                                  "binomial SE only, a direction, not a result); the attack stage reuses them as its "
@@ -64,8 +68,8 @@ class PipelineConfig:
                                        "stage; the splits stay the task's, filtered); [] = the whole task.")
     attack_teachers: list[str] = opt([], "The teachers the attack stage attacks ([] = control and undistillable for "
                                      "the small battery, every teacher for full and custom; the control is always "
-                                     "included: it is the reference of every ratio).",
-                                     choices=("original", "control", "distillable", "undistillable"))
+                                     "included: it is the reference of every ratio), in the order the attack "
+                                     "runs them: original, control, distillable, undistillable, undistillable@LABEL.")
     threads: int = opt(2, "torch CPU threads.", min=0)
     report_to: list[str] = opt(["none"], "Trackers for every stage's logged scalars (TRL's report_to): none, trackio "
                                "(one local project for the run, <output_dir>/trackio, a run per stage), tensorboard "
@@ -84,7 +88,18 @@ class PipelineConfig:
                                       "with attack_battery=custom; teachers, students and the base attacker are "
                                       "filled in: the base attacker is the distill stage's).")
 
+    def roles(self) -> list[str]:
+        """Every teacher role this config can produce, in report order."""
+        return [*TEACHERS, *(f"undistillable@{label}" for label in self.extra_proxies)]
+
     def validate(self) -> None:
+        for key in ("distill_teachers", "attack_teachers"):
+            if unknown := [t for t in getattr(self, key) if t not in self.roles()]:
+                raise ConfigError(f"config key '{key}': {unknown[0]!r} is not a teacher role "
+                                  f"({', '.join(self.roles())})")
+        for label in self.extra_proxies:
+            if not label or "/" in label or label in ("world",):
+                raise ConfigError(f"config key 'extra_proxies.{label}': a label is a plain name (e.g. attacker)")
         given = [bool(self.teacher), bool(self.proxy), bool(self.student)]
         if any(given) and not all(given):
             raise ConfigError("config keys 'teacher', 'proxy', 'student': give all three (a model, or `world` for the "
@@ -132,9 +147,9 @@ class Chain:
         self.cfg, self.t0 = cfg, time.time()
         self.out = check_output_dir(cfg.output_dir)
         self.task = _with(cfg.task, seed=cfg.seed)
-        n_teachers = 1 if "calibrate" in cfg.skip else len(set(cfg.distill_teachers or TEACHERS) | {"control"})
+        n_teachers = 1 if "calibrate" in cfg.skip else len(set(cfg.distill_teachers or cfg.roles()) | {"control"})
         self.total = (1 + (1 if cfg.teacher_sft_steps else 0) + (0 if "diagnose" in cfg.skip else 1)
-                      + (0 if "calibrate" in cfg.skip else 3)
+                      + (0 if "calibrate" in cfg.skip else 3 + len(cfg.extra_proxies))
                       + (0 if "distill" in cfg.skip else n_teachers * len(cfg.methods) * cfg.students_per_cell) + 1
                       + (0 if "attack" in cfg.skip or "calibrate" in cfg.skip else 1))
         self.done = 0
@@ -186,10 +201,15 @@ def calibrate_teachers(c: Chain, original: str) -> tuple[dict, dict]:
     cfg, teachers, cards = c.cfg, {"original": original}, {}
     calibrations = [] if "calibrate" in cfg.skip else [
         ("control", 0.0), ("distillable", cfg.eta_distillable), ("undistillable", cfg.eta_undistillable)]
+    proxies = {name: c.models["proxy"] for name, _ in calibrations}
+    if "calibrate" not in cfg.skip:
+        for label, model in cfg.extra_proxies.items():
+            calibrations.append((f"undistillable@{label}", cfg.eta_undistillable))
+            proxies[f"undistillable@{label}"] = model
     for name, eta in calibrations:
         c.announce(f"calibrate: {name} (eta={eta:+g})")
         task = _with(c.task, world_terms=list(cfg.calibration_terms)) if cfg.calibration_terms else c.task
-        ccfg = _with(cfg.calibrate, model=original, proxy=c.models["proxy"], eta=eta,
+        ccfg = _with(cfg.calibrate, model=original, proxy=proxies[name], eta=eta,
                      output_dir=str(c.out / f"calibrate_{name}"), task=task, runtime=c.runtime(cfg.calibrate))
         cards[name] = c.stage(f"calibrate_{name}", ccfg, "calibration_card.json", calibrate.run)
         teachers[name] = str(c.out / f"calibrate_{name}" / "model")
@@ -201,8 +221,8 @@ def distill_students(c: Chain, teachers: dict) -> tuple[dict, dict]:
     battery's convention), every method of one repeat on the same teacher samples (sampled once): (the first
     student's folder per (method, teacher), every repeat's distill folder per (method, teacher))."""
     cfg, students, folders = c.cfg, {}, {}
-    wanted = set(cfg.distill_teachers or TEACHERS) | {"control"}
-    for tname in ([] if "distill" in cfg.skip else [t for t in TEACHERS if t in teachers and t in wanted]):
+    wanted = set(cfg.distill_teachers or cfg.roles()) | {"control"}
+    for tname in ([] if "distill" in cfg.skip else [t for t in cfg.roles() if t in teachers and t in wanted]):
         for r in range(cfg.students_per_cell):
             shared_samples = None
             for method in cfg.methods:
@@ -288,10 +308,12 @@ def shifted_split_name(cfg: PipelineConfig) -> str:
 
 
 def attack_roles(cfg: PipelineConfig, teachers: dict) -> list[str]:
-    """The teachers the attack stage attacks, in TEACHERS order (the control always: the reference)."""
+    """The teachers the attack stage attacks: in report order, or the control (the reference, always) and then
+    attack_teachers in its order."""
     full = cfg.attack_battery != "small"
-    wanted = set(cfg.attack_teachers or (TEACHERS if full else ("control", "undistillable"))) | {"control"}
-    return [t for t in TEACHERS if t in teachers and t in wanted]
+    if not cfg.attack_teachers:
+        return [t for t in cfg.roles() if t in teachers and (full or t in ("control", "undistillable"))]
+    return [t for t in dict.fromkeys(["control", *cfg.attack_teachers]) if t in teachers]
 
 
 def attack_teachers(c: Chain, teachers: dict, folders: dict) -> dict | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..io import save_figure, write_text
-from ..protection import MIN_GAIN, SHARE_BAR, Z
+from ..protection import MIN_GAIN, SHARE_BAR, Z, curve_label, curve_of
 
 COLORS = {"original": "#8c8c8c", "control": "#4c72b0", "distillable": "#55a868", "undistillable": "#c44e52"}
 
@@ -38,7 +38,7 @@ def _method_phrase(method: str, p: dict, reference: str) -> str:
         status = f"protected up to {held:g}x, the largest measurable budget"
     else:
         status = f"protected up to {held:g}x"
-    return f"{method.upper()}: {status} (gain share {', '.join(parts)})"
+    return f"{curve_label(method)}: {status} (gain share {', '.join(parts)})"
 
 
 def headline_sentence(result: dict, teacher: str = "undistillable") -> str:
@@ -79,7 +79,7 @@ def cost_lines(result: dict) -> list[str]:
              "|---" * (len(budgets) + 2) + "|"]
     for t, per in costs.items():
         for method, rows in per.items():
-            lines.append(f"| {t} | {method.upper()} | " + " | ".join(multiplier_text(rows[b]) if b in rows else "-"
+            lines.append(f"| {t} | {curve_label(method)} | " + " | ".join(multiplier_text(rows[b]) if b in rows else "-"
                                                                     for b in budgets) + " |")
     return lines
 
@@ -99,9 +99,26 @@ def strongest_lines(result: dict) -> list[str]:
     return lines
 
 
+def student_lines(result: dict) -> list[str]:
+    """Whom the battery attacked with: one line per attacker student (size, architecture, tokenizer, origin; the
+    priming of a pretrained one, whose accuracy after priming is that student's base)."""
+    from ..models import model_phrase
+
+    students = result.get("students") or {}
+    if not students:
+        return []
+    lines = ["Attacker students (a student's cells report gains over its own base):", ""]
+    for name, d in students.items():
+        p = d.get("primed")
+        primed = (f"; primed on {p['answers']} {p['style']} answers ({p['steps']} steps): {_fmt(p['accuracy_before'])} "
+                  f"-> {_fmt(p['accuracy_after'])}, its base" if p else "")
+        lines.append(f"- `{name}`: {model_phrase(d)}{primed}")
+    return lines + [""]
+
+
 def markdown(result: dict, image_dir: str = ".") -> str:
     teachers, ref = result["teachers"], result["reference"]
-    lines = [headline_sentence(result), "",
+    lines = [headline_sentence(result), "", *student_lines(result),
              f"Held-out accuracy of the attacker's students (mean over {result['repeats']} per cell) and, in brackets, "
              f"their gain over the student base ± its SE and the share of the {ref} teacher's students' gain they keep "
              f"(- where the {ref}'s gain is below {MIN_GAIN} or {Z:g} SE: nothing to share).",
@@ -134,14 +151,15 @@ def _plots(out: Path, result: dict) -> list[str]:
     import matplotlib.pyplot as plt
 
     names = []
-    budget = [a for a in result["battery"] if a["is_budget"]]
-    methods = [m for m in ("sft", "kd", "gkd") if any(a["method"] == m for a in budget)]
+    on_curve = curve_of(result["battery"])  # attacker name -> its budget curve (a method, or method:student)
+    methods = list(dict.fromkeys(on_curve.values()))
     if methods:
         fig, axes = plt.subplots(2, len(methods), figsize=(4 * len(methods), 6.4), squeeze=False, sharey="row",
                                  sharex="col")
         for col, method in enumerate(methods):
             ax, ax_share = axes[0][col], axes[1][col]
-            attackers = sorted((a for a in budget if a["method"] == method), key=lambda a: a["budget"])
+            attackers = sorted((a for a in result["battery"] if on_curve.get(a["name"]) == method),
+                               key=lambda a: a["budget"])
             bases = []
             for t in result["teachers"]:
                 pts = [(a["budget"], result["cells"][a["name"]].get(t, {})) for a in attackers]
@@ -162,7 +180,7 @@ def _plots(out: Path, result: dict) -> list[str]:
             ax_share.axhline(1.0, color=COLORS["control"], linewidth=1, label=f"{result['reference']} (1 by definition)")
             ax_share.axhline(SHARE_BAR, color="black", linestyle="dotted", linewidth=1, label=f"protected below {SHARE_BAR}")
             ax_share.axhline(0.0, color="black", linestyle="dashed", linewidth=1)
-            ax.set_title(method.upper())
+            ax.set_title(curve_label(method))
             ax.set_ylim(0, 1.05)
             for a_ in (ax, ax_share):
                 a_.set_xscale("log")
@@ -177,7 +195,7 @@ def _plots(out: Path, result: dict) -> list[str]:
         fig.tight_layout()
         save_figure(fig, out / "attack_budget.png")
         names.append("attack_budget.png")
-    variants = [a for a in result["battery"] if not a["is_budget"]]
+    variants = [a for a in result["battery"] if a["name"] not in on_curve]
     if variants:
         import numpy as np
 

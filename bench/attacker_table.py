@@ -1,0 +1,159 @@
+"""The knob against pretrained attackers (configs/smollm2-attacker.yaml), tabulated from whatever has run: every
+attack cell's students (their distill cards), read as the attack stage reads them (attack.summarise, the gain over
+the student's own base, the share of the control's gain with its SE), the teachers' accuracies (the evaluate stage's
+300 test prompts where it has run, else the calibration cards' 100), the targets of the claim, and a plot of the
+gain vs budget per attacker student and teacher. Usable while the run goes on: a cell counts once its students are
+done (partial cells are marked).
+
+    .venv/bin/python bench/attacker_table.py [--run runs/smollm2-attacker] [--out bench/results/smollm2_attacker]
+
+Writes <out>.json, <out>.md and <out>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from distillability.config import load_config  # noqa: E402
+from distillability.protection import (SHARE_BAR, budget_curves, curve_label, protected_budget,  # noqa: E402
+                                       relate)
+from distillability.recipes import attack  # noqa: E402
+
+TARGETS = {"control gain >= +0.15 at 1x": 0.15, "undistillable teacher >= 0.9x the control": 0.9,
+           "gain share <= 0.5 at 1x (smollm2)": 0.5, "gain share <= 0.7 at 4x (smollm2)": 0.7,
+           "distillable gain >= 1.1x the control's": 1.1}
+
+
+def teacher_accuracies(run: Path) -> dict:
+    """Per teacher role: (accuracy, prompts, where from)."""
+    out = {}
+    for card in sorted(run.glob("calibrate_*/calibration_card.json")):
+        role = card.parent.name.removeprefix("calibrate_")
+        c = json.loads(card.read_text())
+        acc = c.get("accuracy_after", c.get("after", {}).get("accuracy") if isinstance(c.get("after"), dict) else None)
+        out[role] = {"accuracy": acc, "prompts": c.get("settings", {}).get("eval_prompts"), "from": "calibration card"}
+    for ev in sorted(run.glob("eval/teacher_*/eval.json")):
+        role = ev.parent.name.removeprefix("teacher_")
+        if "_shifted" in role:
+            continue
+        e = json.loads(ev.read_text())
+        out[role] = {"accuracy": e.get("greedy_accuracy"), "prompts": e.get("num_prompts", e.get("eval_prompts")),
+                     "from": "evaluate stage (test prompts)"}
+    return out
+
+
+def collect(run: Path) -> dict:
+    cfg = load_config(attack.AttackConfig, str(run / "attack" / "attack_config.yaml"))
+    cells: dict = {}
+    for a in cfg.battery:
+        want = a.repeats or cfg.repeats
+        for t in cfg.teachers:
+            cards = []
+            for r in range(want):  # a repeat run by the attack stage, or read from the pipeline's distill stage
+                key = f"{a.name}/{t}" + (f"/r{r}" if r else "")
+                card = (Path(cfg.reuse[key]) if key in cfg.reuse else run / "attack" / "cells" / a.name / t / f"r{r}")
+                if (card / "distill_card.json").exists():
+                    cards.append(json.loads((card / "distill_card.json").read_text()))
+            if cards:
+                cells.setdefault(a.name, {})[t] = {**attack.summarise(cards), "complete": len(cards) == want}
+    relate(cells, "control")
+    teachers = [t for t in cfg.teachers]
+    prot = {t: protected_budget(cells, cfg.battery, t) for t in teachers if t != "control"}
+    students = {}
+    for name in cfg.prime.students:
+        card = run / "attack" / "primed" / name / "distill_card.json"
+        if card.exists():
+            c = json.loads(card.read_text())
+            students[name] = {"model": cfg.students[name], "accuracy_raw": c.get("student_accuracy_before"),
+                              "accuracy_primed": c.get("student_accuracy")}
+    return {"run": str(run), "teachers": teachers, "teacher_accuracy": teacher_accuracies(run),
+            "battery": [a.name for a in cfg.battery],
+            "curves": {k: [a.name for a in v] for k, v in budget_curves(cfg.battery).items()},
+            "cells": cells, "protection": prot, "primed_students": students}
+
+
+def _pm(x, se, spec=".3f") -> str:
+    if x is None:
+        return "-"
+    return f"{x:{spec}}" + (f" ± {se:{spec.lstrip('+')}}" if se is not None else "")
+
+
+def markdown(res: dict) -> str:
+    acc = res["teacher_accuracy"]
+    lines = ["Teachers (greedy accuracy): " + "; ".join(
+        f"{t} {v['accuracy']:.3f} ({v['prompts']} prompts, {v['from']})" for t, v in acc.items()
+        if v.get("accuracy") is not None), ""]
+    if res["primed_students"]:
+        lines += ["Primed attacker students (64 answer-only examples): " + "; ".join(
+            f"{n}: {_pm(s['accuracy_raw'], None)} raw -> {_pm(s['accuracy_primed'], None)} primed (its base)"
+            for n, s in res["primed_students"].items()), ""]
+    lines += ["| attacker | teacher | students | accuracy ± SE | base | gain ± SE | gain share ± SE |",
+              "|---|---|---|---|---|---|---|"]
+    for name in res["battery"]:
+        for t in res["teachers"]:
+            c = res["cells"].get(name, {}).get(t)
+            if not c or c.get("status") not in ("ok", "partial"):
+                continue
+            n = f"{c['n_students']}" + ("" if c.get("complete") else " (running)")
+            lines.append(f"| {name} | {t} | {n} | {_pm(c['accuracy'], c.get('accuracy_se'))} | {c['base']:.3f} | "
+                         f"{_pm(c['gain'], c.get('gain_se'), '+.3f')} | "
+                         f"{_pm(c.get('gain_share'), c.get('gain_share_se'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from distillability.io import save_figure
+    from distillability.report.attack import COLORS
+
+    curves = {k: v for k, v in res["curves"].items()
+              if any(res["cells"].get(a, {}).get(t, {}).get("gain") is not None for a in v for t in res["teachers"])}
+    if not curves:
+        return
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.8 * len(curves), 3.6), squeeze=False, sharey=True)
+    extra = ["#dd8452", "#8172b3", "#937860"]
+    for ax, (key, names) in zip(axes[0], curves.items()):
+        for i, t in enumerate(res["teachers"]):
+            pts = [(float(n.rsplit("@", 1)[1].rstrip("x")), res["cells"].get(n, {}).get(t, {})) for n in names]
+            pts = [(b, c) for b, c in pts if c.get("gain") is not None]
+            if pts:
+                ax.errorbar([b for b, _ in pts], [c["gain"] for _, c in pts], yerr=[c.get("gain_se") or 0 for _, c in pts],
+                            marker="o", capsize=3, label=t, color=COLORS.get(t, extra[i % len(extra)]))
+        ax.axhline(0, color="black", linewidth=1, linestyle="dashed")
+        ax.set_xscale("log")
+        ax.set_xticks([1, 4], ["1x", "4x"])
+        ax.minorticks_off()
+        ax.set_title(curve_label(key), fontsize=10)
+        ax.set_xlabel("teacher answers (x 600)")
+    axes[0][0].set_ylabel("students' gain over their base (± SE)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"Gain vs budget per attacker (protected: gain share <= {SHARE_BAR})", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, default=Path("runs/smollm2-attacker"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/smollm2_attacker"))
+    args = ap.parse_args()
+    res = collect(args.run)
+    from distillability.io import write_json, write_text
+
+    write_json(args.out.with_suffix(".json"), res)
+    write_text(args.out.with_suffix(".md"), markdown(res) + "\n")
+    plot(res, args.out.with_suffix(".png"))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
