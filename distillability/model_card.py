@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from .io import write_text
+from .report.numbers import fmt as _fmt
 
 PACKAGE = Path(__file__).resolve().parent
 EVAL_START, EVAL_END = "<!-- distillability:evaluation -->", "<!-- /distillability:evaluation -->"
@@ -34,10 +35,6 @@ def _front(tags: list[str], base: str | None, task: dict | None) -> str:
     if task:
         meta["datasets"] = [task.get("path") or task.get("name")]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
-
-
-def _fmt(x, spec=".3f") -> str:
-    return "-" if x is None else format(x, spec)
 
 
 def calibrated_card(card: dict) -> str:

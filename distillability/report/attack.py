@@ -9,16 +9,9 @@ from pathlib import Path
 
 from ..io import save_figure, write_text
 from ..protection import MIN_GAIN, SHARE_BAR, Z, curve_label, curve_of
+from .numbers import fmt as _fmt, pm as _pm
 
 COLORS = {"original": "#8c8c8c", "control": "#4c72b0", "distillable": "#55a868", "undistillable": "#c44e52"}
-
-
-def _fmt(x, spec=".3f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def _pm(x, se, spec=".2f") -> str:
-    return _fmt(x, spec) + (f" ± {se:{spec.lstrip('+')}}" if x is not None and se is not None else "")
 
 
 def _method_phrase(method: str, p: dict, reference: str) -> str:

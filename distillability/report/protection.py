@@ -15,6 +15,7 @@ from ..protection import CALIBRATED, TEACHERS  # noqa: F401 (re-exported: the re
 from .attack import headline_sentence
 from .attack import markdown as attack_markdown
 from .verdict import verdict
+from .numbers import fmt as _f
 
 GAIN_KEYS = ("accuracy", "accuracy_se", "accuracies", "n_students", "se_from", "base", "gain", "gain_se", "gain_share",
              "gain_share_se", "reference_teaches", "ratio")
@@ -124,10 +125,6 @@ def markdown_table(headline: dict) -> str:
         se = f" ± {headline['student_base_se']:.3f}" if headline.get("student_base_se") is not None else ""
         lines += ["", f"Student before distillation (the base every student starts from): {headline['student_base']:.3f}{se}."]
     return "\n".join(lines)
-
-
-def _f(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
 
 
 def gain_table(headline: dict) -> str:

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 from ..models import model_phrase
 from ..protection import MIN_GAIN, SHARE_BAR, UTILITY, Z, measured, more_gain, relate
-
-
-def _pm(x: float, se: float | None, spec: str = "+.3f") -> str:
-    return format(x, spec) + (f" ± {se:{spec.lstrip('+')}}" if se is not None else "")
+from .numbers import pm
 
 
 def gain_cells(headline: dict) -> dict:
@@ -54,16 +51,16 @@ def control_sentence(cells: dict, base: float, base_se: float | None) -> str | N
     if not rows:
         return None
     taught = {m: c for m, c in rows.items() if c.get("reference_teaches")}
-    base_text = f"the base's {_pm(base, base_se, '.3f')}"
+    base_text = f"the base's {pm(base, base_se, '.3f')}"
     if len(taught) == len(rows):
-        parts = ", ".join(f"{_pm(c['gain'], c.get('gain_se'))} ({m.upper()})" for m, c in rows.items())
+        parts = ", ".join(f"{pm(c['gain'], c.get('gain_se'), '+.3f')} ({m.upper()})" for m, c in rows.items())
         return f"Distilling the unprotected (control) teacher teaches this student: its students gain {parts} over {base_text}."
     not_taught = ", ".join(f"its {m.upper()} students {_below(c['gain'], c.get('gain_se'))}" for m, c in rows.items()
                            if m not in taught)
     if not taught:
         return ("Distillation from the unprotected (control) teacher does not teach this student at this budget: "
                 f"protection cannot be measured here; {not_taught} ({base_text}).")
-    parts = ", ".join(f"{m.upper()} ({_pm(c['gain'], c.get('gain_se'))})" for m, c in taught.items())
+    parts = ", ".join(f"{m.upper()} ({pm(c['gain'], c.get('gain_se'), '+.3f')})" for m, c in taught.items())
     return (f"Distilling the unprotected (control) teacher teaches this student by {parts} over {base_text}, not by the "
             f"other methods ({not_taught}): protection is measured only for {', '.join(m.upper() for m in taught)}.")
 
@@ -92,7 +89,7 @@ def undistillable_sentence(headline: dict, cells: dict) -> str | None:
     held = [m for m, x in shares.items() if x["gain_share"] <= SHARE_BAR]
     word = ("Not protected" if utility < UTILITY or not held else "Protected" if len(held) == len(shares)
             else "Partly protected")
-    text = ", ".join(f"{_pm(x['gain_share'], x.get('gain_share_se'), '.2f')} by {m.upper()}"
+    text = ", ".join(f"{pm(x['gain_share'], x.get('gain_share_se'), '.2f')} by {m.upper()}"
                      for m, x in shares.items())
     unmeasured = [m.upper() for m in rows if m not in shares]
     tail = f"; not measurable by {', '.join(unmeasured)} (the control teaches nothing there)" if unmeasured else ""
