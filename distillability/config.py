@@ -276,7 +276,9 @@ def to_dict(cfg: Any) -> dict:
 # keys added to a section after runs were made with it: at these values (their defaults, which do what the
 # section did before the key existed) they are left out of a stage's saved config and of a world's cache key,
 # so finished stages and built (and shipped) worlds stay reused
-LATER_KEYS = {"world_terms": []}
+LATER_KEYS = {"world_terms": [], "eval_offset": 0, "extra_proxies": {}, "repeats": None, "per_device_train_batch_size": None,
+              "prime": {"students": [], "num_prompts": 64, "style": "direct", "max_steps": 16,
+                        "per_device_train_batch_size": 8, "learning_rate": 5e-5}}
 
 
 def without_later_keys(value):

@@ -334,3 +334,19 @@ def test_a_primed_student_is_the_base_of_its_cells(tiny_pair, tmp_path):
     assert s["primed"]["accuracy_after"] == card["student_accuracy"] and s["primed"]["answers"] == 16
     text = (tmp_path / "attack" / "attack.md").read_text()
     assert "`other`" in text and "primed on 16 direct answers" in text and "SFT (other)" in text
+
+
+def test_keys_added_for_pretrained_attackers_leave_earlier_stages_reused():
+    """A stage saved before prime, per-attacker repeats/batch and eval_offset existed compares equal to the same
+    stage now, where those keys are at their defaults (so a finished attack or evaluation is not run again)."""
+    from distillability.config import LATER_KEYS, to_dict
+    from distillability.recipes import evaluate
+    from distillability.recipes.stages import stage_config_text
+
+    assert LATER_KEYS["prime"] == to_dict(attack.PrimeConfig())
+    text = yaml.safe_load(stage_config_text(attack.AttackConfig()))
+    assert "prime" not in text and all("repeats" not in a and "per_device_train_batch_size" not in a
+                                       for a in text["battery"])
+    assert "eval_offset" not in yaml.safe_load(stage_config_text(evaluate.EvaluateConfig()))
+    primed = attack.AttackConfig(prime=attack.PrimeConfig(students=["p"]))
+    assert yaml.safe_load(stage_config_text(primed))["prime"]["students"] == ["p"]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from distillability.config import load_config
-from distillability.errors import ModelError
+from distillability.errors import ConfigError, ModelError
 from distillability.recipes import calibrate, diagnose, distill, evaluate
 
 from .conftest import SMALL_WORLD_TASK
@@ -111,6 +111,22 @@ def test_evaluate_and_diagnose_write_their_files(tiny_pair, tmp_path):
     assert res["pass_at_k"]["3"] >= res["pass_at_k"]["1"]
     assert sum(res["failure_modes"].values()) == pytest.approx(1.0)
     assert (tmp_path / "e" / "eval.md").exists()
+    # a validation slice: prompts 6-11, the greedy accuracy of exactly those (disjoint from the slice above)
+    from distillability.evaluation import greedy_accuracy as _greedy
+
+    val = evaluate.run(load_config(evaluate.EvaluateConfig, overrides=[
+        f"model={tiny_pair['teacher']}", "eval_prompts=6", "eval_offset=6", "num_generations=1", "k=[1]",
+        "max_new_tokens=16", f"output_dir={tmp_path / 'v'}", *FAST]))
+    from distillability.models import load_model as _load
+
+    m, t = _load(tiny_pair["teacher"], device="cpu")
+    cfg0 = load_config(evaluate.EvaluateConfig, overrides=FAST)
+    tk = cfg0.task.load()
+    assert val["greedy_accuracy"] == pytest.approx(_greedy(m, t, tk, tk.eval[6:12], 16, False, False)[0])
+    with pytest.raises(ConfigError, match="'eval_offset'"):
+        evaluate.run(load_config(evaluate.EvaluateConfig, overrides=[
+            f"model={tiny_pair['teacher']}", "eval_prompts=6", f"eval_offset={cfg0.task.num_eval - 3}",
+            f"output_dir={tmp_path / 'w'}", *FAST]))
     # D(model || proxy) is computed on the evaluation's own samples: the same as sampling them again
     from distillability.evaluation import mean_calibration_divergence
     from distillability.models import load_model

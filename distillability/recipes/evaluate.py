@@ -29,6 +29,9 @@ class EvaluateConfig:
     proxy: str | None = opt(None, "Optional proxy/student for the causal metrics (D and wrong-trace preference).")
     output_dir: str = opt("runs/evaluate", "Where eval.json and eval.md go.")
     eval_prompts: int = opt(100, "Held-out prompts to evaluate (at most task.num_eval).", min=1)
+    eval_offset: int = opt(0, "The first held-out prompt evaluated: e.g. 300 with eval_prompts=200 scores prompts "
+                           "300-499, a validation slice to choose eta or steps on, disjoint from the test slice 0-299 "
+                           "that the pipeline reports.", min=0)
     num_generations: int = opt(4, "Samples per prompt for pass@k and failure modes.", min=1)
     k: list[int] = opt([1, 2, 4], "k values of pass@k (each <= num_generations).")
     temperature: float = opt(1.0, "Sampling temperature for pass@k.", min=0, min_exclusive=True)
@@ -147,8 +150,12 @@ def run(cfg: EvaluateConfig) -> dict:
     model, tok = rt.load(cfg.model, frozen=True)
     proxy, ptok = rt.load(cfg.proxy, frozen=True) if cfg.proxy else (None, None)
     task = cfg.task.load()
-    check_context(model, tok, task.eval[: cfg.eval_prompts], cfg.max_new_tokens, cfg.task.use_chat_template, cfg.model)
-    result = evaluate_model(model, tok, task, task.eval[: cfg.eval_prompts], cfg, proxy, ptok)
+    items = task.eval[cfg.eval_offset: cfg.eval_offset + cfg.eval_prompts]
+    if cfg.eval_offset and len(items) < cfg.eval_prompts:
+        raise ConfigError(f"config key 'eval_offset': prompts {cfg.eval_offset}-{cfg.eval_offset + cfg.eval_prompts - 1} "
+                          f"reach past the task's {len(task.eval)} held-out prompts (task.num_eval)")
+    check_context(model, tok, items, cfg.max_new_tokens, cfg.task.use_chat_template, cfg.model)
+    result = evaluate_model(model, tok, task, items, cfg, proxy, ptok)
     result.update({"model": cfg.model, "proxy": cfg.proxy, "task": to_dict(cfg.task),
                    "wall_seconds": time.time() - t0, "versions": versions(), "precision": rt.precision()})
     out = Path(cfg.output_dir)
@@ -157,5 +164,5 @@ def run(cfg: EvaluateConfig) -> dict:
     if Path(cfg.model).is_dir():
         from ..model_card import add_evaluation
 
-        add_evaluation(cfg.model, {**result, "num_prompts": min(cfg.eval_prompts, len(task.eval))})
+        add_evaluation(cfg.model, {**result, "num_prompts": len(items)})
     return result
