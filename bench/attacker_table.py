@@ -74,7 +74,35 @@ def collect(run: Path) -> dict:
     return {"run": str(run), "teachers": teachers, "teacher_accuracy": teacher_accuracies(run),
             "battery": [a.name for a in cfg.battery],
             "curves": {k: [a.name for a in v] for k, v in budget_curves(cfg.battery).items()},
-            "cells": cells, "protection": prot, "primed_students": students}
+            "cells": cells, "protection": prot, "primed_students": students, "profile_minutes": profile(run)}
+
+
+def profile(run: Path) -> dict:
+    """Where the time went, in minutes, from every finished stage's card (wall_seconds): the teacher's SFT, each
+    calibration, the distill stage, the priming, each attacker's cells (all teachers and repeats), evaluations."""
+    groups: dict[str, float] = {}
+    for card in run.rglob("*.json"):
+        if card.name not in ("distill_card.json", "calibration_card.json", "eval.json", "diagnose.json"):
+            continue
+        try:
+            wall = json.loads(card.read_text()).get("wall_seconds")
+        except (OSError, ValueError):
+            continue
+        if not wall:
+            continue
+        parts = card.relative_to(run).parts
+        if parts[0] == "attack" and parts[1] == "cells":
+            key = f"attack {parts[2]}"
+        elif parts[0] == "attack":
+            key = f"attack priming {parts[2]}"
+        elif parts[0].startswith("distill_"):
+            key = "distill stage (the world's student)"
+        elif parts[0] == "eval":
+            key = "evaluate stage"
+        else:
+            key = parts[0]
+        groups[key] = groups.get(key, 0.0) + wall / 60
+    return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
 
 
 def _pm(x, se, spec=".3f") -> str:
@@ -103,6 +131,10 @@ def markdown(res: dict) -> str:
             lines.append(f"| {name} | {t} | {n} | {_pm(c['accuracy'], c.get('accuracy_se'))} | {c['base']:.3f} | "
                          f"{_pm(c['gain'], c.get('gain_se'), '+.3f')} | "
                          f"{_pm(c.get('gain_share'), c.get('gain_share_se'), '.2f')} |")
+    prof = res.get("profile_minutes") or {}
+    if prof:
+        lines += ["", f"Where the time went (minutes of finished stages, {sum(prof.values()):.0f} in all): "
+                  + "; ".join(f"{k} {v:.1f}" for k, v in prof.items()) + "."]
     return "\n".join(lines)
 
 

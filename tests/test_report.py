@@ -8,7 +8,7 @@ import pytest
 
 from distillability.protection import relate
 from distillability.recipes.attack import summarise
-from distillability.report.protection import TEACHERS, headline_table, write_report
+from distillability.report.protection import TEACHERS, gain_table, headline_table, write_report
 
 
 def _fake_eval(acc):
@@ -134,16 +134,19 @@ def test_the_report_opens_with_the_verdict_and_the_plot(report_dir):
 
 
 def _head(control: float, undist: float, dist: float, base: float = 0.3, teacher_u: float = 0.95, prompts: int = 500,
-          spread=SPREAD) -> dict:
-    """A made-up headline (three students per cell) through the same code the pipeline uses."""
-    students = {"control": control, "undistillable": undist, "distillable": dist}
+          spread=SPREAD, extra: dict | None = None) -> dict:
+    """A made-up headline (three students per cell) through the same code the pipeline uses. `extra`: more
+    teachers by role -> (their students' accuracy, the teacher's)."""
+    students = {"control": control, "undistillable": undist, "distillable": dist,
+                **{t: a for t, (a, _) in (extra or {}).items()}}
     def card(acc):
         return {"student_accuracy": acc, "student_accuracy_before": base, "num_teacher_samples": 600,
                 "settings": {"max_steps": 240, "num_prompts": 1200, "eval_prompts": prompts}}
     cells = {m: {t: summarise([card(a + d) for d in spread]) for t, a in students.items()} for m in ("sft", "gkd")}
     relate(cells, "control")
     ev = {"teachers": {"control": {"greedy_accuracy": 1.0}, "undistillable": {"greedy_accuracy": teacher_u},
-                       "distillable": {"greedy_accuracy": 0.99}},
+                       "distillable": {"greedy_accuracy": 0.99},
+                       **{t: {"greedy_accuracy": u} for t, (_, u) in (extra or {}).items()}},
           "students": {m: {t: {"greedy_accuracy": a} for t, a in students.items()} for m in ("sft", "gkd")}}
     attacker = {"student": {"params": 460928, "architecture": "qwen2", "tokenizer": "BPE", "vocab_size": 262,
                             "origin": "from_scratch", "how": "trained from scratch by the tiny world (200 SFT steps on "
@@ -191,6 +194,13 @@ def test_the_verdict_follows_from_gain_over_base_in_every_case():
     # one student per cell: said, and the SE is the binomial one
     v = _head(0.6, 0.35, 0.7, spread=(0.0,))["verdict"]
     assert "one student per cell (a direction, not a result" in v[0]
+    # a second proxy's undistillable teacher gets its own sentence by the same rule, after the first
+    h = _head(0.6, 0.35, 0.7, extra={"undistillable@attacker": (0.54, 0.97)})
+    assert list(h["teachers"]) == ["control", "distillable", "undistillable", "undistillable@attacker"]
+    assert h["verdict"][2].startswith("Protected: the undistillable teacher keeps 0.95x")
+    assert h["verdict"][3].startswith("Not protected: the undistillable@attacker teacher (its own proxy) keeps 0.97x")
+    assert "keep 0.80 ± " in h["verdict"][3] and h["verdict"][4].startswith("Easier to distill")
+    assert "| sft | undistillable@attacker | 3 |" in gain_table(h)
 
 
 def test_verdict_names_the_shifted_split_only_when_measured():

@@ -15,10 +15,15 @@ from ..protection import CALIBRATED, TEACHERS  # noqa: F401 (re-exported: the re
 from .attack import headline_sentence
 from .attack import markdown as attack_markdown
 from .verdict import verdict
-from .numbers import fmt as _f
+from .numbers import fmt as _f, pm
 
 GAIN_KEYS = ("accuracy", "accuracy_se", "accuracies", "n_students", "se_from", "base", "gain", "gain_se", "gain_share",
              "gain_share_se", "reference_teaches", "ratio")
+
+
+def _roles(by_role: dict) -> list[str]:
+    """The teacher roles present, in report order: TEACHERS, then any other (e.g. undistillable@LABEL)."""
+    return [t for t in TEACHERS if t in by_role] + [t for t in by_role if t not in TEACHERS]
 
 
 def headline_table(evaluations: dict, seed: int, wall_seconds: float, attacks: dict | None = None,
@@ -30,7 +35,7 @@ def headline_table(evaluations: dict, seed: int, wall_seconds: float, attacks: d
 
     out = {
         "seed": seed, "wall_seconds": wall_seconds,
-        "teachers": {t: evaluations["teachers"][t]["greedy_accuracy"] for t in TEACHERS if t in evaluations["teachers"]},
+        "teachers": {t: evaluations["teachers"][t]["greedy_accuracy"] for t in _roles(evaluations["teachers"])},
         "students": {m: {t: r["greedy_accuracy"] for t, r in per.items()} for m, per in evaluations["students"].items()},
         **({"student_base": evaluations["student_base"]["greedy_accuracy"]} if "student_base" in evaluations else {}),
     }
@@ -53,7 +58,10 @@ def headline_table(evaluations: dict, seed: int, wall_seconds: float, attacks: d
         out["attacks"] = {"cells": {a: {t: {k: c.get(k) for k in ("status", *GAIN_KEYS, "base_se", "reference_gain",
                                                                     "reference_gain_se")}
                                         for t, c in row.items()} for a, row in attacks["cells"].items()},
-                          "protection": attacks["protection"], "summary": headline_sentence(attacks),
+                          "protection": attacks["protection"],
+                          "summary": " ".join(headline_sentence(attacks, t) for t in _roles(attacks["protection"])
+                                              if t == "undistillable" or t.startswith("undistillable@"))
+                                     or headline_sentence(attacks),
                           "cost_multiplier": attacks.get("cost_multiplier"),
                           "strongest_attack": attacks.get("strongest_attack")}
     out["verdict"] = verdict(out, out["attacks"]["summary"] if attacks else None)
@@ -113,7 +121,7 @@ def _plot(headline: dict, out: Path) -> str:
 
 
 def markdown_table(headline: dict) -> str:
-    cols = [t for t in TEACHERS if t in headline["teachers"]]
+    cols = list(headline["teachers"])  # report order (protection._roles)
     lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
              "| teacher | " + " | ".join(f"{headline['teachers'][t]:.3f}" for t in cols) + " |"]
     if "teachers_shifted" in headline:
@@ -135,9 +143,8 @@ def gain_table(headline: dict) -> str:
     lines = ["| method | teacher | students | accuracy ± SE | gain over base ± SE | gain share ± SE | ÷ control |",
              "|---|---|---|---|---|---|---|"]
     for m, per in gains.items():
-        for t in [t for t in TEACHERS if t in per]:
+        for t in _roles(per):
             c = per[t]
-            pm = lambda v, se, spec: _f(v, spec) + (f" ± {se:{spec.lstrip('+')}}" if v is not None and se is not None else "")  # noqa: E731
             lines.append(f"| {m} | {t} | {_f(c.get('n_students'), 'd')} | {pm(c.get('accuracy'), c.get('accuracy_se'), '.3f')} | "
                          f"{pm(c.get('gain'), c.get('gain_se'), '+.3f')} | {pm(c.get('gain_share'), c.get('gain_share_se'), '.2f')} | "
                          f"{_f(c.get('ratio'), '.2f')} |")

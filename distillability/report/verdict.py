@@ -70,14 +70,19 @@ def _utility(headline: dict, teacher: str) -> tuple[float, float, float] | None:
     return None if t is None or not c else (t / c, t, c)
 
 
-def undistillable_sentence(headline: dict, cells: dict) -> str | None:
-    u = _utility(headline, "undistillable")
-    rows = {m: per["undistillable"] for m, per in cells.items()
-            if measured(per.get("undistillable", {})) and measured(per.get("control", {}))}
+def protected_roles(headline: dict) -> list[str]:
+    """The teachers calibrated to be undistillable: `undistillable`, then one per extra proxy (undistillable@LABEL)."""
+    return [t for t in headline.get("teachers", {}) if t == "undistillable" or t.startswith("undistillable@")]
+
+
+def undistillable_sentence(headline: dict, cells: dict, role: str = "undistillable") -> str | None:
+    u = _utility(headline, role)
+    rows = {m: per[role] for m, per in cells.items() if measured(per.get(role, {})) and measured(per.get("control", {}))}
     if u is None or not rows:
         return None
     utility, t, c = u
-    keeps = f"the undistillable teacher keeps {utility:.2f}x the control's accuracy ({t:.3f} vs {c:.3f})"
+    who = "the undistillable teacher" if role == "undistillable" else f"the {role} teacher (its own proxy)"
+    keeps = f"{who} keeps {utility:.2f}x the control's accuracy ({t:.3f} vs {c:.3f})"
     shares = {m: x for m, x in rows.items() if x.get("gain_share") is not None}
     if not shares:
         own = ", ".join(f"{m.upper()} {x['gain']:+.3f} (control {cells[m]['control']['gain']:+.3f})" for m, x in rows.items())
@@ -145,7 +150,8 @@ def verdict(headline: dict, attack_summary: str | None = None) -> list[str]:
     lines = [whom_sentence(headline)]
     if cells and base is not None:
         lines += [control_sentence(cells, base, headline.get("student_base_se")),
-                  undistillable_sentence(headline, cells), distillable_sentence(headline, cells)]
+                  *(undistillable_sentence(headline, cells, r) for r in protected_roles(headline) or ["undistillable"]),
+                  distillable_sentence(headline, cells)]
     lines += [shifted_sentence(headline), attack_summary]
     lines = [x for x in lines if x]
     if lines:
