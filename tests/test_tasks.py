@@ -146,6 +146,18 @@ def test_a_stage_saved_before_a_later_key_is_reused(tmp_path):
     changed = dataclasses.replace(cfg, task=TaskConfig(world_terms=[3]))
     assert run_stage(tmp_path, "s", changed, "eval.json", lambda c: ran.append(c) or {"new": 1}) == {"new": 1}
     assert "world_terms" in stage_config_text(changed) and len(ran) == 1
+    # the threads and the progress bars do not change what a stage computes: a stage saved with threads=1 (as
+    # versions that kept them in the key saved it) is reused at threads=2, without progress bars
+    (tmp_path / "t").mkdir()
+    saved = to_dict(cfg)
+    saved["runtime"]["threads"] = 1
+    (tmp_path / "t" / "stage_config.yaml").write_text(yaml.safe_dump(saved, sort_keys=True)
+                                                      + yaml.safe_dump({"inputs": {}}, sort_keys=True))
+    (tmp_path / "t" / "eval.json").write_text('{"saved": 2}')
+    rt = dataclasses.replace(cfg.runtime, threads=2, progress=False)
+    assert run_stage(tmp_path, "t", dataclasses.replace(cfg, runtime=rt), "eval.json",
+                     lambda c: ran.append(c) or {"new": 2}) == {"saved": 2} and len(ran) == 1
+    assert "threads" not in stage_config_text(cfg) and "progress" not in stage_config_text(cfg)
 
 
 def _terms(examples):

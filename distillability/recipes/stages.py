@@ -32,11 +32,29 @@ def _inputs(cfg) -> dict:
     return found
 
 
+UNTRACKED = ("report_to", "threads", "progress")
+
+
 def _untracked(value):
-    """A config without `report_to`: where its scalars are also sent does not change what a stage computes."""
+    """A config without the keys that do not change what a stage computes: where its scalars are also sent
+    (`report_to`), how many CPU threads compute it, whether it shows progress bars."""
     if isinstance(value, dict):
-        return {k: _untracked(v) for k, v in value.items() if k != "report_to"}
+        return {k: _untracked(v) for k, v in value.items() if k not in UNTRACKED}
     return value
+
+
+def same_stage(saved: Path, current: str) -> bool:
+    """Whether a saved stage text is the current one; a text saved by an earlier version, which still held the
+    untracked keys (or a later key at its default), is compared without them."""
+    if not saved.exists():
+        return False
+    text = saved.read_text()
+    if text == current:
+        return True
+    try:
+        return without_later_keys(_untracked(yaml.safe_load(text))) == yaml.safe_load(current)
+    except yaml.YAMLError:
+        return False
 
 
 def stage_config_text(cfg) -> str:
@@ -52,12 +70,12 @@ def run_stage(out: Path, name: str, cfg, marker: str, fn, log: dict | None = Non
     saved = folder / "stage_config.yaml"
     current = stage_config_text(cfg) + yaml.safe_dump({"inputs": _inputs(cfg)}, sort_keys=True)
     t0 = time.time()
-    if (folder / marker).exists() and saved.exists() and saved.read_text() == current:
+    if (folder / marker).exists() and same_stage(saved, current):
         if log is not None:
             log[str(folder.relative_to(log["_root"]))] = {"reused": True, "wall_seconds": 0.0}
         return json.loads((folder / marker).read_text())
     started = folder / "stage_started.yaml"
-    if (hasattr(cfg, "resume") and started.exists() and started.read_text() == current
+    if (hasattr(cfg, "resume") and same_stage(started, current)
             and (folder / "checkpoints" / "last").exists()):
         import dataclasses
 
