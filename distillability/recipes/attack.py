@@ -294,24 +294,21 @@ def summarise(cards: list[dict]) -> dict:
             "errors": [c["failed"] for c in cards if "failed" in c]}
 
 
-def prime_students(cfg: AttackConfig, out: Path, log: dict) -> dict[str, str]:
-    """cfg.students with every student of cfg.prime.students replaced by its primed copy (a cached stage under
-    primed/NAME: SFT on the reference answers of the first prime.num_prompts training prompts)."""
-    p, base, students = cfg.prime, cfg.attacker, dict(cfg.students)
-    for name in p.students:
-        folder = f"primed/{name}"
-        pcfg = dataclasses.replace(
-            base, teacher="dataset", student=cfg.students[name], method="sft",
-            reference_styles=[p.style] if cfg.task.name == "tiny-world" else [],
-            num_prompts=p.num_prompts, max_steps=p.max_steps, learning_rate=p.learning_rate,
-            per_device_train_batch_size=p.per_device_train_batch_size, warmup_steps=min(base.warmup_steps, p.max_steps // 4),
-            num_generations=1, keep_correct_only=False, keep_most_likely=False, teacher_defense="none",
-            teacher_samples=None, use_peft=False, save_steps=0, resume=False, output_dir=str(out / folder),
-            task=cfg.task)
-        print(f"attack: priming the attacker student '{name}' on {p.num_prompts} {p.style} answers", flush=True)
-        run_stage(out, folder, pcfg, "distill_card.json", distill.run, log)
-        students[name] = str(out / folder / "model")
-    return students
+def prime_student(cfg: AttackConfig, name: str, out: Path, log: dict) -> str:
+    """The primed copy of attacker student `name` (a cached stage under primed/NAME: SFT on the reference answers
+    of the first prime.num_prompts training prompts in prime.style); its folder."""
+    p, base = cfg.prime, cfg.attacker
+    folder = f"primed/{name}"
+    pcfg = dataclasses.replace(
+        base, teacher="dataset", student=cfg.students[name], method="sft",
+        reference_styles=[p.style] if cfg.task.name == "tiny-world" else [],
+        num_prompts=p.num_prompts, max_steps=p.max_steps, learning_rate=p.learning_rate,
+        per_device_train_batch_size=p.per_device_train_batch_size, warmup_steps=min(base.warmup_steps, p.max_steps // 4),
+        num_generations=1, keep_correct_only=False, keep_most_likely=False, teacher_defense="none",
+        teacher_samples=None, use_peft=False, save_steps=0, resume=False, output_dir=str(out / folder), task=cfg.task)
+    print(f"attack: priming the attacker student '{name}' on {p.num_prompts} {p.style} answers", flush=True)
+    run_stage(out, folder, pcfg, "distill_card.json", distill.run, log)
+    return str(out / folder / "model")
 
 
 def describe_students(cfg: AttackConfig, given: dict[str, str], out: Path) -> dict[str, dict]:
@@ -323,7 +320,7 @@ def describe_students(cfg: AttackConfig, given: dict[str, str], out: Path) -> di
     desc = {}
     for name in sorted(used):
         d = describe_model(given[name])
-        if name in cfg.prime.students:
+        if name in cfg.prime.students and (out / "primed" / name / "distill_card.json").exists():
             card = load_json(out / "primed" / name / "distill_card.json")
             d["primed"] = {"answers": cfg.prime.num_prompts, "style": cfg.prime.style, "steps": cfg.prime.max_steps,
                            "accuracy_before": card.get("student_accuracy_before"),
@@ -346,9 +343,10 @@ def run(cfg: AttackConfig) -> dict:
     cells: dict = {}
     samples: dict = {}  # sampling_key -> the teacher samples a cell drew (shared with the cells after it)
     given = dict(cfg.students)
-    if cfg.prime.students:
-        cfg = dataclasses.replace(cfg, students=prime_students(cfg, out, log))
     for a in cfg.battery:
+        if a.student in cfg.prime.students and cfg.students[a.student] == given[a.student]:
+            # primed when its first attacker comes (a battery cut before it never pays for it)
+            cfg = dataclasses.replace(cfg, students={**cfg.students, a.student: prime_student(cfg, a.student, out, log)})
         cells[a.name] = {}
         for teacher in columns:
             if (why := skip_reason(cfg, a, teacher)) is not None:
