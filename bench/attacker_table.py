@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from distillability.config import load_config  # noqa: E402
@@ -24,9 +26,40 @@ from distillability.protection import (SHARE_BAR, budget_curves, curve_label, pr
                                        relate)
 from distillability.recipes import attack  # noqa: E402
 
-TARGETS = {"control gain >= +0.15 at 1x": 0.15, "undistillable teacher >= 0.9x the control": 0.9,
-           "gain share <= 0.5 at 1x (smollm2)": 0.5, "gain share <= 0.7 at 4x (smollm2)": 0.7,
-           "distillable gain >= 1.1x the control's": 1.1}
+BARS = {"1x": 0.5, "4x": 0.7}  # the issue's gain-share bars for attacker (a) at each budget
+
+
+def _met(value: float, bar: float, at_most: bool = False) -> str:
+    ok = value <= bar if at_most else value >= bar
+    return "met" if ok else f"missed by {abs(value - bar):.3f}"
+
+
+def checks(res: dict) -> list[str]:
+    """The claim's targets on what has run, each with its value and met / missed by how much."""
+    out, cells, acc = [], res["cells"], res["teacher_accuracy"]
+    for name in res["battery"]:
+        c = cells.get(name, {}).get("control")
+        if name.endswith("@1x") and c:
+            out.append(f"control gain >= +0.15 at 1x, {name}: {c['gain']:+.3f} ± {c.get('gain_se') or 0:.3f} "
+                       f"({_met(c['gain'], 0.15)})")
+    ctrl = acc.get("control", {}).get("accuracy")
+    for t in res["teachers"]:
+        if t.startswith("undistillable") and ctrl and acc.get(t, {}).get("accuracy") is not None:
+            r = acc[t]["accuracy"] / ctrl
+            out.append(f"{t} teacher >= 0.9x the control: {r:.3f}x ({_met(r, 0.9)}; {acc[t]['from']})")
+    for key, names in res["curves"].items():
+        for name in names:
+            bar = BARS.get(name.rsplit("@", 1)[-1]) if key.endswith(":smollm2") else None
+            for t in res["teachers"]:
+                c = cells.get(name, {}).get(t, {})
+                if t.startswith("undistillable") and c.get("gain_share") is not None:
+                    tail = f" (<= {bar}: {_met(c['gain_share'], bar, at_most=True)})" if bar is not None else ""
+                    out.append(f"gain share, {name}, {t}: {c['gain_share']:.2f} ± {c.get('gain_share_se') or 0:.2f}{tail}")
+            d, c0 = cells.get(name, {}).get("distillable"), cells.get(name, {}).get("control")
+            if d and c0 and c0["gain"] > 0:
+                r = d["gain"] / c0["gain"]
+                out.append(f"distillable gain >= 1.1x the control's, {name}: {r:.2f}x ({_met(r, 1.1)})")
+    return out
 
 
 def teacher_accuracies(run: Path) -> dict:
@@ -35,8 +68,10 @@ def teacher_accuracies(run: Path) -> dict:
     for card in sorted(run.glob("calibrate_*/calibration_card.json")):
         role = card.parent.name.removeprefix("calibrate_")
         c = json.loads(card.read_text())
-        acc = c.get("accuracy_after", c.get("after", {}).get("accuracy") if isinstance(c.get("after"), dict) else None)
-        out[role] = {"accuracy": acc, "prompts": c.get("settings", {}).get("eval_prompts"), "from": "calibration card"}
+        ccfg = card.parent / "config.yaml"
+        n = yaml.safe_load(ccfg.read_text()).get("eval_prompts") if ccfg.exists() else None
+        out[role] = {"accuracy": c.get("after_accuracy"), "prompts": n, "from": "calibration card",
+                     "D_per_char_to_proxy": c.get("after_D_per_char"), "proxy": c.get("proxy")}
     for ev in sorted(run.glob("eval/teacher_*/eval.json")):
         role = ev.parent.name.removeprefix("teacher_")
         if "_shifted" in role:
@@ -131,6 +166,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {name} | {t} | {n} | {_pm(c['accuracy'], c.get('accuracy_se'))} | {c['base']:.3f} | "
                          f"{_pm(c['gain'], c.get('gain_se'), '+.3f')} | "
                          f"{_pm(c.get('gain_share'), c.get('gain_share_se'), '.2f')} |")
+    if res.get("checks"):
+        lines += ["", "Targets (on what has run):", "", *(f"- {x}" for x in res["checks"])]
     prof = res.get("profile_minutes") or {}
     if prof:
         lines += ["", f"Where the time went (minutes of finished stages, {sum(prof.values()):.0f} in all): "
@@ -179,6 +216,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/smollm2_attacker"))
     args = ap.parse_args()
     res = collect(args.run)
+    res["checks"] = checks(res)
     from distillability.io import write_json, write_text
 
     write_json(args.out.with_suffix(".json"), res)
