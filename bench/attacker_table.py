@@ -201,7 +201,7 @@ def plot(res: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xticks([1, 4], ["1x", "4x"])
         ax.minorticks_off()
-        ax.set_title(curve_label(key), fontsize=10)
+        ax.set_title(curve_label(key) if ":" in key else f"{key.upper()} (the world's 0.46M student)", fontsize=10)
         ax.set_xlabel("teacher answers (x 600)")
     axes[0][0].set_ylabel("students' gain over their base (± SE)")
     axes[0][-1].legend(fontsize=7)
