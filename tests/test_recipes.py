@@ -410,6 +410,24 @@ def test_real_model_configs_load_without_typos():
     assert tw.teacher == cfg.teacher and tw.student == cfg.student and tw.calibrate.use_peft
 
 
+def test_the_attacker_config_has_the_tinyworld_teacher_and_three_attackers_at_two_budgets():
+    """configs/smollm2-attacker.yaml: the same teacher as smollm2-tinyworld (SFT, calibration, world, eta), a second
+    proxy (the attacker's base), primed pretrained attackers and the world's student at 1x and 4x."""
+    from distillability.protection import budget_curves
+    from distillability.recipes.pipeline import load_pipeline_config
+
+    root = Path(__file__).resolve().parents[1]
+    a = load_pipeline_config(str(root / "configs" / "smollm2-attacker.yaml"), None)
+    t = load_pipeline_config(str(root / "configs" / "smollm2-tinyworld.yaml"), None)
+    assert (a.teacher, a.teacher_sft, a.teacher_sft_steps, a.calibrate, a.world, a.eta_undistillable) == (
+        t.teacher, t.teacher_sft, t.teacher_sft_steps, t.calibrate, t.world, t.eta_undistillable)
+    assert a.extra_proxies == {"attacker": "packaged:smollm2-135m-instruct"}
+    assert a.attack.prime.students == ["smollm2", "gemma"] and a.attack.prime.num_prompts <= 64
+    curves = {k: [x.budget for x in v] for k, v in budget_curves(a.attack.battery).items()}
+    assert curves == {"sft:smollm2": [1, 4], "kd:smollm2": [1, 4], "sft": [1, 4], "sft:gemma": [1, 4]}
+    assert all((x.repeats or a.attack.repeats) >= (3 if x.budget == 1 else 2) for x in a.attack.battery)
+
+
 @pytest.mark.slow
 def test_gpu_knob_script_runs_at_small_size_and_refuses_without_a_gpu(tmp_path):
     """bench/gpu_knob.sh: --small runs the same chain at CPU smoke size and writes the headline table;
