@@ -332,6 +332,8 @@ def test_a_primed_student_is_the_base_of_its_cells(tiny_pair, tmp_path):
     assert result["battery"][0]["curve"] == "sft:other" and "sft:other" in result["protection"]["undistillable"]
     s = result["students"]["other"]
     assert s["primed"]["accuracy_after"] == card["student_accuracy"] and s["primed"]["answers"] == 16
+    with pytest.raises(ConfigError, match="'prime.style': 'terse'"):
+        attack.run(dataclasses.replace(cfg, prime=dataclasses.replace(cfg.prime, style="terse")))
     text = (tmp_path / "attack" / "attack.md").read_text()
     assert "`other`" in text and "primed on 16 direct answers" in text and "SFT (other)" in text
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..config import TaskConfig, opt, save_config, sub
 from ..errors import ConfigError, UserError
+from ..tasks import STYLES
 from ..io import check_output_dir, load_json, versions, write_json
 from ..protection import (binomial_se, cell_stats, cost_multiplier, curve_of, protected_budget, relate,
                           strongest_attack)
@@ -156,6 +157,9 @@ class AttackConfig:
                               f"({', '.join(self.teachers)})")
         if "default" not in self.students:
             raise ConfigError("config key 'students.default': the default attacker student is required")
+        if self.prime.students and self.task.name == "tiny-world" and self.prime.style not in STYLES:
+            raise ConfigError(f"config key 'prime.style': '{self.prime.style}' is not a tiny-world style "
+                              f"({', '.join(STYLES)})")
         if unknown := [n for n in self.prime.students if n not in self.students]:
             raise ConfigError(f"config key 'prime.students': {unknown[0]!r} is not one of students "
                               f"({', '.join(self.students)})")
