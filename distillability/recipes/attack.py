@@ -12,6 +12,11 @@ Each attacker is a distillation (distill.py) of one of the attacker students fro
 3. unseen students: SFT into a student of another architecture and tokenizer (`students.unseen`) and into one of
    the teacher's size (`students.large`). An attacker whose student is not given is reported as skipped.
 
+Pretrained attackers: any attacker may name a student of `students` (e.g. a packaged SmolLM2 or Gemma), with its own
+learning rate, batch and students per cell; `prime` first fine-tunes such a student on a few answer-only
+references, and the primed model is its base. Plain attackers of one student at several budgets form that
+student's budget curve (protection.budget_curves), read over its own base.
+
 Defenses beside the knob: `defenses` turn a teacher into an output-level defended one (the control teacher with
 its chain of thought removed, or answering with its least imitable correct sample under the defender's proxy),
 attacked by the battery's SFT attackers (a text-only defense exposes no logits: KD/GKD cells are not run).
