@@ -114,10 +114,14 @@ def relate(cells: dict, reference: str) -> None:
                 relate_cell(cell, ref, ref.get("base_se"))
 
 
+def _field(a, key: str):
+    """A field of an attacker, given as an Attacker or as its dict (attack.json's battery)."""
+    return a.get(key) if isinstance(a, dict) else getattr(a, key)
+
+
 def _plain(a) -> bool:
     """An attacker with no filter and no change of sampling: a point of a budget curve."""
-    get = (lambda k: a.get(k)) if isinstance(a, dict) else (lambda k: getattr(a, k))
-    return not get("keep_correct_only") and get("best_of") == 1 and get("sample_temperature") is None
+    return not _field(a, "keep_correct_only") and _field(a, "best_of") == 1 and _field(a, "sample_temperature") is None
 
 
 def curve_key(method: str, student: str = "default") -> str:
@@ -134,37 +138,37 @@ def curve_label(key: str) -> str:
 def budget_curves(battery) -> dict[str, list]:
     """The battery's budget curves: its plain attackers (no filter, no sampling change) grouped by method and
     student, each sorted by budget. The default student's curves are every plain attacker at the base attacker's
-    learning rate and batch; another student's curve is kept where it has two budgets or more (one point stays a variant
-    of the battery, e.g. the full battery's unseen-student attacker). Attackers are Attacker objects or their
-    dicts (attack.json's battery)."""
-    get = lambda a, k: a.get(k) if isinstance(a, dict) else getattr(a, k)  # noqa: E731
+    learning rate and batch; another student's curve is kept where it has two budgets or more (one point stays a
+    variant of the battery, e.g. the full battery's unseen-student attacker). Attackers are Attacker objects or
+    their dicts (attack.json's battery)."""
     groups: dict[str, list] = {}
     for a in battery:
-        student = get(a, "student")
-        if _plain(a) and (student != "default" or (get(a, "learning_rate") is None
-                                                   and get(a, "per_device_train_batch_size") is None)):
-            groups.setdefault(curve_key(get(a, "method"), student), []).append(a)
-    return {k: sorted(v, key=lambda a: get(a, "budget")) for k, v in groups.items()
-            if ":" not in k or len({get(a, "budget") for a in v}) >= 2}
+        student = _field(a, "student")
+        if _plain(a) and (student != "default" or (_field(a, "learning_rate") is None
+                                                   and _field(a, "per_device_train_batch_size") is None)):
+            groups.setdefault(curve_key(_field(a, "method"), student), []).append(a)
+    return {k: sorted(v, key=lambda a: _field(a, "budget")) for k, v in groups.items()
+            if ":" not in k or len({_field(a, "budget") for a in v}) >= 2}
 
 
 def curve_of(battery) -> dict[str, str]:
     """Attacker name -> the budget curve it is a point of (attackers on no curve are absent)."""
-    return {(a["name"] if isinstance(a, dict) else a.name): k for k, v in budget_curves(battery).items() for a in v}
+    return {_field(a, "name"): k for k, v in budget_curves(battery).items() for a in v}
 
 
-def _budget_points(cells: dict, battery, teacher: str, curve: str) -> list[tuple[float, dict]]:
-    pts = [(a.budget, cells.get(a.name, {}).get(teacher, {})) for a in budget_curves(battery).get(curve, [])]
+def _budget_points(cells: dict, attackers: list, teacher: str) -> list[tuple[float, dict]]:
+    """A curve's attackers (budget_curves) -> (budget, the teacher's cell) where the cell was measured."""
+    pts = [(a.budget, cells.get(a.name, {}).get(teacher, {})) for a in attackers]
     return [(b, c) for b, c in pts if measured(c)]
 
 
 def protected_budget(cells: dict, battery, teacher: str, bar: float = SHARE_BAR) -> dict:
-    """Per budget curve (budget_curves: a method, or method:student): the gain share at each budget (None where the reference teaches
-    nothing), the reference's gain there, and the largest budget up to which every measurable budget keeps the
+    """Per budget curve (budget_curves: a method, or method:student): the gain share at each budget (None where
+    the reference teaches nothing), the reference's gain there, and the largest budget up to which every measurable budget keeps the
     share <= bar (None: not even the smallest measurable one; `measurable` False: the reference taught at none)."""
     out = {}
-    for method in budget_curves(battery):  # a curve: a method, or method:student
-        pts = _budget_points(cells, battery, teacher, method)
+    for method, attackers in budget_curves(battery).items():  # a curve: a method, or method:student
+        pts = _budget_points(cells, attackers, teacher)
         if not pts:
             continue
         shares = {f"{b:g}x": c.get("gain_share") for b, c in pts}
@@ -184,8 +188,8 @@ def protected_budget(cells: dict, battery, teacher: str, bar: float = SHARE_BAR)
     return out
 
 
-def _budget_curve(cells: dict, battery, teacher: str, method: str) -> list[tuple[float, float]]:
-    return [(b, c["accuracy"]) for b, c in _budget_points(cells, battery, teacher, method)]
+def _budget_curve(cells: dict, attackers: list, teacher: str) -> list[tuple[float, float]]:
+    return [(b, c["accuracy"]) for b, c in _budget_points(cells, attackers, teacher)]
 
 
 def cost_multiplier(cells: dict, battery, teacher: str, reference: str) -> dict:
@@ -196,8 +200,8 @@ def cost_multiplier(cells: dict, battery, teacher: str, reference: str) -> dict:
     bound is known: `at_least` b / (its smallest budget) when the reference's smallest budget already teaches as
     much, `at_most` b / (its largest budget) when the reference never teaches as much."""
     out: dict = {}
-    for method in budget_curves(battery):
-        ref, own = _budget_curve(cells, battery, reference, method), _budget_curve(cells, battery, teacher, method)
+    for method, attackers in budget_curves(battery).items():
+        ref, own = _budget_curve(cells, attackers, reference), _budget_curve(cells, attackers, teacher)
         if not ref or not own:
             continue
         rows = {}
