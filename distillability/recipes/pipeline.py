@@ -44,7 +44,12 @@ class PipelineConfig:
     extra_proxies: dict[str, str] = opt({}, "More calibration proxies by label (e.g. {attacker: "
                                         "packaged:smollm2-135m-instruct}, the attacker's own base): each calibrates "
                                         "one more teacher at eta_undistillable, the role `undistillable@LABEL`, "
-                                        "evaluated, distilled and attacked beside the others.")
+                                        "evaluated, distilled and attacked beside the others. `primed:NAME` = the "
+                                        "attack's student NAME after its priming (attack.prime): the proxy of an "
+                                        "attacker who has already fine-tuned on the answer format.")
+    extra_etas: dict[str, float] = opt({}, "eta of `undistillable@LABEL` by label (default eta_undistillable): an "
+                                       "eta sweep of one proxy is one label per eta (choose among them on "
+                                       "evaluate.eval_offset's validation prompts, not the reported ones).")
     distill_teachers: list[str] = opt([], "The teachers the distill stage distills students from ([] = every teacher; "
                                       "the control is always included: it is the reference of every gain share): "
                                       "original, control, distillable, undistillable, undistillable@LABEL.")
@@ -97,9 +102,19 @@ class PipelineConfig:
             if unknown := [t for t in getattr(self, key) if t not in self.roles()]:
                 raise ConfigError(f"config key '{key}': {unknown[0]!r} is not a teacher role "
                                   f"({', '.join(self.roles())})")
-        for label in self.extra_proxies:
+        for label, spec in self.extra_proxies.items():
             if not label or "/" in label or label in ("world",):
                 raise ConfigError(f"config key 'extra_proxies.{label}': a label is a plain name (e.g. attacker)")
+            name = spec.removeprefix("primed:")
+            if spec.startswith("primed:") and name not in self.attack.prime.students:
+                raise ConfigError(f"config key 'extra_proxies.{label}': {spec!r} names no primed attack student "
+                                  f"(attack.prime.students: {self.attack.prime.students})")
+        for label, eta in self.extra_etas.items():
+            if label not in self.extra_proxies:
+                raise ConfigError(f"config key 'extra_etas.{label}': no extra proxy has that label "
+                                  f"({', '.join(self.extra_proxies) or 'extra_proxies is empty'})")
+            if eta <= 0:
+                raise ConfigError(f"config key 'extra_etas.{label}': {eta} is not > 0 (an undistillable teacher)")
         given = [bool(self.teacher), bool(self.proxy), bool(self.student)]
         if any(given) and not all(given):
             raise ConfigError("config keys 'teacher', 'proxy', 'student': give all three (a model, or `world` for the "
@@ -203,9 +218,10 @@ def calibrate_teachers(c: Chain, original: str) -> tuple[dict, dict]:
         ("control", 0.0), ("distillable", cfg.eta_distillable), ("undistillable", cfg.eta_undistillable)]
     proxies = {name: c.models["proxy"] for name, _ in calibrations}
     if "calibrate" not in cfg.skip:
-        for label, model in cfg.extra_proxies.items():
-            calibrations.append((f"undistillable@{label}", cfg.eta_undistillable))
-            proxies[f"undistillable@{label}"] = model
+        for label, spec in cfg.extra_proxies.items():
+            calibrations.append((f"undistillable@{label}", cfg.extra_etas.get(label, cfg.eta_undistillable)))
+            proxies[f"undistillable@{label}"] = (primed_student(c, spec.removeprefix("primed:"))
+                                                 if spec.startswith("primed:") else spec)
     for name, eta in calibrations:
         c.announce(f"calibrate: {name} (eta={eta:+g})")
         task = _with(c.task, world_terms=list(cfg.calibration_terms)) if cfg.calibration_terms else c.task
@@ -270,7 +286,9 @@ def attacker_facts(c: Chain, folders: dict) -> dict:
 def evaluate_all(c: Chain, teachers: dict, students: dict) -> dict:
     """Every teacher (with D to the proxy) and student, and the student base: the floor every student is read
     against (a distilled student below it learned nothing usable from its teacher)."""
-    cfg, where = c.cfg, c.out / "eval"
+    cfg = c.cfg
+    # a validation slice (evaluate.eval_offset) gets its own folder: the reported one is never overwritten by it
+    where = c.out / ("eval" if not cfg.evaluate.eval_offset else f"eval_from{cfg.evaluate.eval_offset}")
     c.announce("evaluate: every teacher and student; write the report")
 
     def one(name: str, model: str, proxy: str | None, task=c.task) -> dict:
@@ -331,12 +349,24 @@ def attack_teachers(c: Chain, teachers: dict, folders: dict) -> dict | None:
         pool = {**build_attacker_students(cfg.world, c.task, progress=cfg.progress), **pool}
     reuse = {f"{a.name}/{t}" + (f"/r{r}" if r else ""): folder for a in battery for t in roles
              if a.is_budget and a.budget == 1.0 for r, folder in enumerate(folders.get((a.method, t), []))}
-    acfg = _with(cfg.attack, teachers={t: teachers[t] for t in roles}, reference="control", students=pool,
-                 repeats=max(cfg.attack.repeats, cfg.students_per_cell),
-                 proxy=c.models["proxy"], battery=battery, defenses=defenses, reuse=reuse,
-                 output_dir=str(c.out / "attack"), task=c.task,
-                 attacker=_with(cfg.distill, task=c.task, runtime=c.runtime(cfg.distill)))
+    acfg = _with(attack_config(c), teachers={t: teachers[t] for t in roles}, reference="control", students=pool,
+                 repeats=max(cfg.attack.repeats, cfg.students_per_cell), battery=battery, defenses=defenses,
+                 reuse=reuse)
     return c.stage("attack", acfg, "attack.json", attack.run)
+
+
+def attack_config(c: Chain) -> attack.AttackConfig:
+    """The attack stage's settings that every use of it shares (its folder, proxy and base attacker)."""
+    cfg = c.cfg
+    return _with(cfg.attack, proxy=c.models["proxy"], output_dir=str(c.out / "attack"), task=c.task,
+                 attacker=_with(cfg.distill, task=c.task, runtime=c.runtime(cfg.distill)))
+
+
+def primed_student(c: Chain, name: str) -> str:
+    """The attack's student `name` after its priming, primed now (before the calibration that uses it as a proxy)
+    in the attack stage's own cached folder, so the attack reuses it."""
+    c.announce(f"attack: prime the student '{name}' (an extra proxy)")
+    return attack.prime_student(attack_config(c), name, c.out / "attack", None)
 
 
 def run(cfg: PipelineConfig) -> dict:
