@@ -352,3 +352,41 @@ def test_keys_added_for_pretrained_attackers_leave_earlier_stages_reused():
     assert "eval_offset" not in yaml.safe_load(stage_config_text(evaluate.EvaluateConfig()))
     primed = attack.AttackConfig(prime=attack.PrimeConfig(students=["p"]))
     assert yaml.safe_load(stage_config_text(primed))["prime"]["students"] == ["p"]
+
+
+def test_a_primed_attack_student_is_an_extra_proxy_at_its_own_eta(tiny_pair, tmp_path, monkeypatch):
+    from distillability.recipes import pipeline
+
+    base = ["attack_battery=custom", f"teacher={tiny_pair['teacher']}", f"proxy={tiny_pair['student_same']}",
+            f"student={tiny_pair['student']}", "task.num_train=200", "task.num_eval=16", "converge_steps=0",
+            f"attack.students.other={tiny_pair['student_same']}", "attack.prime.students=[other]",
+            "attack.prime.num_prompts=16", "attack.prime.max_steps=2", "distill.max_new_tokens=16",
+            "progress=false", "distill.eval_prompts=8", f"output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="'extra_proxies.p': 'primed:nobody' names no primed attack student"):
+        pipeline.load_pipeline_config(None, [*base, "extra_proxies={p: 'primed:nobody'}"])
+    with pytest.raises(ConfigError, match="'extra_etas.q': no extra proxy has that label"):
+        pipeline.load_pipeline_config(None, [*base, "extra_proxies={p: 'primed:other'}", "extra_etas={q: 2}"])
+    with pytest.raises(ConfigError, match="'extra_etas.p': -1.0 is not > 0"):
+        pipeline.load_pipeline_config(None, [*base, "extra_proxies={p: 'primed:other'}", "extra_etas={p: -1}"])
+    cfg = pipeline.load_pipeline_config(None, [*base, "extra_proxies={p: 'primed:other', p2: 'primed:other', "
+                                                      "raw: some/model}", "extra_etas={p2: 2.5}"])
+    c = pipeline.Chain(cfg)
+    c.models = {"teacher": tiny_pair["teacher"], "proxy": tiny_pair["student_same"], "student": tiny_pair["student"]}
+    calibrations = {}
+
+    def stage(name, scfg, marker, fn, under=None):  # the calibrations are recorded, not run (the priming runs)
+        calibrations[name] = scfg
+        return {}
+
+    monkeypatch.setattr(c, "stage", stage)
+    teachers, _ = pipeline.calibrate_teachers(c, tiny_pair["teacher"])
+    primed = tmp_path / "attack" / "primed" / "other"
+    assert (primed / "distill_card.json").exists()  # primed once, in the folder the attack stage reuses
+    got = {n: (s.proxy, s.eta) for n, s in calibrations.items()}
+    assert got["calibrate_undistillable@p"] == (str(primed / "model"), cfg.eta_undistillable)
+    assert got["calibrate_undistillable@p2"] == (str(primed / "model"), 2.5)
+    assert got["calibrate_undistillable@raw"] == ("some/model", cfg.eta_undistillable)
+    assert got["calibrate_undistillable"] == (tiny_pair["student_same"], cfg.eta_undistillable)
+    assert list(teachers) == ["original", *cfg.roles()[1:]]
+    unprimed = pipeline.Chain(pipeline.load_pipeline_config(None, [*base, "extra_proxies={p: x, p2: y, raw: z}"]))
+    assert c.total == unprimed.total + 1  # one priming step announced, however many labels use it

@@ -315,8 +315,11 @@ def prime_student(cfg: AttackConfig, name: str, out: Path, log: dict) -> str:
         per_device_train_batch_size=p.per_device_train_batch_size, warmup_steps=min(base.warmup_steps, p.max_steps // 4),
         num_generations=1, keep_correct_only=False, keep_most_likely=False, teacher_defense="none",
         teacher_samples=None, use_peft=False, save_steps=0, resume=False, output_dir=str(out / folder), task=cfg.task)
-    print(f"attack: priming the attacker student '{name}' on {p.num_prompts} {p.style} answers", flush=True)
-    run_stage(out, folder, pcfg, "distill_card.json", distill.run, log)
+    def prime(c):
+        print(f"attack: priming the attacker student '{name}' on {p.num_prompts} {p.style} answers", flush=True)
+        return distill.run(c)
+
+    run_stage(out, folder, pcfg, "distill_card.json", prime, log)
     return str(out / folder / "model")
 
 

@@ -164,12 +164,14 @@ class Chain:
         self.task = _with(cfg.task, seed=cfg.seed)
         n_teachers = 1 if "calibrate" in cfg.skip else len(set(cfg.distill_teachers or cfg.roles()) | {"control"})
         self.total = (1 + (1 if cfg.teacher_sft_steps else 0) + (0 if "diagnose" in cfg.skip else 1)
-                      + (0 if "calibrate" in cfg.skip else 3 + len(cfg.extra_proxies))
+                      + (0 if "calibrate" in cfg.skip else 3 + len(cfg.extra_proxies)
+                         + len({p for p in cfg.extra_proxies.values() if p.startswith("primed:")}))
                       + (0 if "distill" in cfg.skip else n_teachers * len(cfg.methods) * cfg.students_per_cell) + 1
                       + (0 if "attack" in cfg.skip or "calibrate" in cfg.skip else 1))
         self.done = 0
         self.log: dict = {"_root": self.out}
         self.models: dict[str, str] = {}
+        self.primed: dict[str, str] = {}  # attack students primed as extra proxies: their folders
 
     def announce(self, what: str) -> None:
         self.done += 1
@@ -365,8 +367,10 @@ def attack_config(c: Chain) -> attack.AttackConfig:
 def primed_student(c: Chain, name: str) -> str:
     """The attack's student `name` after its priming, primed now (before the calibration that uses it as a proxy)
     in the attack stage's own cached folder, so the attack reuses it."""
-    c.announce(f"attack: prime the student '{name}' (an extra proxy)")
-    return attack.prime_student(attack_config(c), name, c.out / "attack", None)
+    if name not in c.primed:
+        c.announce(f"attack: prime the student '{name}' (an extra proxy)")
+        c.primed[name] = attack.prime_student(attack_config(c), name, c.out / "attack", None)
+    return c.primed[name]
 
 
 def run(cfg: PipelineConfig) -> dict:
