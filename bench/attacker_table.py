@@ -21,10 +21,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distillability.config import load_config  # noqa: E402
 from distillability.protection import (SHARE_BAR, budget_curves, curve_label, protected_budget,  # noqa: E402
                                        relate)
 from distillability.recipes import attack  # noqa: E402
+from distillability.recipes.pipeline import load_pipeline_config  # noqa: E402
 
 BARS = {"1x": 0.5, "4x": 0.7}  # the issue's gain-share bars for attacker (a) at each budget
 
@@ -70,34 +70,73 @@ def teacher_accuracies(run: Path) -> dict:
         c = json.loads(card.read_text())
         ccfg = card.parent / "config.yaml"
         n = yaml.safe_load(ccfg.read_text()).get("eval_prompts") if ccfg.exists() else None
-        out[role] = {"accuracy": c.get("after_accuracy"), "prompts": n, "from": "calibration card",
+        out[role] = {"accuracy": c.get("after_accuracy"), "prompts": n, "from": "calibration card", "eta": c.get("eta"),
                      "D_per_char_to_proxy": c.get("after_D_per_char"), "proxy": c.get("proxy")}
+    for ev in sorted(run.glob("eval_from*/teacher_*/eval.json")):  # the validation slice (evaluate.eval_offset)
+        role = ev.parent.name.removeprefix("teacher_")
+        e = json.loads(ev.read_text())
+        if role in out and "_shifted" not in role:
+            first = int(ev.parent.parent.name.removeprefix("eval_from"))
+            n = e.get("num_prompts", e.get("eval_prompts"))
+            out[role]["validation"] = {"accuracy": e.get("greedy_accuracy"), "prompts": n,
+                                       "slice": f"{first}-{first + n - 1}" if n else str(first)}
     for ev in sorted(run.glob("eval/teacher_*/eval.json")):
         role = ev.parent.name.removeprefix("teacher_")
         if "_shifted" in role:
             continue
         e = json.loads(ev.read_text())
-        out[role] = {"accuracy": e.get("greedy_accuracy"), "prompts": e.get("num_prompts", e.get("eval_prompts")),
-                     "from": "evaluate stage (test prompts)"}
+        out[role] = {**out.get(role, {}), "accuracy": e.get("greedy_accuracy"),
+                     "prompts": e.get("num_prompts", e.get("eval_prompts")), "from": "evaluate stage (test prompts)"}
     return out
 
 
-def collect(run: Path) -> dict:
-    cfg = load_config(attack.AttackConfig, str(run / "attack" / "attack_config.yaml"))
+def eta_choice(acc: dict, bar: float = 0.9) -> list[dict]:
+    """The eta sweeps: undistillable teachers calibrated against one proxy at several etas; per sweep the rule
+    fixed before the run: the largest eta whose teacher keeps >= `bar` x the control's accuracy on the validation
+    slice (never the test prompts the students are reported on)."""
+    ctrl = acc.get("control", {}).get("validation", {}).get("accuracy")
+    by_proxy: dict = {}
+    for t, v in acc.items():
+        if t.startswith("undistillable") and v.get("eta") is not None:
+            by_proxy.setdefault(v.get("proxy"), []).append(t)
+    out = []
+    for proxy, roles in by_proxy.items():
+        if len(roles) < 2:
+            continue
+        rows = sorted(({"teacher": t, "eta": acc[t]["eta"], "validation": acc[t].get("validation", {}).get("accuracy")}
+                       for t in roles), key=lambda r: r["eta"])
+        for r in rows:
+            r["ratio"] = r["validation"] / ctrl if ctrl and r["validation"] is not None else None
+        keep = [r for r in rows if r["ratio"] is not None and r["ratio"] >= bar - 1e-9]  # 0.72 / 0.80 is 0.9
+        out.append({"proxy": proxy, "rows": rows, "bar": bar, "chosen": keep[-1]["teacher"] if keep else None,
+                    "complete": all(r["ratio"] is not None for r in rows)})
+    return out
+
+
+def collect(run: Path, config: Path) -> dict:
+    """Every cell on disk of the battery in `config` (the shipped pipeline config): the attack stage's cells and,
+    for the world's student at 1x, the distill stage's; teachers in the config's role order (a run with more extra
+    proxies than the config lists adds them after)."""
+    pcfg = load_pipeline_config(str(config), [])
+    cfg = pcfg.attack
+    on_disk = {p.name for p in (run / "attack" / "cells").glob("*/*") if p.is_dir()}
+    on_disk |= {p.name.removeprefix("calibrate_") for p in run.glob("calibrate_*") if p.is_dir()}
+    order = ["control", *(t for t in pcfg.roles() if t not in ("original", "control", "distillable")), "distillable"]
+    teachers = [t for t in order if t in on_disk] + sorted(on_disk - set(order))
     cells: dict = {}
     for a in cfg.battery:
-        want = a.repeats or cfg.repeats
-        for t in cfg.teachers:
+        want = max(a.repeats or cfg.repeats, pcfg.students_per_cell)
+        for t in teachers:
             cards = []
             for r in range(want):  # a repeat run by the attack stage, or read from the pipeline's distill stage
-                key = f"{a.name}/{t}" + (f"/r{r}" if r else "")
-                card = (Path(cfg.reuse[key]) if key in cfg.reuse else run / "attack" / "cells" / a.name / t / f"r{r}")
+                card = run / "attack" / "cells" / a.name / t / f"r{r}"
+                if a.is_budget and a.budget == 1.0 and a.student == "default":
+                    card = run / (f"distill_{a.method}_{t}" + (f"_r{r}" if r else ""))
                 if (card / "distill_card.json").exists():
                     cards.append(json.loads((card / "distill_card.json").read_text()))
             if cards:
                 cells.setdefault(a.name, {})[t] = {**attack.summarise(cards), "complete": len(cards) == want}
     relate(cells, "control")
-    teachers = [t for t in cfg.teachers]
     prot = {t: protected_budget(cells, cfg.battery, t) for t in teachers if t != "control"}
     students = {}
     for name in cfg.prime.students:
@@ -106,7 +145,8 @@ def collect(run: Path) -> dict:
             c = json.loads(card.read_text())
             students[name] = {"model": cfg.students[name], "accuracy_raw": c.get("student_accuracy_before"),
                               "accuracy_primed": c.get("student_accuracy")}
-    return {"run": str(run), "teachers": teachers, "teacher_accuracy": teacher_accuracies(run),
+    acc = teacher_accuracies(run)
+    return {"run": str(run), "teachers": teachers, "teacher_accuracy": acc, "eta_sweeps": eta_choice(acc),
             "battery": [a.name for a in cfg.battery],
             "curves": {k: [a.name for a in v] for k, v in budget_curves(cfg.battery).items()},
             "cells": cells, "protection": prot, "primed_students": students, "profile_minutes": profile(run)}
@@ -151,6 +191,17 @@ def markdown(res: dict) -> str:
     lines = ["Teachers (greedy accuracy): " + "; ".join(
         f"{t} {v['accuracy']:.3f} ({v['prompts']} prompts, {v['from']})" for t, v in acc.items()
         if v.get("accuracy") is not None), ""]
+    val = {t: v["validation"] for t, v in acc.items() if v.get("validation")}
+    if val:
+        lines += ["Teachers on the validation slice (choose eta and steps here): " + "; ".join(
+            f"{t} {v['accuracy']:.3f} (prompts {v['slice']})" for t, v in val.items()), ""]
+    for sw in res.get("eta_sweeps", []):
+        lines += [f"Eta sweep against `{sw['proxy']}` (rule: the largest eta with the teacher >= {sw['bar']}x the "
+                  "control on validation): " + "; ".join(
+                      f"eta {r['eta']:g} {r['ratio']:.3f}x" if r["ratio"] is not None else f"eta {r['eta']:g} -"
+                      for r in sw["rows"])
+                  + (f" -> **{sw['chosen']}**" if sw["chosen"] else " -> none keeps the bar")
+                  + ("" if sw["complete"] else " (not every teacher evaluated yet)"), ""]
     if res["primed_students"]:
         lines += ["Primed attacker students (64 answer-only examples): " + "; ".join(
             f"{n}: {_pm(s['accuracy_raw'], None)} raw -> {_pm(s['accuracy_primed'], None)} primed (its base)"
@@ -213,9 +264,10 @@ def plot(res: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=Path("runs/smollm2-attacker"))
+    ap.add_argument("--config", type=Path, default=Path("configs/smollm2-attacker.yaml"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/smollm2_attacker"))
     args = ap.parse_args()
-    res = collect(args.run)
+    res = collect(args.run, args.config)
     res["checks"] = checks(res)
     from distillability.io import write_json, write_text
 

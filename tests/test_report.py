@@ -413,3 +413,25 @@ def test_the_readme_python_api_example_runs(tmp_path, monkeypatch):
     card = scope["card"]
     assert 0 <= card["student_accuracy_before"] <= 1 and 0 <= card["student_accuracy"] <= 1
     assert (tmp_path / "runs" / "api_student" / "model" / "model.safetensors").exists()
+
+
+def test_the_attacker_tables_eta_choice_reads_validation_only():
+    """An eta sweep (teachers of one proxy at several etas) is chosen by the rule fixed before the run: the largest
+    eta whose teacher keeps >= 0.9x the control on the validation slice; the test accuracy is never read."""
+    table = _bench_module("attacker_table")
+
+    def role(eta, val, test, proxy="p"):
+        return {"eta": eta, "proxy": proxy, "accuracy": test, "validation": {"accuracy": val}}
+
+    acc = {"control": {"eta": 0.0, "proxy": "w", "accuracy": 0.9, "validation": {"accuracy": 0.80}},
+           "undistillable": role(0.85, 0.70, 0.1, proxy="w"),  # alone against its proxy: no sweep
+           "undistillable@a": role(0.85, 0.76, 0.2), "undistillable@b": role(1.5, 0.72, 0.9),
+           "undistillable@c": role(3.0, 0.60, 0.9)}
+    (sweep,) = table.eta_choice(acc)
+    assert [r["teacher"] for r in sweep["rows"]] == ["undistillable@a", "undistillable@b", "undistillable@c"]
+    assert [round(r["ratio"], 3) for r in sweep["rows"]] == [0.95, 0.9, 0.75]
+    assert sweep["chosen"] == "undistillable@b" and sweep["complete"]
+    acc["undistillable@b"]["validation"]["accuracy"] = 0.71  # 0.8875x: below the bar
+    assert table.eta_choice(acc)[0]["chosen"] == "undistillable@a"
+    del acc["undistillable@c"]["validation"]
+    assert not table.eta_choice(acc)[0]["complete"]
