@@ -369,7 +369,8 @@ def test_a_primed_attack_student_is_an_extra_proxy_at_its_own_eta(tiny_pair, tmp
     with pytest.raises(ConfigError, match="'extra_etas.p': -1.0 is not > 0"):
         pipeline.load_pipeline_config(None, [*base, "extra_proxies={p: 'primed:other'}", "extra_etas={p: -1}"])
     cfg = pipeline.load_pipeline_config(None, [*base, "extra_proxies={p: 'primed:other', p2: 'primed:other', "
-                                                      "raw: some/model}", "extra_etas={p2: 2.5}"])
+                                                      "raw: some/model}", "extra_etas={p2: 2.5}",
+                                               "extra_calibrate={p2: {beta: 0.5}}"])
     c = pipeline.Chain(cfg)
     c.models = {"teacher": tiny_pair["teacher"], "proxy": tiny_pair["student_same"], "student": tiny_pair["student"]}
     calibrations = {}
@@ -386,7 +387,29 @@ def test_a_primed_attack_student_is_an_extra_proxy_at_its_own_eta(tiny_pair, tmp
     assert got["calibrate_undistillable@p"] == (str(primed / "model"), cfg.eta_undistillable)
     assert got["calibrate_undistillable@p2"] == (str(primed / "model"), 2.5)
     assert got["calibrate_undistillable@raw"] == ("some/model", cfg.eta_undistillable)
+    assert calibrations["calibrate_undistillable@p2"].beta == 0.5  # its own settings; the others keep calibrate's
+    assert {s.beta for n, s in calibrations.items() if n != "calibrate_undistillable@p2"} == {cfg.calibrate.beta}
     assert got["calibrate_undistillable"] == (tiny_pair["student_same"], cfg.eta_undistillable)
     assert list(teachers) == ["original", *cfg.roles()[1:]]
     unprimed = pipeline.Chain(pipeline.load_pipeline_config(None, [*base, "extra_proxies={p: x, p2: y, raw: z}"]))
     assert c.total == unprimed.total + 1  # one priming step announced, however many labels use it
+
+
+def test_an_extra_proxy_has_its_own_calibrate_settings():
+    from distillability.recipes import pipeline
+
+    base = ["extra_proxies={adaptive: some/model, plain: other/model}", "calibrate.max_steps=7"]
+    cfg = pipeline.load_pipeline_config(None, [*base, "extra_calibrate={adaptive: {proxy_updates: 4, "
+                                                      "proxy_learning_rate: 5e-5}}"])
+    a, p = cfg.calibrate_of("adaptive"), cfg.calibrate_of("plain")
+    assert (a.proxy_updates, a.proxy_learning_rate, a.max_steps) == (4, 5e-5, 7)  # on top of `calibrate`
+    assert p is cfg.calibrate and cfg.calibrate.proxy_updates == 0
+    for bad, msg in (("{adaptive: {proxy_update: 4}}", "unknown config key 'extra_calibrate.adaptive.proxy_update' "
+                                                      r"\(did you mean 'extra_calibrate.adaptive.proxy_updates'\?\)"),
+                     ("{adaptive: {proxy_updates: many}}", "'extra_calibrate.adaptive.proxy_updates': expected an "
+                                                           "integer"),
+                     ("{adaptive: {eta: 2}}", r"'extra_calibrate.adaptive.eta': the pipeline sets it \(use "
+                                              r"extra_etas.adaptive\)"),
+                     ("{nobody: {beta: 0.1}}", "'extra_calibrate.nobody': no extra proxy has that label")):
+        with pytest.raises(ConfigError, match=msg):
+            pipeline.load_pipeline_config(None, [*base, f"extra_calibrate={bad}"])

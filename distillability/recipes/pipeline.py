@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 from ..config import TaskConfig, from_dict, load_data, merge, opt, read_yaml, save_config, sub
 from ..errors import ConfigError
@@ -50,6 +51,9 @@ class PipelineConfig:
     extra_etas: dict[str, float] = opt({}, "eta of `undistillable@LABEL` by label (default eta_undistillable): an "
                                        "eta sweep of one proxy is one label per eta (choose among them on "
                                        "evaluate.eval_offset's validation prompts, not the reported ones).")
+    extra_calibrate: dict[str, dict[str, Any]] = opt({}, "Calibrate settings of `undistillable@LABEL` by label, on "
+                                                     "top of `calibrate` (e.g. {adaptive: {proxy_updates: 4}}: an "
+                                                     "adversarial proxy for that teacher only).")
     distill_teachers: list[str] = opt([], "The teachers the distill stage distills students from ([] = every teacher; "
                                       "the control is always included: it is the reference of every gain share): "
                                       "original, control, distillable, undistillable, undistillable@LABEL.")
@@ -93,6 +97,12 @@ class PipelineConfig:
                                       "with attack_battery=custom; teachers, students and the base attacker are "
                                       "filled in: the base attacker is the distill stage's).")
 
+    def calibrate_of(self, label: str) -> calibrate.CalibrateConfig:
+        """The calibrate settings of extra proxy `label`: `calibrate` with its extra_calibrate entry on top."""
+        extra = self.extra_calibrate.get(label)
+        return from_dict(calibrate.CalibrateConfig, extra, prefix=f"extra_calibrate.{label}.",
+                         base=self.calibrate) if extra else self.calibrate
+
     def roles(self) -> list[str]:
         """Every teacher role this config can produce, in report order."""
         return [*TEACHERS, *(f"undistillable@{label}" for label in self.extra_proxies)]
@@ -109,6 +119,14 @@ class PipelineConfig:
             if spec.startswith("primed:") and name not in self.attack.prime.students:
                 raise ConfigError(f"config key 'extra_proxies.{label}': {spec!r} names no primed attack student "
                                   f"(attack.prime.students: {self.attack.prime.students})")
+        for label, settings in self.extra_calibrate.items():
+            if label not in self.extra_proxies:
+                raise ConfigError(f"config key 'extra_calibrate.{label}': no extra proxy has that label "
+                                  f"({', '.join(self.extra_proxies) or 'extra_proxies is empty'})")
+            if set_here := [k for k in settings if k in FILLED_IN["calibrate"]]:
+                raise ConfigError(f"config key 'extra_calibrate.{label}.{set_here[0]}': the pipeline sets it"
+                                  + (f" (use extra_etas.{label})" if set_here[0] == "eta" else ""))
+            self.calibrate_of(label)  # an unknown or ill-typed key: its one-line error now
         for label, eta in self.extra_etas.items():
             if label not in self.extra_proxies:
                 raise ConfigError(f"config key 'extra_etas.{label}': no extra proxy has that label "
@@ -219,16 +237,18 @@ def calibrate_teachers(c: Chain, original: str) -> tuple[dict, dict]:
     calibrations = [] if "calibrate" in cfg.skip else [
         ("control", 0.0), ("distillable", cfg.eta_distillable), ("undistillable", cfg.eta_undistillable)]
     proxies = {name: c.models["proxy"] for name, _ in calibrations}
+    settings = {name: cfg.calibrate for name, _ in calibrations}
     if "calibrate" not in cfg.skip:
         for label, spec in cfg.extra_proxies.items():
             calibrations.append((f"undistillable@{label}", cfg.extra_etas.get(label, cfg.eta_undistillable)))
             proxies[f"undistillable@{label}"] = (primed_student(c, spec.removeprefix("primed:"))
                                                  if spec.startswith("primed:") else spec)
+            settings[f"undistillable@{label}"] = cfg.calibrate_of(label)
     for name, eta in calibrations:
         c.announce(f"calibrate: {name} (eta={eta:+g})")
         task = _with(c.task, world_terms=list(cfg.calibration_terms)) if cfg.calibration_terms else c.task
-        ccfg = _with(cfg.calibrate, model=original, proxy=proxies[name], eta=eta,
-                     output_dir=str(c.out / f"calibrate_{name}"), task=task, runtime=c.runtime(cfg.calibrate))
+        ccfg = _with(settings[name], model=original, proxy=proxies[name], eta=eta,
+                     output_dir=str(c.out / f"calibrate_{name}"), task=task, runtime=c.runtime(settings[name]))
         cards[name] = c.stage(f"calibrate_{name}", ccfg, "calibration_card.json", calibrate.run)
         teachers[name] = str(c.out / f"calibrate_{name}" / "model")
     return teachers, cards
