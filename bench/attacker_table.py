@@ -125,7 +125,7 @@ def collect(run: Path, config: Path) -> dict:
     teachers = [t for t in order if t in on_disk] + sorted(on_disk - set(order))
     cells: dict = {}
     for a in cfg.battery:
-        want = max(a.repeats or cfg.repeats, pcfg.students_per_cell)
+        want = a.repeats or max(cfg.repeats, pcfg.students_per_cell)  # as the pipeline runs the attack stage
         for t in teachers:
             cards = []
             for r in range(want):  # a repeat run by the attack stage, or read from the pipeline's distill stage
@@ -240,7 +240,7 @@ def plot(res: dict, path: Path) -> None:
     if not curves:
         return
     fig, axes = plt.subplots(1, len(curves), figsize=(3.8 * len(curves), 3.6), squeeze=False, sharey=True)
-    extra = ["#dd8452", "#8172b3", "#937860"]
+    extra = ["#dd8452", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974"]
     for ax, (key, names) in zip(axes[0], curves.items()):
         for i, t in enumerate(res["teachers"]):
             pts = [(float(n.rsplit("@", 1)[1].rstrip("x")), res["cells"].get(n, {}).get(t, {})) for n in names]
