@@ -421,7 +421,10 @@ def test_the_attacker_config_has_the_tinyworld_teacher_and_three_attackers_at_tw
     t = load_pipeline_config(str(root / "configs" / "smollm2-tinyworld.yaml"), None)
     assert (a.teacher, a.teacher_sft, a.teacher_sft_steps, a.calibrate, a.world, a.eta_undistillable) == (
         t.teacher, t.teacher_sft, t.teacher_sft_steps, t.calibrate, t.world, t.eta_undistillable)
-    assert a.extra_proxies == {"attacker": "packaged:smollm2-135m-instruct"}
+    assert a.extra_proxies["attacker"] == "packaged:smollm2-135m-instruct"
+    # the second design: the primed attacker as proxy at three etas, the one the validation slice chose attacked
+    sweep = {k: a.extra_etas[k] for k, v in a.extra_proxies.items() if v == "primed:smollm2"}
+    assert sorted(sweep.values()) == [0.85, 1.5, 3.0] and "undistillable@primed1.5" in a.attack_teachers
     assert a.attack.prime.students == ["smollm2", "gemma"] and a.attack.prime.num_prompts <= 64
     curves = {k: [x.budget for x in v] for k, v in budget_curves(a.attack.battery).items()}
     assert curves == {"sft:smollm2": [1, 4], "kd:smollm2": [1, 4], "sft": [1, 4], "sft:gemma": [1, 4]}
