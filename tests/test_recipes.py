@@ -123,6 +123,11 @@ def test_evaluate_and_diagnose_write_their_files(tiny_pair, tmp_path):
     cfg0 = load_config(evaluate.EvaluateConfig, overrides=FAST)
     tk = cfg0.task.load()
     assert val["greedy_accuracy"] == pytest.approx(_greedy(m, t, tk, tk.eval[6:12], 16, False, False)[0])
+    assert val["eval_offset"] == 6 and res["eval_offset"] == 0  # the report names a validation slice from it
+    from distillability.report.protection import _slice_words
+
+    assert _slice_words({"teachers": {"control": val}}).startswith("**Validation slice**: held-out prompts 6-11")
+    assert _slice_words({"teachers": {"control": res}}) == ""
     with pytest.raises(ConfigError, match="'eval_offset'"):
         evaluate.run(load_config(evaluate.EvaluateConfig, overrides=[
             f"model={tiny_pair['teacher']}", "eval_prompts=6", f"eval_offset={cfg0.task.num_eval - 3}",

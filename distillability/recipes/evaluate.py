@@ -156,7 +156,7 @@ def run(cfg: EvaluateConfig) -> dict:
                           f"reach past the task's {len(task.eval)} held-out prompts (task.num_eval)")
     check_context(model, tok, items, cfg.max_new_tokens, cfg.task.use_chat_template, cfg.model)
     result = evaluate_model(model, tok, task, items, cfg, proxy, ptok)
-    result.update({"model": cfg.model, "proxy": cfg.proxy, "task": to_dict(cfg.task),
+    result.update({"model": cfg.model, "proxy": cfg.proxy, "task": to_dict(cfg.task), "eval_offset": cfg.eval_offset,
                    "wall_seconds": time.time() - t0, "versions": versions(), "precision": rt.precision()})
     out = Path(cfg.output_dir)
     write_json(out / "eval.json", result)

@@ -128,7 +128,7 @@ def markdown_table(headline: dict) -> str:
         lines.append("| teacher, shifted split | " + " | ".join(
             f"{headline['teachers_shifted'].get(t, float('nan')):.3f}" for t in cols) + " |")
     for m, per in headline["students"].items():
-        lines.append(f"| student ({m}) | " + " | ".join(f"{per.get(t, float('nan')):.3f}" for t in cols) + " |")
+        lines.append(f"| student ({m}) | " + " | ".join(f"{per[t]:.3f}" if t in per else "-" for t in cols) + " |")
     if "student_base" in headline:
         se = f" ± {headline['student_base_se']:.3f}" if headline.get("student_base_se") is not None else ""
         lines += ["", f"Student before distillation (the base every student starts from): {headline['student_base']:.3f}{se}."]
@@ -266,6 +266,17 @@ def _facts_rows(headline: dict, cards: dict, facts: dict | None) -> list[str]:
     return md
 
 
+def _slice_words(evaluations: dict) -> str:
+    """Which held-out prompts the teachers were read on, where that is a validation slice (evaluate.eval_offset):
+    numbers to choose eta and steps on, not to report."""
+    first = next(iter(evaluations.get("teachers", {}).values()), {})
+    if not first.get("eval_offset"):
+        return ""
+    a = first["eval_offset"]
+    return (f"**Validation slice**: held-out prompts {a}-{a + first['num_prompts'] - 1} (evaluate.eval_offset), "
+            "for choosing eta and steps; the reported numbers are on the prompts before it. ")
+
+
 def write_report(out: Path, headline: dict, evaluations: dict, cards: dict, attacks: dict | None = None,
                  facts: dict | None = None) -> None:
     """report.md and the self-contained report.html: the verdict and the headline plot first, then the tables
@@ -276,7 +287,8 @@ def write_report(out: Path, headline: dict, evaluations: dict, cards: dict, atta
     plot = _plot(headline, out)
     md = ["# Distillability report", "", "## Verdict", ""]
     md += [f"> {line}" for line in headline.get("verdict") or verdict(headline, attacks and headline_sentence(attacks))]
-    md += ["", f"![headline]({plot})", "", "## Accuracy", "", markdown_table(headline), "", MEANING["headline"], "",
+    md += ["", f"![headline]({plot})", "", "## Accuracy", "", markdown_table(headline), "",
+           _slice_words(evaluations) + MEANING["headline"], "",
            "## Gain over the student base", "", gain_table(headline) or "(no students distilled)", "", MEANING["gain"], "",
            *_model_rows(evaluations),
            "", *_calibration_rows(out, cards)]
