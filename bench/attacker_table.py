@@ -186,6 +186,30 @@ def _pm(x, se, spec=".3f") -> str:
     return f"{x:{spec}}" + (f" ± {se:{spec.lstrip('+')}}" if se is not None else "")
 
 
+def compact_table(res: dict) -> str:
+    """One row per attacker, one column per teacher: the students' gain over their base (± SE) and, for the
+    protected teachers, its share of the control's gain (the README's table)."""
+    teachers = [t for t in res["teachers"] if any(t in res["cells"].get(a, {}) for a in res["battery"])]
+    lines = ["| attacker | base | " + " | ".join(teachers) + " |", "|---|---|" + "---|" * len(teachers)]
+    for name in res["battery"]:
+        row = res["cells"].get(name, {})
+        if not row:
+            continue
+        base = next(iter(row.values()))["base"]
+        cells = []
+        for t in teachers:
+            c = row.get(t)
+            if not c or c.get("gain") is None:
+                cells.append("")
+                continue
+            share = (f", **{_pm(c['gain_share'], c.get('gain_share_se'), '.2f')}**"
+                     if t != "control" and c.get("gain_share") is not None else "")
+            n = f" ({c['n_students']}{'' if c.get('complete') else ', running'})"
+            cells.append(_pm(c["gain"], c.get("gain_se"), "+.3f") + share + n)
+        lines.append(f"| {name} | {base:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(res: dict) -> str:
     acc = res["teacher_accuracy"]
     lines = ["Teachers (greedy accuracy): " + "; ".join(
@@ -217,6 +241,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {name} | {t} | {n} | {_pm(c['accuracy'], c.get('accuracy_se'))} | {c['base']:.3f} | "
                          f"{_pm(c['gain'], c.get('gain_se'), '+.3f')} | "
                          f"{_pm(c.get('gain_share'), c.get('gain_share_se'), '.2f')} |")
+    lines += ["", "The same, compact (gain over base ± SE, **gain share ± SE**, students per cell):", "",
+              compact_table(res)]
     if res.get("checks"):
         lines += ["", "Targets (on what has run):", "", *(f"- {x}" for x in res["checks"])]
     prof = res.get("profile_minutes") or {}
