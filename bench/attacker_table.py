@@ -21,8 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distillability.protection import (SHARE_BAR, budget_curves, curve_label, protected_budget,  # noqa: E402
-                                       relate)
+from distillability.protection import SHARE_BAR, budget_curves, curve_label, protected_budget, relate  # noqa: E402
 from distillability.recipes import attack  # noqa: E402
 from distillability.recipes.pipeline import load_pipeline_config  # noqa: E402
 

@@ -39,10 +39,17 @@ import numpy as np
 
 from ..config import TaskConfig, opt, save_config, sub
 from ..errors import ConfigError, UserError
-from ..tasks import STYLES
 from ..io import check_output_dir, load_json, versions, write_json
-from ..protection import (binomial_se, cell_stats, cost_multiplier, curve_of, protected_budget, relate,
-                          strongest_attack)
+from ..protection import (
+    binomial_se,
+    cell_stats,
+    cost_multiplier,
+    curve_of,
+    protected_budget,
+    relate,
+    strongest_attack,
+)
+from ..tasks import STYLES
 from . import distill
 from .stages import run_stage
 

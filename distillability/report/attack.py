@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..io import save_figure, write_text
 from ..protection import MIN_GAIN, SHARE_BAR, Z, curve_label, curve_of
-from .numbers import fmt as _fmt, pm as _pm
+from .numbers import fmt as _fmt
+from .numbers import pm as _pm
 
 COLORS = {"original": "#8c8c8c", "control": "#4c72b0", "distillable": "#55a868", "undistillable": "#c44e52"}
 

@@ -14,8 +14,9 @@ from ..io import save_figure, write_text
 from ..protection import CALIBRATED, TEACHERS  # noqa: F401 (re-exported: the report's order of teachers)
 from .attack import headline_sentence
 from .attack import markdown as attack_markdown
+from .numbers import fmt as _f
+from .numbers import pm
 from .verdict import verdict
-from .numbers import fmt as _f, pm
 
 GAIN_KEYS = ("accuracy", "accuracy_se", "accuracies", "n_students", "se_from", "base", "gain", "gain_se", "gain_share",
              "gain_share_se", "reference_teaches", "ratio")
