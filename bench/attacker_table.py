@@ -3,7 +3,7 @@ attack cell's students (their distill cards), read as the attack stage reads the
 the student's own base, the share of the control's gain with its SE), the teachers' accuracies (the evaluate stage's
 300 test prompts where it has run, else the calibration cards' 100), the targets of the claim, and a plot of the
 gain vs budget per attacker student and teacher. Usable while the run goes on: a cell counts once its students are
-done (partial cells are marked).
+done (a partial cell says how many of its students are done).
 
     .venv/bin/python bench/attacker_table.py [--run runs/smollm2-attacker] [--out bench/results/smollm2_attacker]
 
@@ -134,7 +134,8 @@ def collect(run: Path, config: Path) -> dict:
                 if (card / "distill_card.json").exists():
                     cards.append(json.loads((card / "distill_card.json").read_text()))
             if cards:
-                cells.setdefault(a.name, {})[t] = {**attack.summarise(cards), "complete": len(cards) == want}
+                cells.setdefault(a.name, {})[t] = {**attack.summarise(cards), "complete": len(cards) == want,
+                                                   "wanted": want}
     relate(cells, "control")
     prot = {t: protected_budget(cells, cfg.battery, t) for t in teachers if t != "control"}
     students = {}
@@ -203,7 +204,7 @@ def compact_table(res: dict) -> str:
                 continue
             share = (f", **{_pm(c['gain_share'], c.get('gain_share_se'), '.2f')}**"
                      if t != "control" and c.get("gain_share") is not None else "")
-            n = f" ({c['n_students']}{'' if c.get('complete') else ', running'})"
+            n = f" ({c['n_students']}" + ("" if c.get("complete") else f" of {c.get('wanted', '?')}") + ")"
             cells.append(_pm(c["gain"], c.get("gain_se"), "+.3f") + share + n)
         lines.append(f"| {name} | {base:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -236,7 +237,7 @@ def markdown(res: dict) -> str:
             c = res["cells"].get(name, {}).get(t)
             if not c or c.get("status") not in ("ok", "partial"):
                 continue
-            n = f"{c['n_students']}" + ("" if c.get("complete") else " (running)")
+            n = f"{c['n_students']}" + ("" if c.get("complete") else f" of {c.get('wanted', '?')}")
             lines.append(f"| {name} | {t} | {n} | {_pm(c['accuracy'], c.get('accuracy_se'))} | {c['base']:.3f} | "
                          f"{_pm(c['gain'], c.get('gain_se'), '+.3f')} | "
                          f"{_pm(c.get('gain_share'), c.get('gain_share_se'), '.2f')} |")

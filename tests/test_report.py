@@ -443,8 +443,8 @@ def test_the_attacker_tables_compact_rows_carry_gain_and_share():
     res = {"teachers": ["control", "undistillable", "distillable"], "battery": ["a@1x", "a@4x"],
            "cells": {"a@1x": {"control": {**ok, "gain": 0.6, "gain_se": 0.07},
                               "undistillable": {**ok, "gain": 0.3, "gain_se": 0.05, "gain_share": 0.5,
-                                                "gain_share_se": 0.1, "complete": False, "n_students": 1}}}}
+                                                "gain_share_se": 0.1, "complete": False, "n_students": 1, "wanted": 3}}}}
     lines = table.compact_table(res).splitlines()
     assert lines[0] == "| attacker | base | control | undistillable |"  # a teacher with no cell gets no column
-    assert lines[2] == "| a@1x | 0.100 | +0.600 ± 0.070 (3) | +0.300 ± 0.050, **0.50 ± 0.10** (1, running) |"
+    assert lines[2] == "| a@1x | 0.100 | +0.600 ± 0.070 (3) | +0.300 ± 0.050, **0.50 ± 0.10** (1 of 3) |"
     assert len(lines) == 3  # an attacker with no cell gets no row
