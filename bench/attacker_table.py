@@ -265,25 +265,29 @@ def plot(res: dict, path: Path) -> None:
               if any(res["cells"].get(a, {}).get(t, {}).get("gain") is not None for a in v for t in res["teachers"])}
     if not curves:
         return
-    fig, axes = plt.subplots(1, len(curves), figsize=(3.8 * len(curves), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.8 * len(curves) + 2.2, 3.6), squeeze=False, sharey=True)
     extra = ["#dd8452", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974"]
     for ax, (key, names) in zip(axes[0], curves.items()):
         for i, t in enumerate(res["teachers"]):
             pts = [(float(n.rsplit("@", 1)[1].rstrip("x")), res["cells"].get(n, {}).get(t, {})) for n in names]
             pts = [(b, c) for b, c in pts if c.get("gain") is not None]
+            shift = 1.06 ** (i - (len(res["teachers"]) - 1) / 2)  # side by side, not on top of each other
             if pts:
-                ax.errorbar([b for b, _ in pts], [c["gain"] for _, c in pts], yerr=[c.get("gain_se") or 0 for _, c in pts],
+                ax.errorbar([b * shift for b, _ in pts], [c["gain"] for _, c in pts],
+                            yerr=[c.get("gain_se") or 0 for _, c in pts],
                             marker="o", capsize=3, label=t, color=COLORS.get(t, extra[i % len(extra)]))
         ax.axhline(0, color="black", linewidth=1, linestyle="dashed")
         ax.set_xscale("log")
         ax.set_xticks([1, 4], ["1x", "4x"])
+        ax.set_xlim(0.7, 5.7)
         ax.minorticks_off()
         ax.set_title(curve_label(key) if ":" in key else f"{key.upper()} (the world's 0.46M student)", fontsize=10)
         ax.set_xlabel("teacher answers (x 600)")
     axes[0][0].set_ylabel("students' gain over their base (± SE)")
-    axes[0][-1].legend(fontsize=7)
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
+    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="center right")
     fig.suptitle(f"Gain vs budget per attacker (protected: gain share <= {SHARE_BAR})", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
     save_figure(fig, path)
 
 
