@@ -186,6 +186,11 @@ def _pm(x, se, spec=".3f") -> str:
     return f"{x:{spec}}" + (f" ± {se:{spec.lstrip('+')}}" if se is not None else "")
 
 
+def _students(c: dict) -> str:
+    """A cell's students: their number, and of how many where the cell is not complete."""
+    return f"{c['n_students']}" + ("" if c.get("complete") else f" of {c.get('wanted', '?')}")
+
+
 def compact_table(res: dict) -> str:
     """One row per attacker, one column per teacher: the students' gain over their base (± SE) and, for the
     protected teachers, its share of the control's gain (the README's table)."""
@@ -204,8 +209,7 @@ def compact_table(res: dict) -> str:
                 continue
             share = (f", **{_pm(c['gain_share'], c.get('gain_share_se'), '.2f')}**"
                      if t != "control" and c.get("gain_share") is not None else "")
-            n = f" ({c['n_students']}" + ("" if c.get("complete") else f" of {c.get('wanted', '?')}") + ")"
-            cells.append(_pm(c["gain"], c.get("gain_se"), "+.3f") + share + n)
+            cells.append(_pm(c["gain"], c.get("gain_se"), "+.3f") + share + f" ({_students(c)})")
         lines.append(f"| {name} | {base:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -237,8 +241,7 @@ def markdown(res: dict) -> str:
             c = res["cells"].get(name, {}).get(t)
             if not c or c.get("status") not in ("ok", "partial"):
                 continue
-            n = f"{c['n_students']}" + ("" if c.get("complete") else f" of {c.get('wanted', '?')}")
-            lines.append(f"| {name} | {t} | {n} | {_pm(c['accuracy'], c.get('accuracy_se'))} | {c['base']:.3f} | "
+            lines.append(f"| {name} | {t} | {_students(c)} | {_pm(c['accuracy'], c.get('accuracy_se'))} | {c['base']:.3f} | "
                          f"{_pm(c['gain'], c.get('gain_se'), '+.3f')} | "
                          f"{_pm(c.get('gain_share'), c.get('gain_share_se'), '.2f')} |")
     lines += ["", "The same, compact (gain over base ± SE, **gain share ± SE**, students per cell):", "",

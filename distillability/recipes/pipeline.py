@@ -115,22 +115,19 @@ class PipelineConfig:
         for label, spec in self.extra_proxies.items():
             if not label or "/" in label or label in ("world",):
                 raise ConfigError(f"config key 'extra_proxies.{label}': a label is a plain name (e.g. attacker)")
-            name = spec.removeprefix("primed:")
-            if spec.startswith("primed:") and name not in self.attack.prime.students:
+            if (name := primed_name(spec)) is not None and name not in self.attack.prime.students:
                 raise ConfigError(f"config key 'extra_proxies.{label}': {spec!r} names no primed attack student "
                                   f"(attack.prime.students: {self.attack.prime.students})")
-        for label, settings in self.extra_calibrate.items():
-            if label not in self.extra_proxies:
-                raise ConfigError(f"config key 'extra_calibrate.{label}': no extra proxy has that label "
+        for key in ("extra_calibrate", "extra_etas"):
+            if unknown := [label for label in getattr(self, key) if label not in self.extra_proxies]:
+                raise ConfigError(f"config key '{key}.{unknown[0]}': no extra proxy has that label "
                                   f"({', '.join(self.extra_proxies) or 'extra_proxies is empty'})")
+        for label, settings in self.extra_calibrate.items():
             if set_here := [k for k in settings if k in FILLED_IN["calibrate"]]:
                 raise ConfigError(f"config key 'extra_calibrate.{label}.{set_here[0]}': the pipeline sets it"
                                   + (f" (use extra_etas.{label})" if set_here[0] == "eta" else ""))
             self.calibrate_of(label)  # an unknown or ill-typed key: its one-line error now
         for label, eta in self.extra_etas.items():
-            if label not in self.extra_proxies:
-                raise ConfigError(f"config key 'extra_etas.{label}': no extra proxy has that label "
-                                  f"({', '.join(self.extra_proxies) or 'extra_proxies is empty'})")
             if eta <= 0:
                 raise ConfigError(f"config key 'extra_etas.{label}': {eta} is not > 0 (an undistillable teacher)")
         given = [bool(self.teacher), bool(self.proxy), bool(self.student)]
@@ -183,7 +180,7 @@ class Chain:
         n_teachers = 1 if "calibrate" in cfg.skip else len(set(cfg.distill_teachers or cfg.roles()) | {"control"})
         self.total = (1 + (1 if cfg.teacher_sft_steps else 0) + (0 if "diagnose" in cfg.skip else 1)
                       + (0 if "calibrate" in cfg.skip else 3 + len(cfg.extra_proxies)
-                         + len({p for p in cfg.extra_proxies.values() if p.startswith("primed:")}))
+                         + len({primed_name(p) for p in cfg.extra_proxies.values()} - {None}))
                       + (0 if "distill" in cfg.skip else n_teachers * len(cfg.methods) * cfg.students_per_cell) + 1
                       + (0 if "attack" in cfg.skip or "calibrate" in cfg.skip else 1))
         self.done = 0
@@ -241,8 +238,8 @@ def calibrate_teachers(c: Chain, original: str) -> tuple[dict, dict]:
     if "calibrate" not in cfg.skip:
         for label, spec in cfg.extra_proxies.items():
             calibrations.append((f"undistillable@{label}", cfg.extra_etas.get(label, cfg.eta_undistillable)))
-            proxies[f"undistillable@{label}"] = (primed_student(c, spec.removeprefix("primed:"))
-                                                 if spec.startswith("primed:") else spec)
+            name = primed_name(spec)
+            proxies[f"undistillable@{label}"] = spec if name is None else primed_student(c, name)
             settings[f"undistillable@{label}"] = cfg.calibrate_of(label)
     for name, eta in calibrations:
         c.announce(f"calibrate: {name} (eta={eta:+g})")
@@ -382,6 +379,11 @@ def attack_config(c: Chain) -> attack.AttackConfig:
     cfg = c.cfg
     return _with(cfg.attack, proxy=c.models["proxy"], output_dir=str(c.out / "attack"), task=c.task,
                  attacker=_with(cfg.distill, task=c.task, runtime=c.runtime(cfg.distill)))
+
+
+def primed_name(spec: str) -> str | None:
+    """The attack student an extra proxy `primed:NAME` names (None: the proxy is a model itself)."""
+    return spec.removeprefix("primed:") if spec.startswith("primed:") else None
 
 
 def primed_student(c: Chain, name: str) -> str:
