@@ -61,6 +61,14 @@ def checks(res: dict) -> list[str]:
     return out
 
 
+def _design(card: dict) -> str:
+    """What else than eta sets a calibration apart (the adaptive proxy's settings, steps, rate): one eta sweep
+    varies eta only."""
+    adv = {k: v for k, v in (card.get("adversary") or {}).items() if k != "responses_learned"}
+    return json.dumps({"adversary": adv, "steps": card.get("steps"), "learning_rate": card.get("learning_rate"),
+                       "beta": card.get("beta")}, sort_keys=True)
+
+
 def teacher_accuracies(run: Path) -> dict:
     """Per teacher role: (accuracy, prompts, where from)."""
     out = {}
@@ -70,7 +78,8 @@ def teacher_accuracies(run: Path) -> dict:
         ccfg = card.parent / "config.yaml"
         n = yaml.safe_load(ccfg.read_text()).get("eval_prompts") if ccfg.exists() else None
         out[role] = {"accuracy": c.get("after_accuracy"), "prompts": n, "from": "calibration card", "eta": c.get("eta"),
-                     "D_per_char_to_proxy": c.get("after_D_per_char"), "proxy": c.get("proxy")}
+                     "D_per_char_to_proxy": c.get("after_D_per_char"), "proxy": c.get("proxy"),
+                     "design": _design(c)}
     for ev in sorted(run.glob("eval_from*/teacher_*/eval.json")):  # the validation slice (evaluate.eval_offset)
         role = ev.parent.name.removeprefix("teacher_")
         e = json.loads(ev.read_text())
@@ -97,9 +106,9 @@ def eta_choice(acc: dict, bar: float = 0.9) -> list[dict]:
     by_proxy: dict = {}
     for t, v in acc.items():
         if t.startswith("undistillable") and v.get("eta") is not None:
-            by_proxy.setdefault(v.get("proxy"), []).append(t)
+            by_proxy.setdefault((v.get("proxy"), v.get("design")), []).append(t)
     out = []
-    for proxy, roles in by_proxy.items():
+    for (proxy, _), roles in by_proxy.items():
         if len(roles) < 2:
             continue
         rows = sorted(({"teacher": t, "eta": acc[t]["eta"], "validation": acc[t].get("validation", {}).get("accuracy")}

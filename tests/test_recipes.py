@@ -683,3 +683,31 @@ def test_pipeline_calibrates_on_calibration_terms_and_measures_the_unseen_length
     assert [e.prompt for e in shifted.eval] == [e.prompt for e in full.eval if chain_terms(e) == 4]
     assert not {e.prompt for e in shifted.eval} & {e.prompt for e in full.train}
     assert "never saw" in evaluations["shifted_split"] and "2, 3" in evaluations["shifted_split"]
+
+
+def test_knob_seed_reseeds_the_knob_not_the_world_or_the_original_teacher(tmp_path, monkeypatch):
+    """knob_seed=7 with seed=0: the teacher's SFT, its task and the world keep seed 0 (the same original teacher on
+    the same split), every calibration and student runs at 7 (students at 7 + 1000 r); without it, all at seed."""
+    from distillability.config import from_dict
+    from distillability.recipes import pipeline
+
+    def stages(extra):
+        cfg = from_dict(pipeline.PipelineConfig, {"output_dir": str(tmp_path / f"run{len(extra)}"),
+                                                  "teacher": "t", "proxy": "p", "student": "s",
+                                                  "teacher_sft_steps": 5, "converge_steps": 0, "methods": ["sft"],
+                                                  "students_per_cell": 2, "distill_teachers": ["control"], **extra})
+        cfg.validate()
+        seen = {}
+        monkeypatch.setattr(pipeline.Chain, "stage", lambda self, name, c, marker, fn, under=None:
+                            seen.setdefault(name, c) and {"greedy_accuracy": 0.5})
+        c = pipeline.Chain(cfg)
+        teachers, _ = pipeline.calibrate_teachers(c, pipeline.prepare_models(c))
+        pipeline.distill_students(c, teachers)
+        return c, {name: s.runtime.seed for name, s in seen.items()}
+
+    c, seeds = stages({"knob_seed": 7})
+    assert c.task.seed == 0 and seeds["teacher_sft"] == 0
+    assert {seeds[f"calibrate_{r}"] for r in ("control", "distillable", "undistillable")} == {7}
+    assert (seeds["distill_sft_control"], seeds["distill_sft_control_r1"]) == (7, 1007)
+    c, seeds = stages({})
+    assert set(seeds.values()) == {0, 1000} and c.task.seed == 0

@@ -433,6 +433,10 @@ def test_the_attacker_tables_eta_choice_reads_validation_only():
     assert sweep["chosen"] == "undistillable@b" and sweep["complete"]
     acc["undistillable@b"]["validation"]["accuracy"] = 0.71  # 0.8875x: below the bar
     assert table.eta_choice(acc)[0]["chosen"] == "undistillable@a"
+    acc["undistillable@adaptive"] = {**role(1.5, 0.79, 0.9), "design": "adaptive proxy"}  # same proxy, other design
+    (sweep,) = table.eta_choice(acc)  # alone in its design: no sweep, and never the sweep's choice
+    assert [r["teacher"] for r in sweep["rows"]] == ["undistillable@a", "undistillable@b", "undistillable@c"]
+    assert sweep["chosen"] == "undistillable@a"
     del acc["undistillable@c"]["validation"]
     assert not table.eta_choice(acc)[0]["complete"]
 

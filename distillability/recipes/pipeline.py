@@ -29,6 +29,9 @@ from .world import WorldConfig, build_attacker_students, build_world
 class PipelineConfig:
     output_dir: str = opt("runs/demo", "Run folder: models, cards, reports, headline.json.")
     seed: int = opt(0, "Seed of the whole run (world, sampling, training).")
+    knob_seed: int | None = opt(None, "Seed of everything after the original teacher (calibrations, students, "
+                                "evaluations, attacks); null = seed. Another knob_seed with the same seed replicates "
+                                "the knob on the same world, task split and original teacher.")
     quick: bool = opt(False, "Tiny settings for a smoke run of the whole chain (minutes).")
     teacher: str = opt("", "Teacher model; empty (all three empty) or `world` = the tiny world's teacher.")
     proxy: str = opt("", "Calibration proxy; empty (all three empty) or `world` = the tiny world's proxy.")
@@ -192,8 +195,11 @@ class Chain:
         self.done += 1
         print(f"[{self.done}/{self.total}] {what}  ({time.time() - self.t0:.0f}s elapsed)", flush=True)
 
-    def runtime(self, sub_cfg):
-        return _with(sub_cfg.runtime, seed=self.cfg.seed, threads=self.cfg.threads, progress=self.cfg.progress,
+    def runtime(self, sub_cfg, original: bool = False):
+        """A stage's runtime: the pipeline's threads, progress and trackers; `seed` for the stages that make the
+        original teacher, knob_seed (when set) for everything after it."""
+        knob = self.cfg.seed if original or self.cfg.knob_seed is None else self.cfg.knob_seed
+        return _with(sub_cfg.runtime, seed=knob, threads=self.cfg.threads, progress=self.cfg.progress,
                      report_to=list(self.cfg.report_to))
 
     def stage(self, name: str, cfg, marker: str, fn, under: Path | None = None):
@@ -217,12 +223,13 @@ def prepare_models(c: Chain) -> str:
         c.announce(f"teacher SFT: {cfg.teacher_sft_steps} steps on the task's reference solutions")
         scfg = _with(cfg.teacher_sft, teacher="dataset", student=original, method="sft", max_steps=cfg.teacher_sft_steps,
                      teacher_samples=None, output_dir=str(out / "teacher_sft"), task=c.task,
-                     runtime=c.runtime(cfg.teacher_sft))
+                     runtime=c.runtime(cfg.teacher_sft, original=True))
         c.stage("teacher_sft", scfg, "distill_card.json", distill.run)
         original = str(out / "teacher_sft" / "model")
     if cfg.converge_steps:
         conv = _with(cfg.calibrate, model=original, proxy=c.models["proxy"], eta=0.0, max_steps=cfg.converge_steps,
-                     output_dir=str(out / "teacher_converged"), task=c.task, runtime=c.runtime(cfg.calibrate))
+                     output_dir=str(out / "teacher_converged"), task=c.task,
+                     runtime=c.runtime(cfg.calibrate, original=True))
         c.stage("teacher_converged", conv, "calibration_card.json", calibrate.run)
         original = str(out / "teacher_converged" / "model")
     return original
@@ -419,6 +426,8 @@ def run(cfg: PipelineConfig) -> dict:
     cells = student_cells(folders) if folders else None
     headline = headline_table(evaluations, cfg.seed, time.time() - c.t0, attacks, cells=cells,
                               attacker=attacker_facts(c, folders) if folders else None)
+    if cfg.knob_seed is not None:
+        headline["knob_seed"] = cfg.knob_seed
     write_json(c.out / "headline.json", headline)
     write_json(c.out / "evaluations.json", {"evaluations": evaluations, "calibration_cards": cards,
                                             "models": c.models, "teachers": teachers, "stages": c.stages(),
