@@ -56,8 +56,9 @@ def checks(res: dict) -> list[str]:
                     out.append(f"gain share, {name}, {t}: {c['gain_share']:.2f} ± {c.get('gain_share_se') or 0:.2f}{tail}")
             d, c0 = cells.get(name, {}).get("distillable"), cells.get(name, {}).get("control")
             if d and c0 and c0["gain"] > 0:
-                r = d["gain"] / c0["gain"]
-                out.append(f"distillable gain >= 1.1x the control's, {name}: {r:.2f}x ({_met(r, 1.1)})")
+                r, se = d["gain"] / c0["gain"], d.get("gain_share_se") or 0.0
+                out.append(f"distillable gain >= 1.1x the control's, {name}: {r:.2f}x ± {se:.2f} ({_met(r, 1.1)}"
+                           f"{'' if r - se > 1 else '; within 1 SE of the control'})")
     return out
 
 
