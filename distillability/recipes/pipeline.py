@@ -198,8 +198,8 @@ class Chain:
     def runtime(self, sub_cfg, original: bool = False):
         """A stage's runtime: the pipeline's threads, progress and trackers; `seed` for the stages that make the
         original teacher, knob_seed (when set) for everything after it."""
-        knob = self.cfg.seed if original or self.cfg.knob_seed is None else self.cfg.knob_seed
-        return _with(sub_cfg.runtime, seed=knob, threads=self.cfg.threads, progress=self.cfg.progress,
+        seed = self.cfg.seed if original or self.cfg.knob_seed is None else self.cfg.knob_seed
+        return _with(sub_cfg.runtime, seed=seed, threads=self.cfg.threads, progress=self.cfg.progress,
                      report_to=list(self.cfg.report_to))
 
     def stage(self, name: str, cfg, marker: str, fn, under: Path | None = None):
